@@ -1,0 +1,230 @@
+"""Build layout, manifests and atomic writes: the contract between stages.
+
+Each stage writes into ``build/<release>/<stage>/`` and finishes by writing ``manifest.json``
+(the inputs it read, the spec sections it used, tool versions, every output file with size and
+sha256, and measured figures). A stage is built in a sibling ``.<stage>.partial`` folder and
+renamed into place only when complete, so an interrupted stage never leaves files that a later
+stage could take for finished ones. A stage whose manifest matches its inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the stage folder, '/' separated
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    stage: str
+    release: str
+    fingerprint: str  # sha256 over spec sections, inputs and tool versions
+    inputs: dict[str, str]  # input name -> sha256 (of a file, or of a manifest's outputs)
+    spec_sections: dict[str, str]  # dotted spec key -> section hash
+    tools: dict[str, str]
+    outputs: list[FileEntry] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    schema: int = SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        data = json.loads(text)
+        data["outputs"] = [FileEntry(**e) for e in data.get("outputs", [])]
+        return cls(**data)
+
+    def digest(self) -> str:
+        """One sha256 for all outputs: what a downstream stage records as this input."""
+        h = hashlib.sha256()
+        for e in sorted(self.outputs, key=lambda e: e.path):
+            h.update(f"{e.path}\0{e.size}\0{e.sha256}\n".encode())
+        return h.hexdigest()
+
+
+class StageError(RuntimeError):
+    """A stage that cannot run or whose recorded state is inconsistent (one-line message)."""
+
+
+# --- hashing and atomic writes ----------------------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success fsync it and rename it over ``dest``.
+    On error the temporary file is removed and ``dest`` is untouched."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(dest: Path, text: str) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(dest: Path, data: object) -> None:
+    write_text(dest, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def tool_versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def fingerprint(inputs: dict[str, str], spec_sections: dict[str, str], tools: dict[str, str]) -> str:
+    blob = json.dumps({"inputs": inputs, "spec": spec_sections, "tools": tools}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_manifest(stage_dir: Path) -> Manifest | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, TypeError, KeyError) as e:
+        raise StageError(f"{path}: unreadable manifest ({e}); delete the folder or re-run with --force") from None
+
+
+def check_outputs(stage_dir: Path, manifest: Manifest, deep: bool = False) -> list[str]:
+    """Problems with the files a manifest lists: missing, resized, or (deep) changed bytes."""
+    problems = []
+    for e in manifest.outputs:
+        p = Path(stage_dir) / e.path
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != e.size:
+            problems.append(f"{p}: size {p.stat().st_size} != {e.size} in the manifest")
+        elif deep and sha256_file(p) != e.sha256:
+            problems.append(f"{p}: sha256 differs from the manifest")
+    return problems
+
+
+def input_digest(path: Path) -> str:
+    """sha256 naming an input: a stage folder counts by its manifest's digest, a file by its
+    bytes, a folder without a manifest by its files' names and bytes."""
+    path = Path(path)
+    if path.is_dir():
+        m = read_manifest(path)
+        if m is not None:
+            return m.digest()
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+        return h.hexdigest()
+    if path.is_file():
+        return sha256_file(path)
+    raise StageError(f"{path}: input not found; build the stage that makes it first")
+
+
+def run_stage(
+    name: str,
+    stage_dir: Path,
+    build: Callable[[Path], dict | None],
+    *,
+    release: str,
+    inputs: dict[str, Path] | None = None,
+    spec_sections: dict[str, str] | None = None,
+    tools: tuple[str, ...] = (),
+    force: bool = False,
+) -> tuple[Manifest, bool]:
+    """Run ``build(partial_dir)`` unless ``stage_dir`` holds a manifest with the same fingerprint
+    and intact outputs. Returns ``(manifest, ran)``.
+
+    ``build`` writes its files into the folder it is given and may return figures for the
+    manifest. Its folder replaces ``stage_dir`` only after the manifest is written and synced.
+    """
+    stage_dir = Path(stage_dir)
+    digests = {k: input_digest(v) for k, v in (inputs or {}).items()}
+    sections = dict(spec_sections or {})
+    versions = tool_versions(*tools)
+    fp = fingerprint(digests, sections, versions)
+
+    old = read_manifest(stage_dir)
+    if not force and old is not None and old.fingerprint == fp and not check_outputs(stage_dir, old):
+        return old, False
+
+    partial = stage_dir.with_name(f".{stage_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        figures = build(partial) or {}
+        outputs = []
+        for f in sorted(p for p in partial.rglob("*") if p.is_file()):
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            outputs.append(FileEntry(f.relative_to(partial).as_posix(), f.stat().st_size, sha256_file(f)))
+        manifest = Manifest(name, release, fp, digests, sections, versions, outputs, figures,
+                            round(time.perf_counter() - start, 3))
+        write_text(partial / MANIFEST, manifest.to_json())
+        for d in {partial, *((partial / e.path).parent for e in outputs)}:
+            fsync_dir(d)
+        _swap_in(partial, stage_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return manifest, True
+
+
+def _swap_in(partial: Path, stage_dir: Path) -> None:
+    """Replace ``stage_dir`` by ``partial``. At no moment does ``stage_dir`` hold a mix."""
+    retired = stage_dir.with_name(f".{stage_dir.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if stage_dir.exists():
+        os.replace(stage_dir, retired)
+    os.replace(partial, stage_dir)
+    fsync_dir(stage_dir.parent)
+    shutil.rmtree(retired, ignore_errors=True)

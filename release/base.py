@@ -1,0 +1,72 @@
+"""Stage ``base``: the base model every later stage starts from.
+
+Three sources, chosen by the spec:
+- ``[base.scaffold]``: a random-init Llama-3 built here (the demo; no hub needed);
+- ``base.path``: a local folder holding the base model (recorded, not copied);
+- otherwise ``base.model`` is downloaded from the Hub into the Hugging Face cache (recorded,
+  not copied).
+
+The stage folder holds either the model itself (scaffold) or ``source.json`` naming the folder
+and the sha256 of each weight file, so later stages can tell when the base changed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from release import scaffold
+from release.artifacts import Manifest, StageError, run_stage, sha256_file, write_json
+from release.spec import Spec
+
+STAGE = "base"
+SOURCE = "source.json"
+TOOLS = ("torch", "safetensors", "tokenizers", "transformers", "llama-models")
+
+
+def stage_dir(spec: Spec) -> Path:
+    return spec.build_dir / STAGE
+
+
+def model_dir(spec: Spec) -> Path:
+    """The folder holding the base model's files, once the stage has run."""
+    out = stage_dir(spec)
+    source = out / SOURCE
+    if source.is_file():
+        return Path(json.loads(source.read_text(encoding="utf-8"))["path"])
+    return out
+
+
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
+    sections = {k: spec.section_hash(k) for k in ("base", "chat.bos_token", "chat.eos_token", "chat.pad_token")}
+
+    def build(out: Path) -> dict:
+        if spec.base.scaffold is not None:
+            return scaffold.write_model(
+                out, spec.base.scaffold, spec.chat, max_shard_bytes=spec.max_shard_bytes,
+                tokenizer_cache=spec.resolve(spec.build.dir) / ".cache", progress=progress)
+        folder = spec.resolve(spec.base.path) if spec.base.path else _download(spec.base.model)
+        return _record(folder, out)
+
+    return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name,
+                     spec_sections=sections, tools=TOOLS, force=force)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # network, auth, gated repo: say which repo and what to do
+        raise StageError(f"base model {repo_id}: download failed ({type(e).__name__}); "
+                         "log in with `hf auth login` or set base.path to a local copy") from None
+
+
+def _record(folder: Path, out: Path) -> dict:
+    weights = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not weights:
+        raise StageError(f"{folder}: not a model folder (needs config.json and *.safetensors); "
+                         "fix base.path in the spec")
+    files = {p.name: sha256_file(p) for p in weights}
+    write_json(out / SOURCE, {"path": str(folder), "sha256": files})
+    return {"bytes": sum(p.stat().st_size for p in weights), "shards": len(weights)}

@@ -1,0 +1,136 @@
+"""Deterministic random-init Llama-3 models with the real Llama 3 tokenizer.
+
+The demo, the tests and the benchmarks need a *base model* without a model hub: this writes one
+in the layout of ``unsloth/Meta-Llama-3.1-8B`` (BF16 safetensors, sharded with an index when
+asked, config.json, generation_config.json, tokenizer files), at any size from a toy to real 8B
+layer shapes.
+
+Every tensor has its own random generator seeded from ``(seed, tensor name)``, so the same
+scaffold gives the same bytes whatever the order or sharding. Weights are drawn with standard
+deviation ``init_std * sqrt(256 / fan_in)``: with the usual 0.02 the logits of a random model are
+nearly flat and a test could not tell a wrong rope from a right one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from release import llama3
+from release.artifacts import atomic_path, write_json
+from release.spec import Chat, Scaffold
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def tensor_shapes(sc: Scaffold) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes in the order transformers' LlamaForCausalLM declares them."""
+    h, f, v = sc.hidden_size, sc.intermediate_size, llama3.VOCAB_SIZE
+    d = h // sc.num_attention_heads
+    kv = d * sc.num_key_value_heads
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
+    for i in range(sc.num_hidden_layers):
+        p = f"model.layers.{i}"
+        out += [
+            (f"{p}.self_attn.q_proj.weight", (h, h)),
+            (f"{p}.self_attn.k_proj.weight", (kv, h)),
+            (f"{p}.self_attn.v_proj.weight", (kv, h)),
+            (f"{p}.self_attn.o_proj.weight", (h, h)),
+            (f"{p}.mlp.gate_proj.weight", (f, h)),
+            (f"{p}.mlp.up_proj.weight", (f, h)),
+            (f"{p}.mlp.down_proj.weight", (h, f)),
+            (f"{p}.input_layernorm.weight", (h,)),
+            (f"{p}.post_attention_layernorm.weight", (h,)),
+        ]
+    out.append(("model.norm.weight", (h,)))
+    if not sc.tie_word_embeddings:
+        out.append(("lm_head.weight", (v, h)))
+    return out
+
+
+def make_tensor(sc: Scaffold, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(f"{sc.seed}:{name}".encode()).digest()[:8], "little") >> 1
+    gen = torch.Generator().manual_seed(seed)
+    if len(shape) == 1:  # RMSNorm gains: around 1, not exactly 1, so converters are exercised
+        t = 1.0 + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float32)
+    else:
+        std = sc.init_std * math.sqrt(256 / shape[-1])
+        t = torch.randn(shape, generator=gen, dtype=torch.float32) * std
+    return t.to(dtype)
+
+
+def plan_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
+                max_shard_bytes: int | None) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Group tensors in order into shards of at most ``max_shard_bytes`` (one tensor may exceed)."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes:
+        nbytes = math.prod(shape) * itemsize
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
+def write_model(
+    out_dir: Path,
+    sc: Scaffold,
+    chat: Chat,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int | None = None,
+    model_max_length: int = 131072,
+    tokenizer_cache: Path | None = None,
+    progress: bool = False,
+) -> dict:
+    """Write a complete base-model folder; return figures (parameters, bytes, shards)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_dtype = DTYPES[dtype]
+    shapes = tensor_shapes(sc)
+    shards = plan_shards(shapes, torch.empty((), dtype=torch_dtype).element_size(), max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, shard in zip(names, _progress(shards, progress, "scaffold shards")):
+        tensors = {name: make_tensor(sc, name, shape, torch_dtype) for name, shape in shard}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        with atomic_path(out_dir / fname) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in tensors})
+        del tensors
+    if len(shards) > 1:
+        write_json(out_dir / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json(out_dir / "config.json", llama3.model_config(sc, dtype))
+    write_json(out_dir / "generation_config.json", {
+        "_from_model_config": True,
+        "bos_token_id": llama3.SPECIAL_TOKENS[chat.bos_token],
+        "eos_token_id": llama3.SPECIAL_TOKENS[chat.eos_token],
+    })
+    llama3.write_tokenizer(out_dir, llama3.build_tokenizer(tokenizer_cache), chat, model_max_length)
+    params = sum(math.prod(s) for _, s in shapes)
+    return {"parameters": params, "bytes": total, "shards": len(shards), "dtype": dtype}
+
+
+def eight_b_shaped(layers: int, seed: int = 0) -> Scaffold:
+    """Llama 3.1 8B's real layer shapes with a chosen number of layers (for benchmarks)."""
+    return replace(llama3.LLAMA_31_8B, num_hidden_layers=layers, seed=seed)
+
+
+def _progress(items: list, enabled: bool, desc: str) -> Iterator:
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import track
+
+    yield from track(items, description=desc)

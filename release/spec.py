@@ -1,0 +1,549 @@
+"""The release spec: one TOML file holding every fact of a release.
+
+Everything else in the toolchain reads facts from here and derives the rest (file names, stage
+directories, tags) in one place. Loading validates the whole file at once and reports one line
+per problem, naming the file, the key and what was expected, so a maintainer fixes a broken spec
+in one pass. This module imports nothing else from the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+import types
+import typing
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["Spec", "SpecError", "load", "GGUF_TYPES"]
+
+# llama.cpp file types the GGUF stage can produce: F16/BF16/Q8_0 by conversion, the rest by
+# llama.cpp's quantizer.
+GGUF_TYPES = (
+    "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S",
+    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
+)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FULL_MODULES = ("embed_tokens", "lm_head")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; ``str()`` gives one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# --- schema -----------------------------------------------------------------------------------
+# Plain frozen data classes; fields without a default are required. The loader below checks
+# types from these annotations, so the schema is written once.
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    basename: str
+    version: str
+    finetune: str
+    size_label: str
+    organization: str
+    languages: list[str]
+    license: str
+    license_name: str
+    license_link: str
+    tags: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Scaffold:
+    """A random-init Llama-3 model built locally instead of downloading the base."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rope_theta: float = 500000.0
+    rope_scaling: bool = True
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    init_std: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Base:
+    model: str
+    architecture: Literal["LlamaForCausalLM"]
+    parameters: str
+    path: str | None = None
+    scaffold: Scaffold | None = None
+
+
+@dataclass(frozen=True)
+class Lora:
+    r: int
+    alpha: int
+    target_modules: list[str]
+    dropout: float = 0.0
+    use_rslora: bool = False
+    trainable_parameters: int | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    description: str
+    optimizer: Literal["adamw_8bit", "adamw_torch", "paged_adamw_8bit"]
+    lr_scheduler: Literal["cosine", "linear", "constant"]
+    warmup_ratio: float
+    effective_batch_size: int
+    per_device_batch_size: int
+    learning_rate: float
+    epochs: int
+    format: str
+    modules_to_save: list[str] = field(default_factory=list)
+    packing: bool = False
+    embedding_learning_rate: float | None = None
+    train_on_responses_only: bool = False
+    max_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Training:
+    sequence_length: int
+    precision: Literal["bf16", "fp16", "fp32"]
+    gradient_checkpointing: bool
+    hardware: str
+    seed: int
+    cpt: Stage
+    sft: Stage
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    path: str
+    format: Literal["jsonl", "parquet", "text"]
+    language: Literal["ur", "en"] | None = None
+    text_field: str = "text"
+
+
+@dataclass(frozen=True)
+class Data:
+    urdu_tokens: int
+    english_tokens: int
+    retained_fraction: float
+    corpora: list[Corpus]
+    instruct: Corpus
+    urdu_sources: list[str] = field(default_factory=list)
+    english_sources: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Chat:
+    template: Literal["llama3"]
+    bos_token: str
+    eos_token: str
+    eot_token: str
+    pad_token: str
+    stop_tokens: list[str]
+    system_prompt: str
+
+
+@dataclass(frozen=True)
+class Inference:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    do_sample: bool
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    min_urdu_purity: float
+    enforce_urdu_purity: bool
+    overall_score: float | None = None
+    urdu_purity: float | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    format: Literal["safetensors", "bnb-4bit", "gguf"]
+    dtype: str
+    repo: str
+    compute_dtype: str | None = None
+    double_quant: bool = False
+    quant_types: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Gate:
+    max_kld: float
+    min_top1: float
+
+
+@dataclass(frozen=True)
+class Ollama:
+    model: str
+    default_tag: str
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Hub:
+    endpoint: str
+    private: bool
+    revision_tag: str
+
+
+@dataclass(frozen=True)
+class Build:
+    dir: str
+    max_shard_size: str = "5GB"
+
+
+@dataclass(frozen=True)
+class Spec:
+    release: Release
+    base: Base
+    lora: Lora
+    training: Training
+    data: Data
+    chat: Chat
+    inference: Inference
+    evaluation: Evaluation
+    variants: dict[str, Variant]
+    gates: dict[str, Gate]
+    ollama: Ollama
+    hub: Hub
+    build: Build
+    # Set by load(), not read from the file.
+    path: Path = field(default=Path("."), compare=False)
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # --- derived facts: computed here, nowhere else ---------------------------------------
+    def resolve(self, relative: str) -> Path:
+        """A path written in the spec, relative to the spec file's folder."""
+        return (self.path.parent / relative).resolve()
+
+    @property
+    def build_dir(self) -> Path:
+        """``<build.dir>/<release name>``: every stage writes below it."""
+        return self.resolve(self.build.dir) / self.release.name
+
+    @property
+    def flagship(self) -> Variant:
+        """The BF16 safetensors variant: the model the others are made from."""
+        return next(v for v in self.variants.values() if _is_flagship(v))
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.build.max_shard_size)
+
+    def gguf_types(self) -> list[str]:
+        """Every GGUF file type of the release: the converted one first, then the quants."""
+        out: list[str] = []
+        for v in self.variants.values():
+            if v.format == "gguf":
+                out += [v.dtype, *v.quant_types]
+        return out
+
+    def gguf_file_name(self, qtype: str) -> str:
+        """GGUF naming convention: ``<Name>-<Type>.gguf``, e.g. ``Qalb-1.0-8B-Instruct-Q4_K_M.gguf``."""
+        return f"{self.release.name}-{qtype}.gguf"
+
+    def section_hash(self, *keys: str) -> str:
+        """sha256 of the named spec sections (dotted keys), so a stage re-runs only when the
+        facts it reads change."""
+        picked = {}
+        for key in keys:
+            node: Any = self.raw
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            picked[key] = node
+        blob = json.dumps(picked, sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _is_flagship(v: Variant) -> bool:
+    return v.format == "safetensors" and v.dtype == "bfloat16"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as huggingface_hub's max_shard_size)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size like '5GB': {text!r}")
+    unit = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[m.group(2).upper()]
+    return int(float(m.group(1)) * unit)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load(path: str | Path) -> Spec:
+    """Read and validate a spec file; raise SpecError listing every problem found."""
+    path = Path(path)
+    shown = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError([f"{shown}: no such spec file"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError([f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError([f"{shown}: not valid TOML: {e}"]) from None
+    problems: list[str] = []
+    spec = _convert(Spec, raw, "", problems, skip={"path", "raw"})
+    if problems:
+        raise SpecError([f"{shown}: {p}" for p in problems])
+    spec = dataclasses.replace(spec, path=path.resolve(), raw=raw)
+    problems = _check(spec)
+    if problems:
+        raise SpecError([f"{shown}: {p}" for p in problems])
+    return spec
+
+
+_MISSING = object()
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is str:
+        return "a string"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return f"a table of {_describe(typing.get_args(tp)[1])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return f"a table [{tp.__name__.lower()}]"
+    return str(tp)
+
+
+def _convert(tp: Any, value: Any, key: str, problems: list[str], skip: set[str] = frozenset()) -> Any:
+    """Check ``value`` against type ``tp``; append problems (``key: message``) and return the
+    converted value (or None where it was wrong)."""
+    origin = typing.get_origin(tp)
+    where = key or "(top level)"
+
+    def bad() -> None:
+        problems.append(f"{where}: expected {_describe(tp)}, got {value!r}")
+
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _convert(args[0], value, key, problems)
+        for arg in args:
+            trial: list[str] = []
+            out = _convert(arg, value, key, trial)
+            if not trial:
+                return out
+        bad()
+        return None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            bad()
+            return None
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.name not in skip}
+        for extra in sorted(set(value) - set(fields)):
+            problems.append(
+                f"{_join(key, extra)}: unknown key (expected one of: {', '.join(fields)})")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _convert(hints[name], value[name], _join(key, name), problems)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{_join(key, name)}: missing (expected {_describe(hints[name])})")
+                kwargs[name] = None
+        return tp(**kwargs)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            bad()
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            bad()
+            return []
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            bad()
+            return {}
+        _, item = typing.get_args(tp)
+        return {k: _convert(item, v, _join(key, k), problems) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad()
+            return None
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad()
+            return None
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            bad()
+            return None
+        return value
+    raise TypeError(f"spec schema uses an unsupported type {tp!r}")  # a bug here, not in the file
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _check(s: Spec) -> list[str]:
+    """Rules that cross fields or need more than a type; each returns ``key: message``."""
+    p: list[str] = []
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            p.append(f"{key}: {msg}")
+
+    need(bool(s.release.name) and "/" not in s.release.name, "release.name",
+         "expected a repository-style name without '/', e.g. 'Qalb-1.0-8B-Instruct'")
+    for i, lang in enumerate(s.release.languages):
+        need(re.fullmatch(r"[a-z]{2,3}", lang) is not None, f"release.languages[{i}]",
+             f"expected an ISO 639 code like 'ur', got {lang!r}")
+    need(s.base.path is None or s.base.scaffold is None, "base.path",
+         "give either base.path (a local model) or [base.scaffold] (a model built here), not both")
+
+    if s.base.scaffold:
+        sc = s.base.scaffold
+        need(sc.hidden_size % 256 == 0 and sc.hidden_size > 0, "base.scaffold.hidden_size",
+             f"expected a positive multiple of 256 (GGUF k-quant rows), got {sc.hidden_size}")
+        need(sc.intermediate_size % 256 == 0 and sc.intermediate_size > 0,
+             "base.scaffold.intermediate_size",
+             f"expected a positive multiple of 256 (GGUF k-quant rows), got {sc.intermediate_size}")
+        need(sc.num_hidden_layers >= 1, "base.scaffold.num_hidden_layers", "expected at least 1")
+        heads_ok = sc.num_attention_heads > 0 and sc.hidden_size % sc.num_attention_heads == 0
+        need(heads_ok, "base.scaffold.num_attention_heads",
+             f"expected a divisor of hidden_size {sc.hidden_size}, got {sc.num_attention_heads}")
+        need(sc.num_key_value_heads > 0 and sc.num_attention_heads % sc.num_key_value_heads == 0,
+             "base.scaffold.num_key_value_heads",
+             f"expected a divisor of num_attention_heads {sc.num_attention_heads} (GQA), "
+             f"got {sc.num_key_value_heads}")
+        need(sc.init_std > 0, "base.scaffold.init_std", "expected a positive number")
+
+    need(s.lora.r > 0, "lora.r", f"expected a positive integer, got {s.lora.r}")
+    need(s.lora.alpha > 0, "lora.alpha", f"expected a positive integer, got {s.lora.alpha}")
+    need(0.0 <= s.lora.dropout < 1.0, "lora.dropout", f"expected 0 <= dropout < 1, got {s.lora.dropout}")
+    for i, m in enumerate(s.lora.target_modules):
+        need(m in LORA_TARGETS, f"lora.target_modules[{i}]",
+             f"expected one of {', '.join(LORA_TARGETS)}, got {m!r}")
+    need(bool(s.lora.target_modules), "lora.target_modules", "expected at least one module")
+
+    need(s.training.sequence_length > 0, "training.sequence_length", "expected a positive integer")
+    for name in ("cpt", "sft"):
+        st: Stage = getattr(s.training, name)
+        key = f"training.{name}"
+        need(st.learning_rate > 0, f"{key}.learning_rate", f"expected a positive number, got {st.learning_rate}")
+        need(0.0 <= st.warmup_ratio < 1.0, f"{key}.warmup_ratio", f"expected 0 <= ratio < 1, got {st.warmup_ratio}")
+        need(st.per_device_batch_size > 0 and st.effective_batch_size % st.per_device_batch_size == 0,
+             f"{key}.effective_batch_size",
+             f"expected a multiple of per_device_batch_size {st.per_device_batch_size}, "
+             f"got {st.effective_batch_size}")
+        need(st.epochs > 0, f"{key}.epochs", f"expected a positive integer, got {st.epochs}")
+        for i, m in enumerate(st.modules_to_save):
+            need(m in FULL_MODULES, f"{key}.modules_to_save[{i}]",
+                 f"expected one of {', '.join(FULL_MODULES)}, got {m!r}")
+
+    need(0.0 < s.data.retained_fraction <= 1.0, "data.retained_fraction",
+         f"expected a fraction in (0, 1], got {s.data.retained_fraction}")
+    names = [c.name for c in s.data.corpora]
+    need(len(names) == len(set(names)), "data.corpora", "corpus names must be unique")
+
+    c = s.chat
+    need(unicodedata.is_normalized("NFC", c.system_prompt), "chat.system_prompt",
+         "expected NFC-normalised text (normalise it with unicodedata.normalize('NFC', ...))")
+    need(c.system_prompt.strip() == c.system_prompt and c.system_prompt != "", "chat.system_prompt",
+         "expected non-empty text without leading or trailing whitespace")
+    need(c.eot_token in c.stop_tokens, "chat.stop_tokens",
+         f"expected the end-of-turn token {c.eot_token!r} among the stop tokens")
+    need(c.eos_token in c.stop_tokens, "chat.stop_tokens",
+         f"expected the eos token {c.eos_token!r} among the stop tokens")
+    for i, t in enumerate(c.stop_tokens):
+        need(re.fullmatch(r"<\|[a-z_0-9]+\|>", t) is not None, f"chat.stop_tokens[{i}]",
+             f"expected a special token like '<|eot_id|>', got {t!r}")
+
+    inf = s.inference
+    need(inf.max_new_tokens > 0, "inference.max_new_tokens", "expected a positive integer")
+    need(0.0 <= inf.temperature <= 2.0, "inference.temperature", f"expected 0..2, got {inf.temperature}")
+    need(0.0 < inf.top_p <= 1.0, "inference.top_p", f"expected a number in (0, 1], got {inf.top_p}")
+    need(inf.repetition_penalty > 0, "inference.repetition_penalty", "expected a positive number")
+    need(0.0 <= s.evaluation.min_urdu_purity <= 1.0, "evaluation.min_urdu_purity",
+         f"expected a fraction in [0, 1], got {s.evaluation.min_urdu_purity}")
+
+    flagships = [n for n, v in s.variants.items() if _is_flagship(v)]
+    need(len(flagships) == 1, "variants",
+         f"expected exactly one safetensors variant with dtype 'bfloat16' (the flagship), found {len(flagships)}")
+    repos = [v.repo for v in s.variants.values()]
+    need(len(repos) == len(set(repos)), "variants", "each variant needs its own repo")
+    for name, v in s.variants.items():
+        key = f"variants.{name}"
+        need(re.fullmatch(r"[\w.-]+/[\w.-]+", v.repo) is not None, f"{key}.repo",
+             f"expected 'owner/name', got {v.repo!r}")
+        if v.format == "safetensors":
+            need(v.dtype in ("bfloat16", "float16"), f"{key}.dtype",
+                 f"expected 'bfloat16' or 'float16' for safetensors, got {v.dtype!r}")
+        elif v.format == "bnb-4bit":
+            need(v.dtype in ("nf4", "fp4"), f"{key}.dtype", f"expected 'nf4' or 'fp4', got {v.dtype!r}")
+            need(v.compute_dtype in ("bfloat16", "float16", "float32"), f"{key}.compute_dtype",
+                 f"expected 'bfloat16', 'float16' or 'float32', got {v.compute_dtype!r}")
+        elif v.format == "gguf":
+            need(v.dtype in ("F16", "BF16", "Q8_0"), f"{key}.dtype",
+                 f"expected the converted type 'F16', 'BF16' or 'Q8_0', got {v.dtype!r}")
+            for i, q in enumerate(v.quant_types):
+                need(q in GGUF_TYPES, f"{key}.quant_types[{i}]",
+                     f"expected a llama.cpp type ({', '.join(GGUF_TYPES)}), got {q!r}")
+    for name, g in s.gates.items():
+        need(g.max_kld >= 0, f"gates.{name}.max_kld", f"expected a non-negative number, got {g.max_kld}")
+        need(0.0 <= g.min_top1 <= 1.0, f"gates.{name}.min_top1", f"expected a fraction in [0, 1], got {g.min_top1}")
+
+    gguf = s.gguf_types() if not [x for x in p if x.startswith("variants")] else []
+    for q in gguf:
+        need(q in s.ollama.tags, "ollama.tags", f"missing a tag for GGUF type {q!r}")
+        need(q in s.gates, "gates", f"missing a [gates.{q}] fidelity gate for GGUF type {q!r}")
+    for q in s.ollama.tags:
+        need(q in gguf, f"ollama.tags.{q}", "names a GGUF type that no variant builds")
+    for q, tag in s.ollama.tags.items():
+        need(re.fullmatch(r"[\w][\w.-]{0,127}", tag) is not None, f"ollama.tags.{q}",
+             f"expected an Ollama tag (letters, digits, '_', '.', '-'), got {tag!r}")
+    need(s.ollama.default_tag in s.ollama.tags.values(), "ollama.default_tag",
+         f"expected one of the tags in [ollama.tags], got {s.ollama.default_tag!r}")
+    need(re.fullmatch(r"[a-z0-9][a-z0-9._-]*", s.ollama.model) is not None, "ollama.model",
+         f"expected a lower-case Ollama model name, got {s.ollama.model!r}")
+
+    need(s.hub.endpoint == "local" or re.fullmatch(r"https?://\S+", s.hub.endpoint) is not None,
+         "hub.endpoint", f"expected an http(s) URL or 'local', got {s.hub.endpoint!r}")
+    try:
+        need(parse_size(s.build.max_shard_size) > 0, "build.max_shard_size", "expected a positive size")
+    except ValueError:
+        p.append(f"build.max_shard_size: expected a size like '5GB', got {s.build.max_shard_size!r}")
+    return p

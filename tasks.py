@@ -1,0 +1,120 @@
+"""Tasks of the Qalb release toolchain (`./inv --list`). Thin: parse arguments, call release/."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from invoke import Exit, task
+
+DEMO = "specs/demo.toml"
+
+
+def _guarded(fn: Callable[[], object]) -> object:
+    """Run ``fn``; turn the toolchain's own errors into one line each on stderr and exit 2."""
+    from release.artifacts import StageError
+    from release.spec import SpecError
+
+    try:
+        return fn()
+    except (SpecError, StageError) as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        raise Exit(code=2) from None
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; re-run to resume", file=sys.stderr)
+        raise Exit(code=130) from None
+
+
+def _spec(path: str):
+    from release import spec
+
+    return _guarded(lambda: spec.load(path))
+
+
+@task(help={"slow": "also run the opt-in slow tests", "k": "only tests matching this expression",
+            "args": "extra arguments for pytest"})
+def test(c, slow=False, k="", args=""):
+    """Run the test suite (tiny models, CPU only, offline)."""
+    cmd = [sys.executable, "-m", "pytest", "-q"]
+    if slow:
+        cmd.append("--slow")
+    if k:
+        cmd += ["-k", repr(k)]
+    c.run(" ".join(cmd + ([args] if args else [])), pty=False)
+
+
+@task(help={"spec": "release spec to check (default: both bundled specs)"})
+def spec(c, spec=None):
+    """Validate release specs and show the release they describe."""
+    from release.spec import SpecError, load
+
+    failed = False
+    for path in [spec] if spec else ["specs/qalb.toml", DEMO]:
+        try:
+            s = load(path)
+        except SpecError as e:
+            failed = True
+            for line in e.problems:
+                print(f"error: {line}", file=sys.stderr)
+            continue
+        tags = ", ".join(f"{s.ollama.model}:{t}" for t in s.ollama.tags.values())
+        print(f"{path}: ok: {s.release.name} {s.release.version} from {s.base.model}; "
+              f"{len(s.variants)} variants ({', '.join(v.repo for v in s.variants.values())}); "
+              f"GGUF {', '.join(s.gguf_types())}; Ollama {tags}")
+    if failed:
+        raise Exit(code=2)
+
+
+@task(help={
+    "spec": f"release spec whose base model to build (default {DEMO})",
+    "out": "write a standalone model to this folder instead of the spec's build folder",
+    "shape": "with --out: 'spec' (the spec's [base.scaffold]) or '8b' (Llama 3.1 8B layer shapes)",
+    "layers": "with --shape 8b: number of layers",
+    "seed": "with --out: random seed",
+    "force": "rebuild even if up to date",
+})
+def scaffold(c, spec=DEMO, out=None, shape="spec", layers=2, seed=0, force=False):
+    """Build a random-init Llama-3 base model (real Llama 3 tokenizer).
+
+    By default the spec's [base.scaffold] into its build folder; with --out a standalone model,
+    e.g. one with Llama 3.1 8B layer shapes for benchmarks."""
+    from dataclasses import replace
+
+    from release import base, pipeline, scaffold as kit
+
+    s = _spec(spec)
+    if out is None:
+        if s.base.scaffold is None:
+            print(f"error: {spec}: has no [base.scaffold]; give --out to build a standalone model",
+                  file=sys.stderr)
+            raise Exit(code=2)
+        manifest, ran = _guarded(lambda: base.run(s, force=force))
+        pipeline.summary(s, [pipeline.StageResult("base", base.stage_dir(s), manifest, ran)])
+        return
+    if shape == "8b":
+        sc = kit.eight_b_shaped(int(layers), int(seed))
+    elif shape == "spec" and s.base.scaffold is not None:
+        sc = replace(s.base.scaffold, seed=int(seed))
+    else:
+        print(f"error: --shape {shape}: expected 'spec' (with a [base.scaffold]) or '8b'", file=sys.stderr)
+        raise Exit(code=2)
+    figures = kit.write_model(Path(out), sc, s.chat, max_shard_bytes=s.max_shard_bytes, progress=True)
+    print(f"{out}: {figures['parameters']:,} parameters, {pipeline.human_bytes(figures['bytes'])} "
+          f"in {figures['shards']} shard(s)")
+
+
+@task(help={
+    "spec": f"release spec (default {DEMO})",
+    "force": "rebuild stages even when up to date",
+    "only": "run only this stage",
+    "from": "start at this stage (earlier stages must be built)",
+})
+def release(c, spec=DEMO, force=False, only=None, from_=None):
+    """Run the release pipeline for a spec and print what was built."""
+    from release import pipeline
+
+    s = _spec(spec)
+    results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_))
+    pipeline.summary(s, results)

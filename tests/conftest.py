@@ -1,0 +1,67 @@
+"""Shared fixtures: the bundled specs and tiny models built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "specs"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="run the opt-in slow tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with --slow (./inv test --slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_spec():
+    from release import spec
+
+    return spec.load(SPECS / "demo.toml")
+
+
+@pytest.fixture(scope="session")
+def qalb_spec():
+    from release import spec
+
+    return spec.load(SPECS / "qalb.toml")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tokenizer-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(demo_spec, tokenizer_cache, tmp_path_factory) -> Path:
+    """The demo spec's base model (2 layers, hidden 256, GQA, llama3 rope scaling)."""
+    from release import scaffold
+
+    out = tmp_path_factory.mktemp("tiny")
+    scaffold.write_model(out, demo_spec.base.scaffold, demo_spec.chat, tokenizer_cache=tokenizer_cache)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded(demo_spec, tokenizer_cache, tmp_path_factory) -> Path:
+    """The same model split into ~40 MB shards with an index."""
+    from release import scaffold
+
+    out = tmp_path_factory.mktemp("tiny-sharded")
+    scaffold.write_model(out, demo_spec.base.scaffold, demo_spec.chat, max_shard_bytes=40_000_000,
+                         tokenizer_cache=tokenizer_cache)
+    return out
