@@ -192,8 +192,8 @@ def run_stage(
     versions = tool_versions(*tools)
     fp = fingerprint(digests, sections, versions)
 
-    old = read_manifest(stage_dir)
-    if not force and old is not None and old.fingerprint == fp and not check_outputs(stage_dir, old):
+    old = None if force else read_manifest(stage_dir)
+    if old is not None and old.fingerprint == fp and not check_outputs(stage_dir, old):
         return old, False
 
     partial = stage_dir.with_name(f".{stage_dir.name}.partial")

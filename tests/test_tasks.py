@@ -1,0 +1,55 @@
+"""The invoke tasks, run as a user runs them: help, one-line errors, the demo's first stages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT, SPECS
+
+
+def inv(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_list_shows_the_tasks_with_help():
+    out = inv("--list")
+    assert out.returncode == 0, out.stderr
+    for name in ("release", "scaffold", "spec", "test"):
+        assert f"  {name} " in out.stdout
+    assert "Run the release pipeline" in out.stdout
+
+
+def test_spec_task_accepts_the_bundled_specs():
+    out = inv("spec")
+    assert out.returncode == 0, out.stderr
+    assert "specs/qalb.toml: ok: Qalb-1.0-8B-Instruct 1.0 from unsloth/Meta-Llama-3.1-8B" in out.stdout
+
+
+def test_bad_spec_is_reported_in_one_line_per_problem_without_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    text = (SPECS / "demo.toml").read_text(encoding="utf-8")
+    bad.write_text(text.replace("r = 8\n", "r = -1\n").replace("top_p = 0.9", "top_p = 2"), encoding="utf-8")
+    for task in ("spec", "release"):
+        out = inv(task, "--spec", str(bad))
+        assert out.returncode == 2
+        assert "Traceback" not in out.stderr
+        assert out.stderr.splitlines() == [
+            f"error: {bad}: lora.r: expected a positive integer, got -1",
+            f"error: {bad}: inference.top_p: expected a number in (0, 1], got 2.0",
+        ]
+
+
+def test_release_builds_then_skips_the_base_stage(tmp_path):
+    spec = tmp_path / "demo.toml"
+    spec.write_text((SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"', 'dir = "out"'),
+                    encoding="utf-8")
+    first = inv("release", "--spec", str(spec))
+    assert first.returncode == 0, first.stderr
+    assert "│ base  │ built " in first.stdout
+    assert (tmp_path / "out" / "Qalb-Demo-1.0-Tiny-Instruct" / "base" / "manifest.json").is_file()
+    second = inv("release", "--spec", str(spec))
+    assert second.returncode == 0 and "│ base  │ up to date " in second.stdout
+    bad = inv("release", "--spec", str(spec), "--only", "nope")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --only nope: unknown stage (stages: base)"
