@@ -165,6 +165,9 @@ def model_config(sc: Scaffold, dtype: str = "bfloat16", eos_token_id: int | list
         "tie_word_embeddings": sc.tie_word_embeddings,
         "torch_dtype": dtype,
         "dtype": dtype,
+        # The oldest transformers that reads llama3 rope scaling; without a version field
+        # transformers 5 suspects a broken Mistral tokenizer and warns on every load.
+        "transformers_version": "4.43.0",
         "use_cache": True,
         "vocab_size": VOCAB_SIZE,
     }

@@ -57,6 +57,7 @@ class Release:
     license: str
     license_name: str
     license_link: str
+    license_file: str
     tags: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
 
@@ -233,6 +234,10 @@ class Spec:
     def resolve(self, relative: str) -> Path:
         """A path written in the spec, relative to the spec file's folder."""
         return (self.path.parent / relative).resolve()
+
+    @property
+    def license_text(self) -> str:
+        return self.resolve(self.release.license_file).read_text(encoding="utf-8")
 
     @property
     def build_dir(self) -> Path:
@@ -431,6 +436,8 @@ def _check(s: Spec) -> list[str]:
     for i, lang in enumerate(s.release.languages):
         need(re.fullmatch(r"[a-z]{2,3}", lang) is not None, f"release.languages[{i}]",
              f"expected an ISO 639 code like 'ur', got {lang!r}")
+    need(s.resolve(s.release.license_file).is_file(), "release.license_file",
+         f"expected a text file relative to the spec, {s.release.license_file!r} does not exist")
     need(s.base.path is None or s.base.scaffold is None, "base.path",
          "give either base.path (a local model) or [base.scaffold] (a model built here), not both")
 

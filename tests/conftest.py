@@ -14,6 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def write_spec(folder: Path, text: str | None = None, name: str = "demo.toml") -> Path:
+    """A spec file in ``folder`` (the demo's text unless given) with the files it refers to."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(SPECS / "licenses", folder / "licenses", dirs_exist_ok=True)
+    path = folder / name
+    path.write_text(text if text is not None else (SPECS / "demo.toml").read_text(encoding="utf-8"),
+                    encoding="utf-8")
+    return path
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="run the opt-in slow tests")
 

@@ -11,7 +11,7 @@ import pytest
 from release import spec as specmod
 from release.spec import SpecError
 
-from conftest import ROOT, SPECS
+from conftest import ROOT, SPECS, write_spec
 
 REFERENCE = ROOT.parent / "shared" / "REFERENCE.md"
 
@@ -96,6 +96,7 @@ BAD = [
     ('endpoint = "local"', 'endpoint = "ftp://hub"', "hub.endpoint: expected an http(s) URL or 'local'"),
     ('format = "jsonl"', 'format = "csv"', "data.corpora[0].format: expected one of 'jsonl', 'parquet', 'text'"),
     ("[data.instruct]", "[data.instruct_set]", "data.instruct_set: unknown key"),
+    ('license_file = "licenses/llama3.1.txt"', 'license_file = "LICENSE.txt"', "release.license_file: expected a text file relative to the spec"),
 ]
 
 
@@ -111,8 +112,7 @@ def _bad_specs():
 def test_bad_spec_gives_one_line_per_problem(tmp_path, old, new, expected):
     text = (SPECS / "demo.toml").read_text(encoding="utf-8")
     assert old in text, f"test setup: {old!r} not in demo.toml"
-    bad = tmp_path / "bad.toml"
-    bad.write_text(text.replace(old, new, 1), encoding="utf-8")
+    bad = write_spec(tmp_path, text.replace(old, new, 1), "bad.toml")
     with pytest.raises(SpecError) as err:
         specmod.load(bad)
     lines = str(err.value).splitlines()
@@ -124,8 +124,7 @@ def test_several_problems_are_all_reported(tmp_path):
     text = (SPECS / "demo.toml").read_text(encoding="utf-8")
     text = text.replace("r = 8\n", 'r = "x"\n').replace("alpha = 16\n", "alpha = 1.5\n").replace(
         "max_new_tokens = 256", "max_new_tokens = true")
-    bad = tmp_path / "many.toml"
-    bad.write_text(text, encoding="utf-8")
+    bad = write_spec(tmp_path, text, "many.toml")
     with pytest.raises(SpecError) as err:
         specmod.load(bad)
     assert len(err.value.problems) == 3, err.value.problems

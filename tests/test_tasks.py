@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import ROOT, SPECS
+from conftest import ROOT, SPECS, write_spec
 
 
 def inv(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -28,9 +28,8 @@ def test_spec_task_accepts_the_bundled_specs():
 
 
 def test_bad_spec_is_reported_in_one_line_per_problem_without_traceback(tmp_path):
-    bad = tmp_path / "bad.toml"
     text = (SPECS / "demo.toml").read_text(encoding="utf-8")
-    bad.write_text(text.replace("r = 8\n", "r = -1\n").replace("top_p = 0.9", "top_p = 2"), encoding="utf-8")
+    bad = write_spec(tmp_path, text.replace("r = 8\n", "r = -1\n").replace("top_p = 0.9", "top_p = 2"), "bad.toml")
     for task in ("spec", "release"):
         out = inv(task, "--spec", str(bad))
         assert out.returncode == 2
@@ -42,9 +41,7 @@ def test_bad_spec_is_reported_in_one_line_per_problem_without_traceback(tmp_path
 
 
 def test_release_builds_then_skips_the_base_stage(tmp_path):
-    spec = tmp_path / "demo.toml"
-    spec.write_text((SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"', 'dir = "out"'),
-                    encoding="utf-8")
+    spec = write_spec(tmp_path, (SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"', 'dir = "out"'))
     first = inv("release", "--spec", str(spec))
     assert first.returncode == 0, first.stderr
     assert "│ base  │ built " in first.stdout
