@@ -118,3 +118,30 @@ def release(c, spec=DEMO, force=False, only=None, from_=None):
     s = _spec(spec)
     results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_))
     pipeline.summary(s, results)
+
+
+@task(help={
+    "spec": "release spec (default specs/qalb.toml)",
+    "out": "folder for the Modelfiles (default modelfiles/)",
+    "check": "validate this Modelfile with Ollama's grammar instead of writing",
+})
+def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None):
+    """Write one Ollama Modelfile per GGUF type (named after its tag), or --check one."""
+    from release import modelfile
+    from release.artifacts import write_text
+
+    if check:
+        try:
+            mf = modelfile.check_file(Path(check))
+        except modelfile.ModelfileError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise Exit(code=2) from None
+        print(f"{check}: ok: FROM {mf.model}; {len(mf.parameters)} parameters "
+              f"({', '.join(mf.parameters)}); template {'set' if mf.template else 'not set'}; "
+              f"system {'set' if mf.system else 'not set'}")
+        return
+    s = _spec(spec)
+    for qtype in s.gguf_types():
+        path = Path(out) / modelfile.modelfile_name(s, qtype)
+        _guarded(lambda: write_text(path, modelfile.render(s, qtype)))
+        print(f"{path}: {s.ollama.model}:{s.ollama.tags[qtype]} from {s.gguf_file_name(qtype)}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from release import base
+from release import base, modelfile
 from release.artifacts import Manifest, StageError, read_manifest
 from release.spec import Spec
 
@@ -29,6 +29,7 @@ class StageResult:
 # name -> (runner, folder). The list grows as stages are added; order is the data flow.
 STAGES: dict[str, tuple[Callable[..., tuple[Manifest, bool]], Callable[[Spec], Path]]] = {
     base.STAGE: (base.run, base.stage_dir),
+    modelfile.STAGE: (modelfile.run, modelfile.stage_dir),
 }
 
 

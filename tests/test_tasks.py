@@ -16,7 +16,7 @@ def inv(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
 def test_list_shows_the_tasks_with_help():
     out = inv("--list")
     assert out.returncode == 0, out.stderr
-    for name in ("release", "scaffold", "spec", "test"):
+    for name in ("modelfiles", "release", "scaffold", "spec", "test"):
         assert f"  {name} " in out.stdout
     assert "Run the release pipeline" in out.stdout
 
@@ -44,9 +44,9 @@ def test_release_builds_then_skips_the_base_stage(tmp_path):
     spec = write_spec(tmp_path, (SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"', 'dir = "out"'))
     first = inv("release", "--spec", str(spec))
     assert first.returncode == 0, first.stderr
-    assert "│ base  │ built " in first.stdout
+    assert "│ base       │ built " in first.stdout and "│ modelfiles │ built " in first.stdout
     assert (tmp_path / "out" / "Qalb-Demo-1.0-Tiny-Instruct" / "base" / "manifest.json").is_file()
     second = inv("release", "--spec", str(spec))
-    assert second.returncode == 0 and "│ base  │ up to date " in second.stdout
+    assert second.returncode == 0 and "│ base       │ up to date " in second.stdout
     bad = inv("release", "--spec", str(spec), "--only", "nope")
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: --only nope: unknown stage (stages: base)"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --only nope: unknown stage (stages: base, modelfiles)"
