@@ -145,3 +145,27 @@ def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None):
         path = Path(out) / modelfile.modelfile_name(s, qtype)
         _guarded(lambda: write_text(path, modelfile.render(s, qtype)))
         print(f"{path}: {s.ollama.model}:{s.ollama.tags[qtype]} from {s.gguf_file_name(qtype)}")
+
+
+@task(iterable=["adapter"], help={
+    "spec": f"release spec (default {DEMO})",
+    "base": "base model folder (default: the spec's built base stage)",
+    "adapter": "PEFT adapter folder; repeat for several, applied in order (CPT, then SFT)",
+    "out": "output folder (default build/<release>/merge); gets bf16/ and, if the spec has it, fp16/",
+    "force": "merge again even if up to date",
+})
+def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False):
+    """Merge LoRA adapters into the base model: streamed BF16 (and FP16) safetensors."""
+    from release import base as base_stage, merge as merger, pipeline
+
+    s = _spec(spec)
+    if not adapter:
+        print("error: give at least one --adapter FOLDER", file=sys.stderr)
+        raise Exit(code=2)
+    base_dir = Path(base) if base else base_stage.model_dir(s)
+    out_dir = Path(out) if out else merger.stage_dir(s)
+    manifest, ran = _guarded(lambda: merger.run_merge(s, base_dir, [Path(a) for a in adapter], out_dir, force=force))
+    pipeline.summary(s, [pipeline.StageResult("merge", out_dir, manifest, ran)])
+    f = manifest.figures
+    print(f"{f['tensors']} tensors ({f['lora_merged']} LoRA merges, {f['replaced']} replaced), "
+          f"{pipeline.human_bytes(f['bytes_written'])} written in {f['seconds']} s, peak RSS {f['peak_rss_mb']} MB")

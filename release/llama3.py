@@ -171,3 +171,22 @@ def model_config(sc: Scaffold, dtype: str = "bfloat16", eos_token_id: int | list
         "use_cache": True,
         "vocab_size": VOCAB_SIZE,
     }
+
+
+def compatible_config(cfg: dict, dtype: str, eos_token_id: int | list[int]) -> dict:
+    """A model's config.json rewritten for a release: dtype and eos ids set, and the rope written
+    both ways (legacy ``rope_theta``/``rope_scaling`` for transformers 4.x, ``rope_parameters``
+    for 5.x), whichever of the two the input had."""
+    out = dict(cfg)
+    rp = out.get("rope_parameters")
+    if rp and "rope_theta" not in out:
+        out["rope_theta"] = rp["rope_theta"]
+    if rp and "rope_scaling" not in out:
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        out["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    if not rp and "rope_theta" in out:
+        out["rope_parameters"] = {**(out.get("rope_scaling") or {"rope_type": "default"}), "rope_theta": out["rope_theta"]}
+    out["torch_dtype"] = out["dtype"] = dtype
+    out["eos_token_id"] = eos_token_id
+    out.setdefault("transformers_version", "4.43.0")
+    return out

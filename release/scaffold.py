@@ -20,10 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from release import llama3
-from release.artifacts import atomic_path, write_json
+from release import llama3, shards
+from release.artifacts import write_json
 from release.spec import Chat, Scaffold
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -65,21 +64,6 @@ def make_tensor(sc: Scaffold, name: str, shape: tuple[int, ...], dtype: torch.dt
     return t.to(dtype)
 
 
-def plan_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
-                max_shard_bytes: int | None) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Group tensors in order into shards of at most ``max_shard_bytes`` (one tensor may exceed)."""
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in shapes:
-        nbytes = math.prod(shape) * itemsize
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
-    return shards
-
-
 def write_model(
     out_dir: Path,
     sc: Scaffold,
@@ -96,21 +80,10 @@ def write_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_dtype = DTYPES[dtype]
     shapes = tensor_shapes(sc)
-    shards = plan_shards(shapes, torch.empty((), dtype=torch_dtype).element_size(), max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map: dict[str, str] = {}
-    total = 0
-    for fname, shard in zip(names, _progress(shards, progress, "scaffold shards")):
-        tensors = {name: make_tensor(sc, name, shape, torch_dtype) for name, shape in shard}
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        with atomic_path(out_dir / fname) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in tensors})
-        del tensors
-    if len(shards) > 1:
-        write_json(out_dir / "model.safetensors.index.json",
-                   {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    writer = shards.ShardedWriter(out_dir, [shards.Entry(n, torch_dtype, s) for n, s in shapes], max_shard_bytes)
+    for name, shape in _progress(shapes, progress, "scaffold tensors"):
+        writer.write(name, make_tensor(sc, name, shape, torch_dtype))
+    writer.close()
     write_json(out_dir / "config.json", llama3.model_config(sc, dtype))
     write_json(out_dir / "generation_config.json", {
         "_from_model_config": True,
@@ -119,7 +92,7 @@ def write_model(
     })
     llama3.write_tokenizer(out_dir, llama3.build_tokenizer(tokenizer_cache), chat, model_max_length)
     params = sum(math.prod(s) for _, s in shapes)
-    return {"parameters": params, "bytes": total, "shards": len(shards), "dtype": dtype}
+    return {"parameters": params, "bytes": writer.bytes, "shards": len(writer.shards), "dtype": dtype}
 
 
 def eight_b_shaped(layers: int, seed: int = 0) -> Scaffold:

@@ -1,0 +1,361 @@
+"""Stage ``merge``: base model + PEFT LoRA adapters -> BF16 (and FP16) safetensors, streamed.
+
+Each output tensor is made from its base tensor alone, in blocks of rows: read from the shard,
+the adapters applied in order, written to its output shard. LoRA (``W + s B A``), DoRA (row
+norms) and modules to save all work row by row, so peak memory is a few blocks of ~64 MB, not
+the model nor even its largest tensor.
+
+Numerics. Each adapter's result is the BF16 value nearest to the exact ``W + s * B @ A``
+(round-to-nearest-even), i.e. rounded once, the way the next training stage saw the weights.
+``B @ A`` is computed in float32; where the float32 error bound leaves the rounding undecided the
+element is recomputed in float64. PEFT's merge (float32 delta, added into the BF16 weight) agrees
+bit for bit almost everywhere and is never closer to the exact value. DoRA tensors are computed in
+float64 throughout (their row norms couple every element of a row).
+
+Adapter features: LoRA scaling ``alpha / r``, rsLoRA ``alpha / sqrt(r)``, ``rank_pattern`` and
+``alpha_pattern`` (PEFT's matching), DoRA, ``modules_to_save`` (replace the base tensor), and
+``fan_in_fan_out`` as PEFT treats it (ignored for ``nn.Linear`` weights, which is every Llama
+projection). Everything else is refused before any file is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from release import chat, llama3, shards
+from release.artifacts import Manifest, StageError, run_stage, write_json
+from release.spec import Spec
+
+STAGE = "merge"
+TOOLS = ("torch", "safetensors")
+PREFIXES = ("base_model.model.",)
+U32 = 2.0**-24  # unit roundoff of float32
+FP16_MAX = 65504.0
+BLOCK_ELEMENTS = 16 * 1024 * 1024  # rows per block: about 64 MB of float32 work per tensor block
+# adapter_config.json settings that change what the adapter computes and that this merge does
+# not implement; any of them set is refused.
+UNSUPPORTED = ("use_qalora", "use_bdlora", "alora_invocation_tokens", "trainable_token_indices",
+               "layer_replication", "target_parameters", "lora_bias")
+
+
+class MergeError(StageError):
+    """A base model or adapter that cannot be merged (one line: file, problem, fix)."""
+
+
+@dataclass
+class Lora:
+    a: str  # tensor names in the adapter file
+    b: str
+    magnitude: str | None
+    scale: float
+    rank: int
+
+
+@dataclass
+class Adapter:
+    folder: Path
+    file: Path
+    config: dict
+    lora: dict[str, Lora] = field(default_factory=dict)  # base tensor name -> LoRA
+    replace: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor
+
+
+# --- reading and checking ---------------------------------------------------------------------
+
+
+def read_adapter(folder: Path, base_shapes: dict[str, tuple[int, ...]], expected_base: str | None = None) -> Adapter:
+    """Parse and check one PEFT adapter folder against the base's tensor shapes."""
+    folder = Path(folder)
+    cfg_path, file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for p in (cfg_path, file):
+        if not p.is_file():
+            raise MergeError(f"{p}: missing; an adapter folder needs adapter_config.json and "
+                             "adapter_model.safetensors (PEFT save_pretrained)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MergeError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise MergeError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported; only LORA adapters merge")
+    if cfg.get("bias", "none") != "none":
+        raise MergeError(f"{cfg_path}: bias={cfg['bias']!r}: bias training is not supported; train with bias='none'")
+    for key in UNSUPPORTED:
+        if cfg.get(key):
+            raise MergeError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by this merge")
+    base_id = cfg.get("base_model_name_or_path")
+    if (expected_base and base_id and base_id != expected_base and not Path(base_id).exists()
+            and re.fullmatch(r"[\w.-]+/[\w.-]+", base_id)):
+        raise MergeError(f"{cfg_path}: adapter was made for {base_id!r}, not {expected_base!r}; "
+                         "merge it into its own base")
+
+    reader = _open(file)
+    keys = reader.keys()
+    shapes = {k: reader.shape(k) for k in keys}
+
+    adapter = Adapter(folder, file, cfg)
+    groups: dict[str, dict[str, str]] = {}
+    for key in keys:
+        name = key
+        for prefix in PREFIXES:
+            name = name.removeprefix(prefix)
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", name)
+        if m:
+            part = {"lora_A.weight": "a", "lora_B.weight": "b"}.get(m.group(2), "m")
+            groups.setdefault(m.group(1), {})[part] = key
+        elif name in base_shapes and cfg.get("modules_to_save"):
+            if shapes[key] != base_shapes[name]:
+                raise MergeError(f"{file}: {key} has shape {list(shapes[key])} but the base's {name} is "
+                                 f"{list(base_shapes[name])}; the adapter was made for another base")
+            adapter.replace[name] = key
+        else:
+            raise MergeError(f"{file}: tensor {key!r} is not a LoRA A/B/magnitude weight nor a module to save "
+                             "of this base; unsupported adapter or another base")
+
+    alpha = cfg.get("lora_alpha", 8)
+    for module, parts in sorted(groups.items()):
+        target = f"{module}.weight"
+        if "a" not in parts or "b" not in parts:
+            raise MergeError(f"{file}: {module} has {'lora_A' if 'a' in parts else 'lora_B'} without its pair")
+        if target not in base_shapes:
+            raise MergeError(f"{file}: targets {module}, which the base model does not have; "
+                             "the adapter was made for another base")
+        (r, n_in), (n_out, r2) = shapes[parts["a"]], shapes[parts["b"]]
+        w = base_shapes[target]
+        if r != r2 or w != (n_out, n_in):
+            raise MergeError(f"{file}: {module}: lora_B @ lora_A is {n_out}x{n_in} (rank {r}/{r2}) but the base "
+                             f"weight is {w[0]}x{w[1]}; the adapter was made for another base")
+        pattern_r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", r))
+        if pattern_r != r:
+            raise MergeError(f"{cfg_path}: {module}: config says rank {pattern_r}, the weights have rank {r}")
+        a = _pattern(cfg.get("alpha_pattern") or {}, module, alpha)
+        scale = a / math.sqrt(r) if cfg.get("use_rslora") else a / r
+        magnitude = parts.get("m")
+        if bool(magnitude) != bool(cfg.get("use_dora")):
+            raise MergeError(f"{file}: {module}: use_dora={cfg.get('use_dora')} but magnitude vector "
+                             f"{'present' if magnitude else 'missing'}")
+        if magnitude and shapes[magnitude] != (n_out,):
+            raise MergeError(f"{file}: {magnitude} has shape {list(shapes[magnitude])}, expected [{n_out}]")
+        adapter.lora[target] = Lora(parts["a"], parts["b"], magnitude, scale, r)
+    overlap = set(adapter.lora) & set(adapter.replace)
+    if overlap:
+        raise MergeError(f"{file}: {sorted(overlap)[0]} is both a LoRA target and a module to save")
+    return adapter
+
+
+def _pattern(patterns: dict, module: str, default):
+    """PEFT's get_pattern_key: the first pattern whose regex matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _open(file: Path) -> shards.SafetensorsReader:
+    try:
+        return shards.SafetensorsReader(file)
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise MergeError(f"{file}: unreadable or truncated safetensors file ({e}); copy it again") from None
+
+
+# --- numerics ---------------------------------------------------------------------------------
+
+
+def round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> bfloat16 rounded to nearest even, exactly (no double rounding): round to float32
+    with round-to-odd first, which keeps enough bits for the second rounding to be exact."""
+    f = x.to(torch.float32)
+    back = f.to(torch.float64)
+    inexact = back != x
+    toward_zero = inexact & (back.abs() > x.abs())
+    f = torch.where(toward_zero, torch.nextafter(f, torch.zeros_like(f)), f)
+    bits = f.view(torch.int32)
+    bits = torch.where(inexact, bits | 1, bits)
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def merge_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The BF16 value nearest to ``w + scale * b @ a`` for every element."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    s = w.to(torch.float32) + (b32 @ a32) * scale
+    out = s.to(torch.bfloat16)
+    # Error of s against the exact value: the rank-r dot product (Cauchy-Schwarz bound), the
+    # scaling and the final addition, each within a few float32 unit roundoffs. Elements whose
+    # interval [s - e, s + e] crosses a BF16 rounding boundary are recomputed in float64.
+    r = a.shape[0]
+    err = torch.outer(b32.norm(dim=1), a32.norm(dim=0)).mul_((r + 3) * U32 * abs(scale))
+    err.add_(s.abs(), alpha=2 * U32).mul_(2.0)
+    lo, hi = (s - err).to(torch.bfloat16), (s + err).to(torch.bfloat16)
+    undecided = (lo.view(torch.int16) != hi.view(torch.int16)).nonzero(as_tuple=True)
+    del err, lo, hi, s
+    if undecided[0].numel():
+        rows, cols = undecided
+        exact = w[rows, cols].to(torch.float64) + scale * (
+            b[rows].to(torch.float64) * a[:, cols].T.to(torch.float64)).sum(dim=1)
+        out[rows, cols] = round_bf16(exact)
+    return out
+
+
+def _to_bf16(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.bfloat16:
+        return t
+    return round_bf16(t) if t.dtype == torch.float64 else t.to(torch.bfloat16)
+
+
+def merge_dora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA: ``m * (W + dW) / ||W + dW||`` with row norms (over input features), in float64."""
+    v = w.to(torch.float64) + (b.to(torch.float64) @ a.to(torch.float64)) * scale
+    norm = torch.linalg.norm(v, dim=1, keepdim=True)
+    return round_bf16(magnitude.to(torch.float64).view(-1, 1) / norm * v)
+
+
+# --- the merge --------------------------------------------------------------------------------
+
+
+def merge(base_dir: Path, adapter_dirs: list[Path], out_bf16: Path, *, chat_spec, inference,
+          out_fp16: Path | None = None, max_shard_bytes: int | None = None, expected_base: str | None = None,
+          progress: bool = True) -> dict:
+    """Merge ``adapter_dirs`` in order into ``base_dir``; write BF16 (and FP16) model folders.
+    Every input is checked before the first byte is written."""
+    start = time.perf_counter()
+    for d in (base_dir, *adapter_dirs):
+        if not Path(d).is_dir():
+            raise MergeError(f"{d}: folder not found; give the base model or adapter folder")
+    try:
+        files = shards.model_files(base_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise MergeError(f"{base_dir}: not a safetensors model folder ({e})") from None
+    readers = {path: _open(path) for path in sorted(set(files.values()))}
+    shapes = {k: r.shape(k) for r in readers.values() for k in r.keys()}
+    missing = sorted(set(files) - set(shapes))
+    if missing:
+        raise MergeError(f"{base_dir}: index lists {missing[0]} but no shard holds it")
+    adapters = [read_adapter(d, shapes, expected_base) for d in adapter_dirs]
+    adapter_readers = [_open(ad.file) for ad in adapters]
+
+    names = list(files)
+    out_bf16.mkdir(parents=True, exist_ok=True)
+    w16 = shards.ShardedWriter(out_bf16, [shards.Entry(n, torch.bfloat16, shapes[n]) for n in names], max_shard_bytes)
+    w_fp16 = None
+    if out_fp16 is not None:
+        out_fp16.mkdir(parents=True, exist_ok=True)
+        w_fp16 = shards.ShardedWriter(out_fp16, [shards.Entry(n, torch.float16, shapes[n]) for n in names],
+                                      max_shard_bytes)
+    overflow: dict[str, int] = {}
+    merged = replaced = 0
+    for name in _track(names, progress, "merging tensors"):
+        base = readers[files[name]]
+        rows = shapes[name][0] if shapes[name] else 1
+        cols = max(1, math.prod(shapes[name][1:]))
+        loras = [(ad, rd, ad.lora[name]) for ad, rd in zip(adapters, adapter_readers) if name in ad.lora]
+        a_full = {id(lo): rd.read(lo.a) for _, rd, lo in loras}  # r x in: small
+        step = max(1, BLOCK_ELEMENTS // cols)
+        for r0 in range(0, rows, step):
+            block = (r0, min(rows, r0 + step)) if shapes[name] else None
+            t = _to_bf16(base.read(name, block))
+            for ad, rd in zip(adapters, adapter_readers):
+                if name in ad.replace:
+                    t = _to_bf16(rd.read(ad.replace[name], block))
+                elif name in ad.lora:
+                    lo = ad.lora[name]
+                    b = rd.read(lo.b, block)
+                    if lo.magnitude:
+                        t = merge_dora(t, a_full[id(lo)], b, lo.scale, rd.read(lo.magnitude, block))
+                    else:
+                        t = merge_lora(t, a_full[id(lo)], b, lo.scale)
+            w16.write(name, t)
+            if w_fp16 is not None:
+                big = int((t.float().abs() > FP16_MAX).sum())
+                if big:
+                    overflow[name] = overflow.get(name, 0) + big
+                w_fp16.write(name, t.to(torch.float16))
+            del t
+        merged += len(loras)
+        replaced += sum(name in ad.replace for ad in adapters)
+    w16.close()
+    if w_fp16 is not None:
+        w_fp16.close()
+    if overflow:
+        listed = ", ".join(f"{k} ({v})" for k, v in list(overflow.items())[:5])
+        raise MergeError(f"FP16 variant: {sum(overflow.values())} values beyond float16's range ±65504 in "
+                         f"{len(overflow)} tensors: {listed}; publish BF16 only or fix the adapter")
+
+    for folder, dtype in ((out_bf16, "bfloat16"), (out_fp16, "float16")):
+        if folder is not None:
+            write_model_files(base_dir, folder, dtype, chat_spec, inference)
+    return {
+        "tensors": len(names), "lora_merged": merged, "replaced": replaced, "adapters": len(adapters),
+        "bytes_written": w16.bytes + (w_fp16.bytes if w_fp16 else 0),
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def write_model_files(base_dir: Path, out: Path, dtype: str, chat_spec, inference) -> None:
+    """config.json, generation_config.json and the tokenizer with the release's chat template,
+    in the form transformers 4.4x and 5.x both read."""
+    cfg = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    eos = chat.eos_token_ids(chat_spec)
+    write_json(out / "config.json", llama3.compatible_config(cfg, dtype, eos))
+    write_json(out / "generation_config.json", {
+        "bos_token_id": llama3.SPECIAL_TOKENS[chat_spec.bos_token],
+        "eos_token_id": eos,
+        "pad_token_id": llama3.SPECIAL_TOKENS[chat_spec.pad_token],
+        "do_sample": inference.do_sample,
+        "temperature": inference.temperature,
+        "top_p": inference.top_p,
+        "repetition_penalty": inference.repetition_penalty,
+        "max_new_tokens": inference.max_new_tokens,
+        "transformers_version": cfg.get("transformers_version", "4.43.0"),
+    })
+    shutil.copyfile(Path(base_dir) / "tokenizer.json", out / "tokenizer.json")
+    tok_cfg_path = Path(base_dir) / "tokenizer_config.json"
+    max_len = 131072
+    if tok_cfg_path.is_file():
+        max_len = json.loads(tok_cfg_path.read_text(encoding="utf-8")).get("model_max_length", max_len)
+    write_json(out / "tokenizer_config.json",
+               llama3.tokenizer_config(chat_spec, max_len, chat.jinja_template(chat_spec)))
+    write_json(out / "special_tokens_map.json", {
+        "bos_token": chat_spec.bos_token, "eos_token": chat_spec.eos_token, "pad_token": chat_spec.pad_token})
+
+
+def _track(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from rich.progress import track
+
+    return track(items, description=desc, transient=True)
+
+
+# --- stage ------------------------------------------------------------------------------------
+
+
+def stage_dir(spec: Spec) -> Path:
+    return spec.build_dir / STAGE
+
+
+def run_merge(spec: Spec, base_dir: Path, adapters: list[Path], out: Path, *, force: bool = False,
+              progress: bool = True) -> tuple[Manifest, bool]:
+    """Merge into ``out``/bf16 (and ``out``/fp16 when the spec has an FP16 variant), as a stage:
+    built aside, manifest last, skipped when nothing changed."""
+    for d in (base_dir, *adapters):
+        if not Path(d).is_dir():
+            raise MergeError(f"{d}: folder not found; give the base model or adapter folder")
+    fp16 = any(v.format == "safetensors" and v.dtype == "float16" for v in spec.variants.values())
+    sections = {k: spec.section_hash(k) for k in ("chat", "inference", "variants", "build.max_shard_size")}
+    inputs = {"base": Path(base_dir), **{f"adapter{i}": Path(a) for i, a in enumerate(adapters)}}
+
+    def build(tmp: Path) -> dict:
+        return merge(Path(base_dir), [Path(a) for a in adapters], tmp / "bf16", out_fp16=tmp / "fp16" if fp16 else None,
+                     chat_spec=spec.chat, inference=spec.inference, max_shard_bytes=spec.max_shard_bytes, expected_base=spec.base.model, progress=progress)
+
+    return run_stage(STAGE, Path(out), build, release=spec.release.name, inputs=inputs, spec_sections=sections,
+                     tools=TOOLS, force=force)
