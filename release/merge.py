@@ -5,12 +5,8 @@ the adapters applied in order, written to its output shard. LoRA (``W + s B A``)
 norms) and modules to save all work row by row, so peak memory is a few blocks of ~64 MB, not
 the model nor even its largest tensor.
 
-Numerics. Each adapter's result is the BF16 value nearest to the exact ``W + s * B @ A``
-(round-to-nearest-even), i.e. rounded once, the way the next training stage saw the weights.
-``B @ A`` is computed in float32; where the float32 error bound leaves the rounding undecided the
-element is recomputed in float64. PEFT's merge (float32 delta, added into the BF16 weight) agrees
-bit for bit almost everywhere and is never closer to the exact value. DoRA tensors are computed in
-float64 throughout (their row norms couple every element of a row).
+Numerics: PEFT's own (see below), so the result is what ``PeftModel.merge_and_unload`` gives,
+bit for bit; each adapter's result is rounded to BF16, the weights the next stage trained on.
 
 Adapter features: LoRA scaling ``alpha / r``, rsLoRA ``alpha / sqrt(r)``, ``rank_pattern`` and
 ``alpha_pattern`` (PEFT's matching), DoRA, ``modules_to_save`` (replace the base tensor), and
@@ -38,9 +34,8 @@ from release.spec import Spec
 STAGE = "merge"
 TOOLS = ("torch", "safetensors")
 PREFIXES = ("base_model.model.",)
-U32 = 2.0**-24  # unit roundoff of float32
 FP16_MAX = 65504.0
-BLOCK_ELEMENTS = 16 * 1024 * 1024  # rows per block: about 64 MB of float32 work per tensor block
+BLOCK_ELEMENTS = 4 * 1024 * 1024  # about 16 MB of float32 per block: see row_blocks
 # adapter_config.json settings that change what the adapter computes and that this merge does
 # not implement; any of them set is refused.
 UNSUPPORTED = ("use_qalora", "use_bdlora", "alora_invocation_tokens", "trainable_token_indices",
@@ -167,54 +162,35 @@ def _open(file: Path) -> shards.SafetensorsReader:
 
 
 # --- numerics ---------------------------------------------------------------------------------
-
-
-def round_bf16(x: torch.Tensor) -> torch.Tensor:
-    """float64 -> bfloat16 rounded to nearest even, exactly (no double rounding): round to float32
-    with round-to-odd first, which keeps enough bits for the second rounding to be exact."""
-    f = x.to(torch.float32)
-    back = f.to(torch.float64)
-    inexact = back != x
-    toward_zero = inexact & (back.abs() > x.abs())
-    f = torch.where(toward_zero, torch.nextafter(f, torch.zeros_like(f)), f)
-    bits = f.view(torch.int32)
-    bits = torch.where(inexact, bits | 1, bits)
-    return bits.view(torch.float32).to(torch.bfloat16)
+# The arithmetic is PEFT's (LoraLayer.get_delta_weight, DoraLinearVariant.merge_unsafe), operation
+# for operation, so the merged weights are PEFT's bits: the delta in float32 (``B @ A`` then the
+# scaling), added to the weight in float32 and rounded to BF16 once. Row blocks give the same bits
+# as whole matrices (float32 GEMM sums over the rank the same way for any number of rows >= 8).
 
 
 def merge_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """The BF16 value nearest to ``w + scale * b @ a`` for every element."""
-    a32, b32 = a.to(torch.float32), b.to(torch.float32)
-    s = w.to(torch.float32) + (b32 @ a32) * scale
-    out = s.to(torch.bfloat16)
-    # Error of s against the exact value: the rank-r dot product (Cauchy-Schwarz bound), the
-    # scaling and the final addition, each within a few float32 unit roundoffs. Elements whose
-    # interval [s - e, s + e] crosses a BF16 rounding boundary are recomputed in float64.
-    r = a.shape[0]
-    err = torch.outer(b32.norm(dim=1), a32.norm(dim=0)).mul_((r + 3) * U32 * abs(scale))
-    err.add_(s.abs(), alpha=2 * U32).mul_(2.0)
-    lo, hi = (s - err).to(torch.bfloat16), (s + err).to(torch.bfloat16)
-    undecided = (lo.view(torch.int16) != hi.view(torch.int16)).nonzero(as_tuple=True)
-    del err, lo, hi, s
-    if undecided[0].numel():
-        rows, cols = undecided
-        exact = w[rows, cols].to(torch.float64) + scale * (
-            b[rows].to(torch.float64) * a[:, cols].T.to(torch.float64)).sum(dim=1)
-        out[rows, cols] = round_bf16(exact)
-    return out
-
-
-def _to_bf16(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype == torch.bfloat16:
-        return t
-    return round_bf16(t) if t.dtype == torch.float64 else t.to(torch.bfloat16)
+    delta = (b.to(torch.float32) @ a.to(torch.float32)) * scale
+    return delta.add_(w).to(torch.bfloat16)
 
 
 def merge_dora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA: ``m * (W + dW) / ||W + dW||`` with row norms (over input features), in float64."""
-    v = w.to(torch.float64) + (b.to(torch.float64) @ a.to(torch.float64)) * scale
-    norm = torch.linalg.norm(v, dim=1, keepdim=True)
-    return round_bf16(magnitude.to(torch.float64).view(-1, 1) / norm * v)
+    """DoRA: ``m * (W + dW) / ||W + dW||``, the norm over each output row's input features."""
+    v = ((b.to(torch.float32) @ a.to(torch.float32)) * scale).add_(w)
+    norm = torch.linalg.norm(v, dim=1)
+    return ((magnitude.to(torch.float32) / norm).view(-1, 1) * v).to(torch.bfloat16)
+
+
+def _to_bf16(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.bfloat16 else t.to(torch.bfloat16)
+
+
+def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """Even blocks of about BLOCK_ELEMENTS, never fewer than 16 rows (a GEMM of a handful of rows
+    may sum in another order than the whole matrix's)."""
+    step = max(16, BLOCK_ELEMENTS // max(cols, 1))
+    n = max(1, math.ceil(rows / step))
+    edges = [round(i * rows / n) for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 # --- the merge --------------------------------------------------------------------------------
@@ -243,43 +219,48 @@ def merge(base_dir: Path, adapter_dirs: list[Path], out_bf16: Path, *, chat_spec
 
     names = list(files)
     out_bf16.mkdir(parents=True, exist_ok=True)
-    w16 = shards.ShardedWriter(out_bf16, [shards.Entry(n, torch.bfloat16, shapes[n]) for n in names], max_shard_bytes)
+    w16 = shards.ShardedWriter(out_bf16, [shards.Entry(n, torch.bfloat16, shapes[n]) for n in names], max_shard_bytes,
+                               background=True)
     w_fp16 = None
     if out_fp16 is not None:
         out_fp16.mkdir(parents=True, exist_ok=True)
         w_fp16 = shards.ShardedWriter(out_fp16, [shards.Entry(n, torch.float16, shapes[n]) for n in names],
-                                      max_shard_bytes)
+                                      max_shard_bytes, background=True)
     overflow: dict[str, int] = {}
     merged = replaced = 0
-    for name in _track(names, progress, "merging tensors"):
-        base = readers[files[name]]
-        rows = shapes[name][0] if shapes[name] else 1
-        cols = max(1, math.prod(shapes[name][1:]))
-        loras = [(ad, rd, ad.lora[name]) for ad, rd in zip(adapters, adapter_readers) if name in ad.lora]
-        a_full = {id(lo): rd.read(lo.a) for _, rd, lo in loras}  # r x in: small
-        step = max(1, BLOCK_ELEMENTS // cols)
-        for r0 in range(0, rows, step):
-            block = (r0, min(rows, r0 + step)) if shapes[name] else None
-            t = _to_bf16(base.read(name, block))
-            for ad, rd in zip(adapters, adapter_readers):
-                if name in ad.replace:
-                    t = _to_bf16(rd.read(ad.replace[name], block))
-                elif name in ad.lora:
-                    lo = ad.lora[name]
+    try:
+        for name in _track(names, progress, "merging tensors"):
+            rows = shapes[name][0] if shapes[name] else 1
+            cols = max(1, math.prod(shapes[name][1:]))
+            # a module to save replaces everything before it: start from the last one
+            first = max([i for i, ad in enumerate(adapters) if name in ad.replace], default=-1)
+            source = adapter_readers[first] if first >= 0 else readers[files[name]]
+            source_name = adapters[first].replace[name] if first >= 0 else name
+            steps = [(ad, rd, ad.lora[name]) for ad, rd in list(zip(adapters, adapter_readers))[first + 1:]
+                     if name in ad.lora]
+            a_full = [rd.read(lo.a) for _, rd, lo in steps]  # rank x in: small
+            for block in (row_blocks(rows, cols) if shapes[name] else [None]):
+                t = _to_bf16(source.read(source_name, block))
+                for (ad, rd, lo), a in zip(steps, a_full):
                     b = rd.read(lo.b, block)
                     if lo.magnitude:
-                        t = merge_dora(t, a_full[id(lo)], b, lo.scale, rd.read(lo.magnitude, block))
+                        t = merge_dora(t, a, b, lo.scale, rd.read(lo.magnitude, block))
                     else:
-                        t = merge_lora(t, a_full[id(lo)], b, lo.scale)
-            w16.write(name, t)
-            if w_fp16 is not None:
-                big = int((t.float().abs() > FP16_MAX).sum())
-                if big:
-                    overflow[name] = overflow.get(name, 0) + big
-                w_fp16.write(name, t.to(torch.float16))
-            del t
-        merged += len(loras)
-        replaced += sum(name in ad.replace for ad in adapters)
+                        t = merge_lora(t, a, b, lo.scale)
+                w16.write(name, t)
+                if w_fp16 is not None:
+                    big = int((t.float().abs() > FP16_MAX).sum())
+                    if big:
+                        overflow[name] = overflow.get(name, 0) + big
+                    w_fp16.write(name, t.to(torch.float16))
+                del t
+            merged += len(steps)
+            replaced += first >= 0
+    except BaseException:
+        for w in (w16, w_fp16):
+            if w is not None:
+                w.abort()
+        raise
     w16.close()
     if w_fp16 is not None:
         w_fp16.close()
@@ -295,7 +276,7 @@ def merge(base_dir: Path, adapter_dirs: list[Path], out_bf16: Path, *, chat_spec
         "tensors": len(names), "lora_merged": merged, "replaced": replaced, "adapters": len(adapters),
         "bytes_written": w16.bytes + (w_fp16.bytes if w_fp16 else 0),
         "seconds": round(time.perf_counter() - start, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -325,6 +306,17 @@ def write_model_files(base_dir: Path, out: Path, dtype: str, chat_spec, inferenc
                llama3.tokenizer_config(chat_spec, max_len, chat.jinja_template(chat_spec)))
     write_json(out / "special_tokens_map.json", {
         "bos_token": chat_spec.bos_token, "eos_token": chat_spec.eos_token, "pad_token": chat_spec.pad_token})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; getrusage would include a parent's at fork)."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _track(items: list, enabled: bool, desc: str):

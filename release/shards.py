@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,32 +97,78 @@ class ShardWriter:
         if self._next != len(self.entries):
             self._file.close()
             raise ValueError(f"{self.path.name}: {len(self.entries) - self._next} tensors never written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self._file.close()  # the stage syncs every output once, before its manifest
 
 
 class ShardedWriter:
-    """A whole sharded model: tensors go to their planned shard; ``close`` writes the index."""
+    """A whole sharded model: tensors (or row blocks of them) go to their planned shard; ``close``
+    writes the index.
 
-    def __init__(self, folder: Path, entries: list[Entry], max_shard_bytes: int | None):
+    With ``background=True`` the bytes are written by a thread while the caller computes the next
+    block (file writes release the GIL); at most ``queue`` blocks wait, which bounds the memory.
+    """
+
+    def __init__(self, folder: Path, entries: list[Entry], max_shard_bytes: int | None,
+                 background: bool = False, queue: int = 2):
         self.folder = Path(folder)
         self.shards = plan(entries, max_shard_bytes)
         self.names = file_names(len(self.shards))
         self.where = {e.name: i for i, shard in enumerate(self.shards) for e in shard}
         self._open: tuple[int, ShardWriter] | None = None
         self.bytes = 0
+        self._queue = None
+        self._error: BaseException | None = None
+        if background:
+            import queue as queues
+            import threading
+
+            self._queue = queues.Queue(maxsize=queue)
+            self._thread = threading.Thread(target=self._drain, daemon=True)
+            self._thread.start()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        if self._queue is None:
+            self._write(name, tensor)
+            return
+        if self._error is not None:
+            raise self._error
+        self._queue.put((name, tensor))
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as e:  # handed to the caller on its next write or close
+                    self._error = e
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         i = self.where[name]
         if self._open is None or self._open[0] != i:
             if self._open is not None:
                 self._open[1].close()
             self._open = (i, ShardWriter(self.folder / self.names[i], self.shards[i]))
         self._open[1].write(name, tensor)
-        self.bytes += tensor.numel() * tensor.element_size()
+
+    def abort(self) -> None:
+        """Stop the writer thread after a failure elsewhere (the partial files are the caller's)."""
+        if self._queue is not None and self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(None)
+            self._thread.join()
+        if self._open is not None:
+            self._open[1]._file.close()
 
     def close(self) -> None:
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
         if self._open is not None:
             self._open[1].close()
         if len(self.shards) > 1:
@@ -187,11 +235,16 @@ class SafetensorsReader:
             row_bytes = (end - begin) // max(shape[0], 1)
             begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
             shape[0] = rows[1] - rows[0]
-        buf = bytearray(end - begin)
-        with open(self.path, "rb") as f:
-            f.seek(self.base + begin)
-            if f.readinto(buf) != len(buf):
-                raise ValueError(f"{self.path}: short read of {name}")
-        if not buf:
+        if end == begin:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        # Map just these bytes (page-aligned), pre-faulted; the mapping lives as long as the
+        # tensor does, so memory holds only the blocks in use and nothing is copied twice.
+        start = self.base + begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), start + (end - begin) - aligned, offset=aligned,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffer: the tensor is never written to
+            raw = torch.frombuffer(mm, dtype=torch.uint8, offset=start - aligned, count=end - begin)
+        return raw.view(dtype).reshape(shape)

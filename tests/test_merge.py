@@ -1,5 +1,5 @@
-"""The streaming merge against PEFT's merge_and_unload: bit for bit, or within 1 BF16 ulp and
-never farther from the float64 value; plus the files transformers loads, FP16, and refusals."""
+"""The streaming merge against PEFT's merge_and_unload (bit for bit), the files transformers
+loads, FP16, and refusals."""
 
 from __future__ import annotations
 
@@ -65,15 +65,9 @@ def run(spec, base, adapters, out, **kw):
     return merger.merge(base, adapters, out, chat_spec=spec.chat, inference=spec.inference, progress=False, **kw)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """bf16 as ordered integers (monotonic in value), so ulp distance is a difference."""
-    i = t.view(torch.int16).to(torch.int32)
-    return torch.where(i < 0, -(i & 0x7FFF), i)
-
-
 def reference64(base_w: torch.Tensor, adapter: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 W + s*B@A (or DoRA), written from the formulas, not from release/merge.py; and
-    |W| + |s*B@A|, the size of the terms (float32 error of a sum scales with it)."""
+    |W| + |s*B@A|, the size of the terms (the rounding of a sum scales with it)."""
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     t = load_file(adapter / "adapter_model.safetensors")
     key = f"base_model.model.{module}"
@@ -95,54 +89,22 @@ def reference64(base_w: torch.Tensor, adapter: Path, module: str) -> tuple[torch
     return v, size
 
 
-def _from_bits(o: torch.Tensor) -> torch.Tensor:
-    """Inverse of _bits."""
-    raw = torch.where(o < 0, (-o) | 0x8000, o)
-    return raw.to(torch.int32).to(torch.int16).view(torch.bfloat16)  # wraps 0x8000.. to negative int16
-
-
-def assert_nearest_bf16(x: torch.Tensor, ref: torch.Tensor, name: str = "") -> None:
-    """x (bf16) is a nearest bf16 to ref (float64): neither neighbour is strictly closer."""
-    o = _bits(x)
-    d = (x.double() - ref).abs()
-    for step in (1, -1):
-        neighbour = _from_bits(o + step).double()
-        worse = (neighbour - ref).abs() < d
-        assert not bool(worse.any()), f"{name}: a neighbour is nearer at {worse.nonzero()[0].tolist()}"
-
-
-def compare_with_peft(base: Path, adapter: Path, got: dict, want: dict) -> dict:
-    """Every tensor equal to PEFT's or, where an element differs, ours is the nearest bf16 to the
-    exact value, PEFT's is farther, and the two are 1 ulp apart. The one exception to "1 ulp":
-    where W and dW nearly cancel (|W + dW| < 2^-8 (|W| + |dW|)) PEFT's float32 sum is itself off
-    by more than a bf16 ulp of the small result; ours is still the nearest there."""
+def compare_with_peft(base: Path, adapter: Path, got: dict, want: dict) -> None:
+    """Every tensor equal to PEFT's, bit for bit; and (a sanity check of the formulas the test
+    writes itself) within one bf16 rounding of the terms of the exact float64 sum."""
     base_t = {}
     for f in base.glob("*.safetensors"):
         base_t.update(load_file(f))
-    stats = {"tensors": 0, "identical": 0, "elements_differing": 0}
     lora = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
-             for k in load_file(adapter / "adapter_model.safetensors") if k.endswith("lora_A.weight")}
+            for k in load_file(adapter / "adapter_model.safetensors") if k.endswith("lora_A.weight")}
+    assert set(got) == set(want)
     for name, w in want.items():
-        if name not in got:
-            continue
-        stats["tensors"] += 1
         g = got[name]
         assert g.dtype == torch.bfloat16 and g.shape == w.shape, name
-        if torch.equal(g, w):
-            stats["identical"] += 1
-        diff = g.view(torch.int16) != w.view(torch.int16)
+        assert torch.equal(g.view(torch.int16), w.view(torch.int16)), f"{name} differs from PEFT"
         if name in lora:
             ref, size = reference64(base_t[name], adapter, name.removesuffix(".weight"))
-            assert_nearest_bf16(g, ref, name)
-            if diff.any():
-                assert bool(((g.double() - ref).abs()[diff] <= (w.double() - ref).abs()[diff]).all()), name
-                far = diff & ((_bits(g) - _bits(w)).abs() > 1)
-                assert bool((ref.abs()[far] < 2**-8 * size[far]).all()), name
-                stats["cancelling"] = stats.get("cancelling", 0) + int(far.sum())
-        else:
-            assert not diff.any(), f"{name} differs from PEFT"
-        stats["elements_differing"] += int(diff.sum())
-    return stats
+            assert bool(((g.double() - ref).abs() <= 2**-8 * size + 1e-30).all()), name
 
 
 @pytest.mark.parametrize("kind,cfg", [
@@ -161,44 +123,31 @@ def test_merge_matches_peft(demo_spec, tiny_model, tmp_path, kind, cfg):
         (adapter / "adapter_config.json").write_text(json.dumps(c))
     figures = run(demo_spec, tiny_model, [adapter], tmp_path / "out")
     got, want = ours(tmp_path / "out"), peft_merge(tiny_model, [adapter])
-    assert set(got) == set(want)
-    stats = compare_with_peft(tiny_model, adapter, got, want)
-    assert stats["tensors"] == len(want)
+    compare_with_peft(tiny_model, adapter, got, want)
     n_lora = {"dora": 6}.get(kind, 14)
     assert figures["lora_merged"] == n_lora
     if kind == "modules_to_save":
         assert figures["replaced"] == 2
         base = load_file(tiny_model / "model.safetensors")
         assert not torch.equal(got["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
-    print(kind, stats)
 
 
 def test_two_chained_adapters_match_peft_merging_in_turn(demo_spec, tiny_model, tmp_path):
-    """CPT adapter (with embed_tokens/lm_head trained in full), then an SFT adapter on the
-    BF16-rounded result, as the SFT stage saw it."""
+    """CPT adapter (with embed_tokens/lm_head trained in full), then an SFT adapter applied to the
+    BF16-rounded result, as the SFT stage saw it: PEFT merging one after the other."""
     cpt = make_adapter(tiny_model, tmp_path / "cpt", seed=2, modules_to_save=["embed_tokens", "lm_head"])
     sft = make_adapter(tiny_model, tmp_path / "sft", seed=3, r=4, lora_alpha=8)
     run(demo_spec, tiny_model, [cpt], tmp_path / "step1")
     run(demo_spec, tiny_model, [cpt, sft], tmp_path / "out")
     step1, got = ours(tmp_path / "step1"), ours(tmp_path / "out")
+    assert got.keys() == step1.keys()
+    compare_with_peft(tiny_model, cpt, step1, peft_merge(tiny_model, [cpt]))
     want = peft_merge(tiny_model, [cpt, sft])
-    assert set(got) == set(want)
-    differing = 0
     for name, w in want.items():
-        g = got[name]
-        if not name.endswith("proj.weight"):
-            assert torch.equal(g, w), name  # modules to save: replaced, bit for bit
-            continue
-        # ours is the nearest bf16 to step1 + dW_sft, exactly
-        ref, size = reference64(step1[name], sft, name.removesuffix(".weight"))
-        assert_nearest_bf16(g, ref, name)
-        # PEFT's result differs only by rounding carried through two float32 merges: at most
-        # 2^-7 of the size of the terms of the second sum (about one bf16 ulp of them).
-        diff = g.view(torch.int16) != w.view(torch.int16)
-        assert bool(((g.double() - w.double()).abs() <= 2**-7 * size).all()), name
-        differing += int(diff.sum())
-    total = sum(w.numel() for w in want.values())
-    assert differing / total < 1e-3
+        assert torch.equal(got[name].view(torch.int16), w.view(torch.int16)), name
+        if name.endswith("proj.weight"):  # the SFT delta was added to the rounded CPT weights
+            ref, size = reference64(step1[name], sft, name.removesuffix(".weight"))
+            assert bool(((got[name].double() - ref).abs() <= 2**-8 * size + 1e-30).all()), name
 
 
 def test_sharded_input_gives_the_same_tensors(demo_spec, tiny_model, tiny_sharded, tmp_path):
@@ -226,11 +175,8 @@ def test_transformers_loads_the_output_and_its_logits_match_peft(demo_spec, tiny
     ids = tok.apply_chat_template([{"role": "user", "content": "اردو میں جواب دیں: پاکستان کا دارالحکومت؟"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
-        a, b = model(ids).logits.float(), ref(ids).logits.float()
-    # Weights agree to the last bit except for rare 1-ulp rounding differences; bf16 activations
-    # then differ by a few bf16 ulps of the logits' scale at most.
-    assert (a - b).abs().max() <= 0.05 * b.abs().max()
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
+        a, b = model(ids).logits, ref(ids).logits
+    assert torch.equal(a, b)  # the same bits in, the same bits out
 
 
 def test_written_config_and_tokenizer(demo_spec, tiny_model, tmp_path):
@@ -336,18 +282,9 @@ def test_bad_adapters_are_refused_before_writing(demo_spec, tiny_model, good_ada
     assert not out.exists() and not (tmp_path / ".merge.partial").exists()
 
 
-def test_round_bf16_is_round_to_nearest_even():
-    # Values exactly halfway between two bf16 numbers, and values that a float32 intermediate
-    # would double-round: 1 + 2^-8 (halfway, ties to even 1.0), 1 + 2^-8 + 2^-30 (just above).
-    x = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 1 + 2**-8 - 2**-40],
-                     dtype=torch.float64)
-    got = merger.round_bf16(x).double().tolist()
-    assert got == [1.0, 1 + 4 * 2**-8 / 1, 1 + 2**-7, -(1 + 2**-7), 1.0]
-
-
 def test_row_blocks_give_the_same_bytes(demo_spec, tiny_model, tmp_path, monkeypatch):
-    """Tensors are processed in blocks of rows; tiny blocks (many per tensor, uneven last block)
-    must give exactly what one block per tensor gives, for LoRA, DoRA and modules to save."""
+    """Tensors are processed in blocks of rows; small blocks (many per tensor, uneven sizes) must
+    give exactly what one block per tensor gives, for LoRA, DoRA and modules to save."""
     lora = make_adapter(tiny_model, tmp_path / "lora", seed=12, modules_to_save=["embed_tokens", "lm_head"])
     dora = make_adapter(tiny_model, tmp_path / "dora", seed=13, use_dora=True, target_modules=["q_proj", "gate_proj"])
     monkeypatch.setattr(merger, "BLOCK_ELEMENTS", 10**9)
