@@ -169,3 +169,26 @@ def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False):
     f = manifest.figures
     print(f"{f['tensors']} tensors ({f['lora_merged']} LoRA merges, {f['replaced']} replaced), "
           f"{pipeline.human_bytes(f['bytes_written'])} written in {f['seconds']} s, peak RSS {f['peak_rss_mb']} MB")
+
+
+@task(help={
+    "spec": f"release spec (default {DEMO})",
+    "model": "HF Llama folder to convert (default: the spec's merged BF16 model, build/<release>/merge/bf16)",
+    "force": "convert again even if up to date",
+})
+def gguf(c, spec=DEMO, model=None, force=False):
+    """Convert to GGUF (F16/BF16/Q8_0) and quantize with llama.cpp (the spec's quant types)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from release import gguf as converter, merge as merger
+
+    s = _spec(spec)
+    source = Path(model) if model else merger.stage_dir(s) / "bf16"
+    manifest, ran = _guarded(lambda: converter.run(s, source, force=force))
+    table = Table(title=f"GGUF files of {s.release.name} ({'built' if ran else 'up to date'})")
+    for col in ("type", "file", "size", "bits/weight", "sha256", "seconds", "KLD vs BF16", "same top-1"):
+        table.add_column(col)
+    for row in converter.summary_rows(manifest.figures["files"]):
+        table.add_row(*row)
+    Console().print(table)

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from release.artifacts import write_json
 
 DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
@@ -188,8 +186,7 @@ def model_files(folder: Path) -> dict[str, Path]:
     single = folder / "model.safetensors"
     if not single.is_file():
         raise FileNotFoundError(f"{folder}: no model.safetensors or {INDEX}")
-    with safe_open(str(single), "pt") as f:
-        return {name: single for name in f.keys()}
+    return {name: single for name in SafetensorsReader(single).keys()}
 
 
 class SafetensorsReader:

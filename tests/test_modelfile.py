@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from release import chat, llama3, modelfile, verify
+from release import gguf as G
 from release.modelfile import ModelfileError
 
 import gorender
-import llamacpp
 from conftest import ROOT
 
 
@@ -159,7 +159,7 @@ def _scripted_model(src: Path, dest: Path, chain: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def scripted_ggufs(tiny_model, tmp_path_factory):
+def scripted_ggufs(demo_spec, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("scripted")
     nl2 = 271  # "\n\n", the last token of every prompt
     words = [9906, 505, 110389]  # "Hello", " from", " السلام"
@@ -174,7 +174,7 @@ def scripted_ggufs(tiny_model, tmp_path_factory):
     for name, chain in chains.items():
         _scripted_model(tiny_model, root / name, chain)
         gguf = root / f"{name}.gguf"
-        llamacpp.convert(root / name, gguf, "--outtype", "f16")
+        G.convert(root / name, gguf, demo_spec, "F16", progress=False)
         out[name] = (gguf, words)
     return out
 
