@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -37,11 +38,13 @@ def test_installed_versions_match_the_constraints():
         assert importlib.metadata.version(name) == pins[name], name
 
 
-def test_packages_import_and_unsloth_selects_its_cpu_fallback():
+def test_packages_import_and_unsloth_selects_its_cpu_fallback(tmp_path):
     code = ("import release, training\n"
             "from unsloth import FastLanguageModel\n"
             "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # Unsloth writes a compiled-code cache into the working directory: keep it out of the checkout.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
     assert "no GPU found, training on CPU" in out.stdout + out.stderr
