@@ -122,8 +122,11 @@ def test_stage_writes_every_type_with_figures(demo_spec, merged, tmp_path):
     bpw = [files[q]["bits_per_weight"] for q in files]
     assert bpw == sorted(bpw, reverse=True) and bpw[0] == 16.0
     # F16 holds the BF16 weights exactly; what remains is llama.cpp's arithmetic (f16 activations in
-    # its matmuls): on the random demo model, mean KL <= 1e-3 and >= 97% equal top-1 tokens.
-    assert files["F16"]["kld_mean"] <= 1e-3 and files["F16"]["top1"] >= 0.97
+    # its F16 matmuls; the KV cache is float32 here) against transformers' float32: on the random
+    # demo model (logits std ~1.8, a sensitive network) mean KL <= 1e-3, >= 97% equal top-1
+    # tokens, and no logit more than 1.0 away (typically 0.01).
+    f16 = files["F16"]
+    assert f16["kld_mean"] <= 1e-3 and f16["top1"] >= 0.97 and f16["max_abs_dlogit"] <= 1.0
     klds = [files[q]["kld_mean"] for q in files]
     assert klds[0] < klds[1] and klds[1] < klds[-1]  # F16 < Q8_0 < Q4_K_M
     assert all(len(f["sha256"]) == 64 for f in files.values())
