@@ -109,8 +109,7 @@ def test_metadata_from_the_spec(demo_spec, merged, tmp_path):
 
 def test_stage_writes_every_type_with_figures(demo_spec, merged, tmp_path):
     spec = replace(demo_spec, build=replace(demo_spec.build, dir=str(tmp_path)))
-    manifest, ran = G.run(spec, merged, progress=False, prompts=["پاکستان کا دارالحکومت کون سا شہر ہے؟",
-                                                                 "Write one sentence about Lahore."])
+    manifest, ran = G.run(spec, merged, progress=False)  # the fixed Urdu/English prompts, ~590 positions
     files = manifest.figures["files"]
     assert list(files) == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
     d = {q: G.describe(tmp_path / "Qalb-Demo-1.0-Tiny-Instruct" / "gguf" / f["file"]) for q, f in files.items()}
@@ -123,10 +122,11 @@ def test_stage_writes_every_type_with_figures(demo_spec, merged, tmp_path):
     assert bpw == sorted(bpw, reverse=True) and bpw[0] == 16.0
     # F16 holds the BF16 weights exactly; what remains is llama.cpp's arithmetic (f16 activations in
     # its F16 matmuls; the KV cache is float32 here) against transformers' float32: on the random
-    # demo model (logits std ~1.8, a sensitive network) mean KL <= 1e-3, >= 97% equal top-1
-    # tokens, and no logit more than 1.0 away (typically 0.01).
+    # demo model (logits std ~1.8, a sensitive random network) mean KL <= 1e-3, >= 97% equal
+    # top-1 tokens, and no logit more than 2.0 away (measured: 0.0003, 98.8%, 0.74; the mean
+    # logit difference is ~0.007).
     f16 = files["F16"]
-    assert f16["kld_mean"] <= 1e-3 and f16["top1"] >= 0.97 and f16["max_abs_dlogit"] <= 1.0
+    assert f16["kld_mean"] <= 1e-3 and f16["top1"] >= 0.97 and f16["max_abs_dlogit"] <= 2.0
     klds = [files[q]["kld_mean"] for q in files]
     assert klds[0] < klds[1] and klds[1] < klds[-1]  # F16 < Q8_0 < Q4_K_M
     assert all(len(f["sha256"]) == 64 for f in files.values())
