@@ -75,7 +75,7 @@ def spec(c, spec=None):
     "seed": "with --out: random seed",
     "force": "rebuild even if up to date",
 })
-def scaffold(c, spec=DEMO, out=None, shape="spec", layers=2, seed=0, force=False):
+def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=False):
     """Build a random-init Llama-3 base model (real Llama 3 tokenizer).
 
     By default the spec's [base.scaffold] into its build folder; with --out a standalone model,
@@ -93,6 +93,9 @@ def scaffold(c, spec=DEMO, out=None, shape="spec", layers=2, seed=0, force=False
         manifest, ran = _guarded(lambda: base.run(s, force=force))
         pipeline.summary(s, [pipeline.StageResult("base", base.stage_dir(s), manifest, ran)])
         return
+    if not (str(layers).isdigit() and int(layers) > 0 and str(seed).isdigit()):
+        print(f"error: --layers {layers} --seed {seed}: expected a positive layer count and a seed >= 0", file=sys.stderr)
+        raise Exit(code=2)
     if shape == "8b":
         sc = kit.eight_b_shaped(int(layers), int(seed))
     elif shape == "spec" and s.base.scaffold is not None:
@@ -100,9 +103,15 @@ def scaffold(c, spec=DEMO, out=None, shape="spec", layers=2, seed=0, force=False
     else:
         print(f"error: --shape {shape}: expected 'spec' (with a [base.scaffold]) or '8b'", file=sys.stderr)
         raise Exit(code=2)
-    figures = kit.write_model(Path(out), sc, s.chat, max_shard_bytes=s.max_shard_bytes, progress=True)
-    print(f"{out}: {figures['parameters']:,} parameters, {pipeline.human_bytes(figures['bytes'])} "
-          f"in {figures['shards']} shard(s)")
+    from release.artifacts import run_stage
+
+    # built aside and swapped in with a manifest, like every stage: an interrupted run leaves no model
+    manifest, _ = _guarded(lambda: run_stage(
+        "scaffold", Path(out), lambda tmp: kit.write_model(tmp, sc, s.chat, max_shard_bytes=s.max_shard_bytes,
+                                                          progress=True),
+        release=s.release.name, spec_sections={"scaffold": kit.describe(sc)}, force=force))
+    f = manifest.figures
+    print(f"{out}: {f['parameters']:,} parameters, {pipeline.human_bytes(f['bytes'])} in {f['shards']} shard(s)")
 
 
 @task(help={

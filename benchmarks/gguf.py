@@ -60,7 +60,7 @@ def main() -> None:
     if not Path("/usr/bin/time").exists():
         raise SystemExit("needs GNU time (/usr/bin/time): apt-get install time")
     work = Path(args.work)
-    base, _ = build_inputs(work, args.layers)
+    base, _ = build_inputs(work, args.layers, adapter=False)
     ref_dir = llamacpp.converter_dir()
     spec = str(ROOT / "specs" / "demo.toml")
     cmds = {

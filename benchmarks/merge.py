@@ -63,7 +63,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_gb": hwm()}))
 """
 
 
-def build_inputs(work: Path, layers: int) -> tuple[Path, Path]:
+def build_inputs(work: Path, layers: int, adapter: bool = True) -> tuple[Path, Path | None]:
     import torch
 
     from release import scaffold, shards, spec
@@ -77,6 +77,8 @@ def build_inputs(work: Path, layers: int) -> tuple[Path, Path]:
         scaffold.write_model(tmp, scaffold.eight_b_shaped(layers), demo.chat, max_shard_bytes=5_000_000_000,
                              progress=True)
         tmp.rename(base)
+    if not adapter:
+        return base, None
     adapter = work / f"adapter-r128-{layers}l"
     if not (adapter / "adapter_config.json").is_file():
         print(f"building the rank-128 adapter in {adapter} ...", flush=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from release import chat, shards
-from release.artifacts import StageError, sha256_file
+from release.artifacts import StageError, atomic_path, sha256_file
 from release.spec import Spec
 
 STAGE = "gguf"
@@ -266,8 +266,18 @@ def convert(model_dir: Path, out_path: Path, spec: Spec, outtype: str = "F16", p
         heads = n_head if name.endswith("q_proj.weight") else n_kv if name.endswith("k_proj.weight") else 0
         plan.append(_Plan(new, name, shape, t, heads))
 
-    out_path = Path(out_path)
-    w = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    # written beside its destination, synced and renamed: an interrupted run leaves no .gguf
+    with atomic_path(Path(out_path)) as tmp:
+        return _write(tmp, model_dir, hp, spec, plan, readers, files, ftype, outtype, progress)
+
+
+def _write(path: Path, model_dir: Path, hp: dict, spec: Spec, plan: list, readers, files, ftype, outtype: str,
+           progress: bool) -> dict:
+    import gguf
+
+    n_layers, n_head = hp["num_hidden_layers"], hp["num_attention_heads"]
+    n_kv = hp.get("num_key_value_heads", n_head)
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_type(gguf.GGUFType.MODEL)
     _add_sampling(w, model_dir)
     _add_general(w, general_metadata(spec))
@@ -290,11 +300,8 @@ def convert(model_dir: Path, out_path: Path, spec: Spec, outtype: str = "F16", p
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     for p in plan:
-        byte_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype) if p.qtype == gguf.GGMLQuantizationType.Q8_0 else p.shape
-        item = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2, gguf.GGMLQuantizationType.BF16: 2,
-                gguf.GGMLQuantizationType.Q8_0: 1}[p.qtype]
-        nbytes = math.prod(byte_shape) * item
-        w.add_tensor_info(p.gguf_name, byte_shape, np.uint8 if item == 1 else np.float32, nbytes, raw_dtype=p.qtype)
+        byte_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype)
+        w.add_tensor_info(p.gguf_name, byte_shape, np.uint8, math.prod(byte_shape), raw_dtype=p.qtype)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -352,11 +359,12 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> None:
     import gguf
 
     ftype = int(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
-    out = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(ftype), str(threads)],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        raise GGUFError(f"{dst}: llama.cpp's quantizer failed for {qtype} (exit {out.returncode}: {last})")
+    with atomic_path(Path(dst)) as tmp:
+        out = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(tmp), str(ftype), str(threads)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            raise GGUFError(f"{dst}: llama.cpp's quantizer failed for {qtype} (exit {out.returncode}: {last})")
 
 
 def check_quantizable(model_dir: Path, qtypes: list[str]) -> None:

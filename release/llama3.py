@@ -50,6 +50,10 @@ LLAMA3_ROPE_SCALING = {
     "original_max_position_embeddings": 8192, "rope_type": "llama3",
 }
 RMS_NORM_EPS = 1e-5
+# Written as config.json's transformers_version: the oldest transformers that reads llama3 rope
+# scaling. Without a version field transformers 5 suspects a broken Mistral tokenizer and warns
+# on every load.
+COMPATIBLE_TRANSFORMERS = "4.43.0"
 
 
 def tiktoken_file() -> Path:
@@ -165,9 +169,7 @@ def model_config(sc: Scaffold, dtype: str = "bfloat16", eos_token_id: int | list
         "tie_word_embeddings": sc.tie_word_embeddings,
         "torch_dtype": dtype,
         "dtype": dtype,
-        # The oldest transformers that reads llama3 rope scaling; without a version field
-        # transformers 5 suspects a broken Mistral tokenizer and warns on every load.
-        "transformers_version": "4.43.0",
+        "transformers_version": COMPATIBLE_TRANSFORMERS,
         "use_cache": True,
         "vocab_size": VOCAB_SIZE,
     }
@@ -188,5 +190,5 @@ def compatible_config(cfg: dict, dtype: str, eos_token_id: int | list[int]) -> d
         out["rope_parameters"] = {**(out.get("rope_scaling") or {"rope_type": "default"}), "rope_theta": out["rope_theta"]}
     out["torch_dtype"] = out["dtype"] = dtype
     out["eos_token_id"] = eos_token_id
-    out.setdefault("transformers_version", "4.43.0")
+    out.setdefault("transformers_version", COMPATIBLE_TRANSFORMERS)
     return out

@@ -295,7 +295,7 @@ def write_model_files(base_dir: Path, out: Path, dtype: str, chat_spec, inferenc
         "top_p": inference.top_p,
         "repetition_penalty": inference.repetition_penalty,
         "max_new_tokens": inference.max_new_tokens,
-        "transformers_version": cfg.get("transformers_version", "4.43.0"),
+        "transformers_version": cfg.get("transformers_version", llama3.COMPATIBLE_TRANSFORMERS),
     })
     shutil.copyfile(Path(base_dir) / "tokenizer.json", out / "tokenizer.json")
     tok_cfg_path = Path(base_dir) / "tokenizer_config.json"

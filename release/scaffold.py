@@ -95,6 +95,11 @@ def write_model(
     return {"parameters": params, "bytes": writer.bytes, "shards": len(writer.shards), "dtype": dtype}
 
 
+def describe(sc: Scaffold) -> str:
+    """A stable text of a scaffold's settings (what a standalone scaffold's manifest records)."""
+    return ",".join(f"{k}={getattr(sc, k)}" for k in sorted(sc.__dataclass_fields__))
+
+
 def eight_b_shaped(layers: int, seed: int = 0) -> Scaffold:
     """Llama 3.1 8B's real layer shapes with a chosen number of layers (for benchmarks)."""
     return replace(llama3.LLAMA_31_8B, num_hidden_layers=layers, seed=seed)

@@ -50,3 +50,15 @@ def test_release_builds_then_skips_the_base_stage(tmp_path):
     assert second.returncode == 0 and "│ base       │ up to date " in second.stdout
     bad = inv("release", "--spec", str(spec), "--only", "nope")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --only nope: unknown stage (stages: base, modelfiles)"
+
+
+def test_standalone_scaffold_is_built_aside_with_a_manifest(tmp_path):
+    out = tmp_path / "model"
+    done = inv("scaffold", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert (out / "manifest.json").is_file() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial folder left
+    bad = inv("scaffold", "--out", str(tmp_path / "other"), "--shape", "8b", "--layers", "two")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == "error: --layers two --seed 0: expected a positive layer count and a seed >= 0"
+    assert not (tmp_path / "other").exists()
