@@ -1,0 +1,227 @@
+"""BF16 -> bitsandbytes 4-bit (NF4, double quantization, BF16 compute), streamed.
+
+The output is what ``AutoModelForCausalLM.from_pretrained(bf16, quantization_config=...)`` followed
+by ``save_pretrained`` writes: every linear projection of the decoder layers packed by
+``bitsandbytes.functional.quantize_4bit`` with its quantization state stored beside it (``absmax``,
+``quant_map``, ``nested_absmax``, ``nested_quant_map``, ``quant_state.bitsandbytes__nf4``), the
+embeddings, norms and ``lm_head`` kept in BF16, and ``quantization_config`` in config.json. Unlike
+that route, the model is never loaded: one tensor is quantized at a time.
+
+A shard's safetensors header must precede its data, but the packed quantization state is a JSON
+blob whose length is known only after quantizing (it holds the mean of the block maxima). So each
+shard's data goes to a spill file first and the shard is assembled (header, then the bytes) once
+its last tensor is done: memory stays at one tensor, at the cost of writing the 4-bit data twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from release.artifacts import Manifest, StageError, write_json
+from release.shards import INDEX, Entry, SafetensorsReader, ShardWriter, file_names, model_files, plan
+from release.spec import Spec, Variant
+
+STAGE = "bnb4"
+FORMAT = "bnb-4bit"
+BLOCKSIZE = 64  # transformers' Params4bit default
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double quantization of absmax
+# transformers quantizes every nn.Linear except the output embedding (lm_head)
+QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.weight")
+ROW_BLOCK_BYTES = 64 << 20
+# the longest a packed quantization state can be: its only free field is a float's repr
+_STATE_MAX = 256
+
+
+class Quant4Error(StageError):
+    pass
+
+
+def variant(spec: Spec) -> tuple[str, Variant] | None:
+    return next(((k, v) for k, v in spec.variants.items() if v.format == FORMAT), None)
+
+
+def quantization_config(v: Variant) -> dict:
+    """``quantization_config`` exactly as transformers writes it into config.json."""
+    from transformers import BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=v.dtype,
+                             bnb_4bit_use_double_quant=v.double_quant,
+                             bnb_4bit_compute_dtype=getattr(torch, v.compute_dtype or "bfloat16"))
+    return json.loads(json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+def quantize_tensor(name: str, weight: torch.Tensor, v: Variant) -> list[tuple[str, torch.Tensor]]:
+    """The tensors transformers saves for one quantized weight, in its key names."""
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(weight, blocksize=BLOCKSIZE, compress_statistics=v.double_quant,
+                                    quant_type=v.dtype, quant_storage=torch.uint8)
+    return [(name, packed), *((f"{name}.{k}", t) for k, t in state.as_dict(packed=True).items())]
+
+
+def _estimate(name: str, shape: tuple[int, ...], dtype: torch.dtype, v: Variant) -> list[Entry]:
+    """Upper bounds of the sizes ``quantize_tensor`` will produce, for planning the shards."""
+    if not QUANTIZED.fullmatch(name):
+        return [Entry(name, dtype, shape)]
+    n = math.prod(shape)
+    blocks = -(-n // BLOCKSIZE)
+    entries = [Entry(name, torch.uint8, ((n + 1) // 2, 1))]
+    if v.double_quant:
+        entries += [Entry(f"{name}.absmax", torch.uint8, (blocks,)),
+                    Entry(f"{name}.nested_absmax", torch.float32, (-(-blocks // NESTED_BLOCKSIZE),)),
+                    Entry(f"{name}.nested_quant_map", torch.float32, (256,))]
+    else:
+        entries.append(Entry(f"{name}.absmax", torch.float32, (blocks,)))
+    return entries + [Entry(f"{name}.quant_map", torch.float32, (16,)),
+                      Entry(f"{name}.quant_state.bitsandbytes__{v.dtype}", torch.uint8, (_STATE_MAX,))]
+
+
+class _SpilledShard:
+    """One output shard: tensors are appended to a spill file, then assembled header-first."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.spill_path = path.with_name(path.name + ".spill")
+        self.spill = open(self.spill_path, "w+b")
+        self.entries: list[Entry] = []
+
+    def add(self, name: str, tensor: torch.Tensor, rows_of: tuple[int, ...] | None = None) -> None:
+        """Append ``tensor`` (or, with ``rows_of`` = the full shape, the next row block of it)."""
+        if rows_of is None or not self.entries or self.entries[-1].name != name:
+            self.entries.append(Entry(name, tensor.dtype, tuple(rows_of or tensor.shape)))
+        self.spill.write(tensor.contiguous().view(torch.uint8).numpy().data)
+
+    def finish(self) -> int:
+        self.spill.flush()
+        self.spill.seek(0)
+        writer = ShardWriter(self.path, self.entries)
+        for e in self.entries:
+            row = e.nbytes // e.shape[0] if len(e.shape) > 1 else e.dtype.itemsize
+            step = max(1, ROW_BLOCK_BYTES // row) * row
+            left = e.nbytes
+            while left:
+                chunk = torch.frombuffer(bytearray(self.spill.read(min(left, step))), dtype=torch.uint8)
+                left -= chunk.numel()
+                chunk = chunk.view(e.dtype)
+                writer.write(e.name, chunk.reshape(-1, *e.shape[1:]) if len(e.shape) > 1 else chunk)
+        writer.close()
+        self.spill.close()
+        self.spill_path.unlink()
+        return sum(e.nbytes for e in self.entries)
+
+
+def quantize_model(model_dir: Path, out: Path, v: Variant, max_shard_bytes: int | None,
+                   progress: bool = True) -> dict:
+    """Write the 4-bit model of ``model_dir`` (BF16 safetensors) into ``out``; returns figures."""
+    from release.merge import peak_rss_mb  # a helper, not the merge stage
+
+    model_dir, out = Path(model_dir), Path(out)
+    sources = model_files(model_dir)
+    if not sources:
+        raise Quant4Error(f"{model_dir}: no safetensors files; build the merge stage first")
+    readers = {p: SafetensorsReader(p) for p in set(sources.values())}
+    names = sorted(sources)
+    shapes = {n: readers[sources[n]].shape(n) for n in names}
+    dtypes = {n: readers[sources[n]].dtype(n) for n in names}
+    if not any(QUANTIZED.fullmatch(n) for n in names):
+        raise Quant4Error(f"{model_dir}: no Llama projection weights (model.layers.N.*_proj.weight) to quantize")
+    for n in names:
+        if QUANTIZED.fullmatch(n) and dtypes[n] != torch.bfloat16:
+            raise Quant4Error(f"{sources[n]}: {n} is {dtypes[n]}, expected bfloat16; quantize the BF16 merge")
+    estimates = [e for n in names for e in _estimate(n, shapes[n], dtypes[n], v)]
+    groups = plan(estimates, max_shard_bytes)
+    files = file_names(len(groups))
+    shard_of = {e.name: i for i, g in enumerate(groups) for e in g}
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    current: tuple[int, _SpilledShard] | None = None
+    weight_map: dict[str, str] = {}
+    total = quantized_params = quantized_bytes = 0
+    items = _track(names, progress, f"bnb 4-bit ({v.dtype})")
+    for n in items:
+        i = shard_of[n]
+        if current is None or current[0] != i:
+            if current is not None:
+                total += current[1].finish()
+            current = (i, _SpilledShard(out / files[i]))
+        shard = current[1]
+        reader = readers[sources[n]]
+        if QUANTIZED.fullmatch(n):
+            for key, t in quantize_tensor(n, reader.read(n), v):
+                shard.add(key, t)
+                weight_map[key] = files[i]
+                quantized_bytes += t.numel() * t.element_size()
+            quantized_params += math.prod(shapes[n])
+        else:
+            shape = shapes[n]
+            row_bytes = max(1, math.prod(shape[1:]) * dtypes[n].itemsize) if len(shape) > 1 else 0
+            step = max(1, ROW_BLOCK_BYTES // row_bytes) if row_bytes else 0
+            if not step or shape[0] <= step:
+                shard.add(n, reader.read(n))
+            else:
+                for r in range(0, shape[0], step):
+                    shard.add(n, reader.read(n, (r, min(r + step, shape[0]))), rows_of=shape)
+            weight_map[n] = files[i]
+    if current is not None:
+        total += current[1].finish()
+    if len(files) > 1:
+        write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    return {"bytes": total, "files": len(files), "quantized_parameters": quantized_params,
+            "bits_per_weight": round(8 * quantized_bytes / quantized_params, 3),
+            "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": peak_rss_mb()}
+
+
+def write_model_files(model_dir: Path, out: Path, v: Variant) -> None:
+    """config.json with ``quantization_config``; generation config and tokenizer as in BF16."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    cfg["quantization_config"] = quantization_config(v)
+    write_json(Path(out) / "config.json", cfg)
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(model_dir) / name).is_file():
+            shutil.copyfile(Path(model_dir) / name, Path(out) / name)
+
+
+def _track(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from rich.progress import track
+
+    return track(items, description=desc, transient=True)
+
+
+# --- stage ------------------------------------------------------------------------------------
+
+
+def stage_dir(spec: Spec) -> Path:
+    return spec.build_dir / STAGE
+
+
+def run(spec: Spec, model_dir: Path, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
+    """The spec's bitsandbytes variant of the BF16 model in ``model_dir``, as a stage."""
+    from release.artifacts import run_stage
+
+    found = variant(spec)
+    if found is None:
+        raise Quant4Error(f"{spec.path}: no [variants.*] with format = '{FORMAT}'")
+    key, v = found
+    if v.dtype not in ("nf4", "fp4"):
+        raise Quant4Error(f"{spec.path}: variants.{key}.dtype: expected 'nf4' or 'fp4', got {v.dtype!r}")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise Quant4Error(f"{model_dir}: no config.json; build the merge stage first")
+
+    def build(tmp: Path) -> dict:
+        figures = quantize_model(Path(model_dir), tmp, v, spec.max_shard_bytes, progress)
+        write_model_files(Path(model_dir), tmp, v)
+        return figures
+
+    return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name, inputs={"model": Path(model_dir)},
+                     spec_sections={f"variants.{key}": spec.section_hash(f"variants.{key}"),
+                                    "build.max_shard_size": spec.section_hash("build.max_shard_size")},
+                     tools=("bitsandbytes", "torch", "transformers"), force=force)
