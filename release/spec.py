@@ -171,6 +171,8 @@ class Inference:
 class Evaluation:
     min_urdu_purity: float
     enforce_urdu_purity: bool
+    # every verification answer must end at a stop token (a trained chat model does; random weights do not)
+    enforce_stop_token: bool
     overall_score: float | None = None
     urdu_purity: float | None = None
 
@@ -537,6 +539,10 @@ def _check(s: Spec) -> list[str]:
     for q in gguf:
         need(q in s.ollama.tags, "ollama.tags", f"missing a tag for GGUF type {q!r}")
         need(q in s.gates, "gates", f"missing a [gates.{q}] fidelity gate for GGUF type {q!r}")
+    if not [x for x in p if x.startswith("variants")]:
+        for key, v in s.variants.items():
+            need(v.format == "gguf" or _is_flagship(v) or key in s.gates, "gates",
+                 f"missing a [gates.{key}] fidelity gate for variant {key!r}")
     for q in s.ollama.tags:
         need(q in gguf, f"ollama.tags.{q}", "names a GGUF type that no variant builds")
     for q, tag in s.ollama.tags.items():
