@@ -12,8 +12,10 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from release import chat
-from release.artifacts import Manifest
+from release.artifacts import Manifest, read_manifest, run_stage
 from release.spec import Spec, Variant
+
+STAGE = "cards"
 
 LIBRARY = {"safetensors": "transformers", "bnb-4bit": "transformers", "gguf": "gguf"}
 
@@ -38,14 +40,19 @@ def card_data(spec: Spec, name: str) -> ModelCardData:
     )
 
 
-def render(spec: Spec, name: str, gguf_manifest: Manifest | None = None) -> ModelCard:
-    """The card of variant ``name`` (a key of ``[variants]``)."""
+def render(spec: Spec, name: str, gguf_manifest: Manifest | None = None,
+           verify_manifest: Manifest | None = None, parameters: int | None = None) -> ModelCard:
+    """The card of variant ``name`` (a key of ``[variants]``). With the verification manifest the
+    variants table lists every verified weight file with its figures; ``parameters`` (the
+    flagship's weight count) gives bits/weight of the safetensors variants."""
     v = spec.variants[name]
-    text = f"---\n{card_data(spec, name).to_yaml()}\n---\n\n" + _body(spec, name, v, gguf_manifest)
+    text = f"---\n{card_data(spec, name).to_yaml()}\n---\n\n" + _body(spec, name, v, gguf_manifest,
+                                                                       verify_manifest, parameters)
     return ModelCard(text)
 
 
-def _body(spec: Spec, name: str, v: Variant, gguf_manifest: Manifest | None) -> str:
+def _body(spec: Spec, name: str, v: Variant, gguf_manifest: Manifest | None,
+          verify_manifest: Manifest | None = None, parameters: int | None = None) -> str:
     r, lora, t = spec.release, spec.lora, spec.training
     inf = spec.inference
     stops = ", ".join(f"`{s}`" for s in spec.chat.stop_tokens)
@@ -109,10 +116,72 @@ def _body(spec: Spec, name: str, v: Variant, gguf_manifest: Manifest | None) -> 
         f"(eos ids {eos}).",
         "",
     ]
-    lines += _variants(spec, gguf_manifest)
+    if verify_manifest is not None:
+        lines += _verified_variants(spec, verify_manifest, gguf_manifest, parameters)
+    else:
+        lines += _variants(spec, gguf_manifest)
     lines += _usage(spec, v)
     lines += ["## License", "", f"{r.license_name}: {r.license_link}. Built with Llama.", ""]
+    lines += _citation(spec)
     return "\n".join(lines)
+
+
+def _citation(spec: Spec) -> list[str]:
+    r = spec.release
+    key = "".join(ch for ch in f"{r.basename}{r.version}" if ch.isalnum()).lower()
+    return ["## Citation", "", "```bibtex", f"@misc{{{key},",
+            f"  title = {{{{{r.name}}}: {r.size_label} Urdu-first chat model fine-tuned from {spec.base.model}}},",
+            f"  author = {{{r.organization}}},", f"  howpublished = {{\\url{{https://huggingface.co/{spec.flagship.repo}}}}},",
+            f"  note = {{version {r.version}}}", "}", "```", ""]
+
+
+def _repo_path(spec: Spec, rel: str) -> str:
+    """A build path (``merge/bf16/x``, ``bnb4/x``, ``gguf/x``) as the file's path in its repo."""
+    for prefix in ("merge/bf16/", "merge/fp16/", "bnb4/", "gguf/"):
+        if rel.startswith(prefix):
+            return rel[len(prefix):]
+    return rel
+
+
+def _verified_variants(spec: Spec, vm: Manifest, gguf_manifest: Manifest | None, parameters: int | None) -> list[str]:
+    """One row per verified weight file: the verification manifest's sizes, sha256 and figures."""
+    out = ["## Variants", "",
+           "Every file below was loaded in its runtime and compared with the BF16 model on fixed Urdu and English "
+           "prompts (mean KL divergence of the next-token distributions, share of positions with the same top-1 "
+           "token).", "",
+           "| repo | file | quant | size | bits/weight | sha256 | KL vs BF16 | same top-1 |",
+           "|---|---|---|---|---|---|---|---|"]
+    arts = vm.figures.get("artifacts", {})
+    figs = vm.figures.get("variants", {})
+    gguf_files = gguf_manifest.figures.get("files", {}) if gguf_manifest else {}
+    order = list(spec.variants)
+    for rel, a in sorted(arts.items(), key=lambda kv: (order.index(kv[1]["variant"]) if kv[1]["variant"] in order
+                                                       else len(order), kv[0])):
+        v = spec.variants.get(a["variant"])
+        if v is None:
+            continue
+        q = a.get("quant")
+        key = f"gguf:{q}" if q else a["variant"]
+        f = figs.get(key, {})
+        if q and q in gguf_files:
+            bpw = f"{gguf_files[q]['bits_per_weight']:.2f}"
+        elif parameters:
+            total = sum(x["size"] for x in arts.values() if x["variant"] == a["variant"] and not x.get("quant"))
+            bpw = f"{8 * total / parameters:.2f}"
+        else:
+            bpw = ""
+        if f.get("kld_mean") is None:
+            kl, top1 = ("reference", "reference") if v is spec.flagship else ("", "")
+        else:
+            kl, top1 = f"{f['kld_mean']:.4f}", f"{100 * f['top1']:.1f}%"
+        quant = q or {"bfloat16": "BF16", "float16": "FP16"}.get(v.dtype, f"bnb {v.dtype}")
+        out.append(f"| {v.repo} | `{_repo_path(spec, rel)}` | {quant} | {_size(a['size'])} | {bpw} "
+                   f"| `{a['sha256'][:16]}…` | {kl} | {top1} |")
+    return out + [""]
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _variants(spec: Spec, gguf_manifest: Manifest | None) -> list[str]:
@@ -173,13 +242,53 @@ def _usage(spec: Spec, v: Variant) -> list[str]:
     ]
 
 
-def write_all(spec: Spec, out_dir: Path, gguf_manifest: Manifest | None = None) -> list[Path]:
+def write_all(spec: Spec, out_dir: Path, gguf_manifest: Manifest | None = None,
+              verify_manifest: Manifest | None = None, parameters: int | None = None) -> list[Path]:
     """``<out_dir>/<variant>/README.md`` for every variant."""
     from release.artifacts import write_text
 
     written = []
     for name in spec.variants:
         path = Path(out_dir) / name / "README.md"
-        write_text(path, str(render(spec, name, gguf_manifest)))
+        write_text(path, str(render(spec, name, gguf_manifest, verify_manifest, parameters)))
         written.append(path)
     return written
+
+
+def count_parameters(folder: Path) -> int | None:
+    """Weights in a safetensors model folder, from the file headers (nothing loaded)."""
+    import json
+    import math
+    import struct
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
+def stage_dir(spec: Spec) -> Path:
+    return spec.build_dir / STAGE
+
+
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
+    """Stage ``cards``: ``cards/<variant>/README.md`` from the spec, the verification manifest and
+    the GGUF manifest (whichever exist; the cards are rebuilt when they change)."""
+    b = spec.build_dir
+    found = {k: b / k for k in ("verify", "gguf") if read_manifest(b / k) is not None}
+    sections = {k: spec.section_hash(k) for k in ("release", "base", "lora", "training", "chat", "inference",
+                                                   "variants", "ollama")}
+
+    def build(out: Path) -> dict:
+        written = write_all(spec, out, read_manifest(b / "gguf"), read_manifest(b / "verify"),
+                            count_parameters(b / "merge" / "bf16"))
+        return {"cards": len(written), "verified": "verify" in found}
+
+    return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name, inputs=found,
+                     spec_sections=sections, tools=("huggingface_hub",), force=force)
