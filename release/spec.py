@@ -125,6 +125,7 @@ class Training:
     seed: int
     cpt: Stage
     sft: Stage
+    save_steps: int = 500  # optimizer steps between checkpoints (a stage resumes from the last)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,19 @@ class Corpus:
 
 
 @dataclass(frozen=True)
+class Filters:
+    """Curation thresholds (training/curate.py)."""
+
+    min_chars: int = 200  # documents shorter than this after cleaning are dropped
+    min_script_ratio: float = 0.8  # share of letters in the corpus language's script
+    max_repetition: float = 0.3  # share of words inside word 3-grams that occur twice or more
+    near_duplicate_jaccard: float = 0.8  # MinHash-estimated Jaccard of character 5-gram shingles
+    minhash_permutations: int = 128
+    # lines matching one of these (Python regular expressions) are removed as boilerplate
+    boilerplate: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Data:
     urdu_tokens: int
     english_tokens: int
@@ -145,6 +159,12 @@ class Data:
     instruct: Corpus
     urdu_sources: list[str] = field(default_factory=list)
     english_sources: list[str] = field(default_factory=list)
+    filters: Filters = field(default_factory=Filters)
+
+    @property
+    def replay_share(self) -> float:
+        """English replay share of the continued pre-training tokens, from the token counts."""
+        return self.english_tokens / (self.urdu_tokens + self.english_tokens)
 
 
 @dataclass(frozen=True)
@@ -469,6 +489,7 @@ def _check(s: Spec) -> list[str]:
     need(bool(s.lora.target_modules), "lora.target_modules", "expected at least one module")
 
     need(s.training.sequence_length > 0, "training.sequence_length", "expected a positive integer")
+    need(s.training.save_steps > 0, "training.save_steps", f"expected a positive integer, got {s.training.save_steps}")
     for name in ("cpt", "sft"):
         st: Stage = getattr(s.training, name)
         key = f"training.{name}"
@@ -487,6 +508,18 @@ def _check(s: Spec) -> list[str]:
          f"expected a fraction in (0, 1], got {s.data.retained_fraction}")
     names = [c.name for c in s.data.corpora]
     need(len(names) == len(set(names)), "data.corpora", "corpus names must be unique")
+    fl = s.data.filters
+    need(fl.min_chars >= 0, "data.filters.min_chars", f"expected a non-negative integer, got {fl.min_chars}")
+    for key in ("min_script_ratio", "max_repetition", "near_duplicate_jaccard"):
+        need(0.0 <= getattr(fl, key) <= 1.0, f"data.filters.{key}", f"expected a fraction in [0, 1], got {getattr(fl, key)}")
+    need(fl.minhash_permutations >= 16, "data.filters.minhash_permutations", "expected at least 16")
+    for i, pattern in enumerate(fl.boilerplate):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            p.append(f"data.filters.boilerplate[{i}]: not a valid regular expression ({e})")
+    need(s.data.urdu_tokens > 0 and s.data.english_tokens >= 0, "data.english_tokens",
+         "expected urdu_tokens > 0 and english_tokens >= 0 (they set the English replay share)")
 
     c = s.chat
     need(unicodedata.is_normalized("NFC", c.system_prompt), "chat.system_prompt",

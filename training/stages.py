@@ -1,0 +1,395 @@
+"""Stages ``cpt`` and ``sft``: LoRA training with Unsloth -> PEFT adapters.
+
+- ``cpt`` (continued pre-training): the base model, raw text from ``data/cpt.jsonl`` packed into
+  blocks of ``training.sequence_length`` tokens (each document ``<|begin_of_text|> text
+  <|end_of_text|>``, concatenated, cut into full blocks); LoRA on the spec's projections plus
+  ``embed_tokens``/``lm_head`` trained in full (Unsloth's CPT recipe) with their own learning rate
+  (``UnslothTrainer``'s ``embedding_learning_rate``).
+- ``sft`` (instruction fine-tuning): the base with the CPT adapter merged (PEFT
+  ``merge_and_unload``, weights rounded to BF16: bit for bit what ``release/merge.py`` writes when
+  it chains ``[cpt, sft]``), chats from ``data/sft.jsonl`` rendered with the release's chat
+  template, loss on assistant turns only (``train_on_responses_only`` with Llama 3's headers).
+
+Each writes ``build/<release>/<stage>/``: ``adapter_config.json`` + ``adapter_model.safetensors``
+(``base_model_name_or_path`` is the spec's ``base.model``), ``trainer_state.json`` (log history;
+wall-clock entries removed so that it is reproducible), ``train.log`` and the manifest.
+
+Resume: trainer checkpoints live outside the stage folder (``run_stage`` rebuilds that from
+scratch) in ``build/<release>/.checkpoints/<stage>-<fingerprint>``: a run that was killed resumes
+from its last checkpoint; a changed input or spec section has another fingerprint and starts
+fresh. Training is seeded (LoRA init, data order, dropout), so an interrupted and resumed run
+gives the same adapter bytes as an uninterrupted one on the same machine.
+
+Hardware: ``adapt`` is the one place where the spec's options meet this machine (on a host
+without a GPU Unsloth runs through its CPU fallback). Every change it makes is written to the run
+log and to the manifest's ``adaptations``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+from release import base, chat, llama3
+from release.artifacts import (
+    Manifest, StageError, fingerprint, input_digest, run_stage, tool_versions, write_json, write_text,
+)
+from release.spec import Spec
+
+STAGES = ("cpt", "sft")
+DATA = "data"
+TOOLS = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth-zoo", "datasets", "accelerate")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Llama 3 turn headers: the instruction and response markers for train_on_responses_only.
+USER_HEADER = f"{chat.HEADER_START}user{chat.HEADER_END}\n\n"
+ASSISTANT_HEADER = f"{chat.HEADER_START}assistant{chat.HEADER_END}\n\n"
+# log_history keys that hold wall-clock measurements (they go to train.log and the manifest)
+TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def stage_dir(spec: Spec, stage: str) -> Path:
+    return spec.build_dir / stage
+
+
+def checkpoints_root(spec: Spec) -> Path:
+    return spec.build_dir / ".checkpoints"
+
+
+def _inputs(spec: Spec, stage: str) -> dict[str, Path]:
+    inputs = {"base": base.stage_dir(spec), "data": spec.build_dir / DATA}
+    if stage == "sft":
+        inputs["cpt"] = stage_dir(spec, "cpt")
+    return inputs
+
+
+def _sections(spec: Spec, stage: str) -> dict[str, str]:
+    keys = ["base.model", "lora", "training.sequence_length", "training.precision",
+            "training.gradient_checkpointing", "training.seed", "training.save_steps", f"training.{stage}"]
+    if stage == "sft":
+        keys.append("chat")
+    return {k: spec.section_hash(k) for k in keys}
+
+
+# --- hardware adaptations ---------------------------------------------------------------------
+
+
+def adapt(spec: Spec, stage: str, *, gpu: bool | None = None, bf16_native: bool | None = None) -> tuple[dict, list[str]]:
+    """The spec's training options as this machine can run them: ``(settings, adaptations)``,
+    one line per option changed and why. The only place where training options are changed."""
+    import torch
+
+    st = getattr(spec.training, stage)
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    precision = spec.training.precision
+    settings = {
+        "optim": st.optimizer,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "load_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision],
+        "gradient_checkpointing": "unsloth" if spec.training.gradient_checkpointing else False,
+    }
+    notes: list[str] = []
+    if gpu:
+        return settings, notes
+    if bf16_native is None:
+        from unsloth_zoo.cpu import cpu_bf16_supported
+
+        bf16_native = cpu_bf16_supported()
+    notes.append("no GPU: Unsloth's CPU fallback (FastCPUModel: transformers + PEFT + TRL on CPU)")
+    if "8bit" in st.optimizer or "paged" in st.optimizer:
+        settings["optim"] = "adamw_torch_fused"
+        notes.append(f"optimizer {st.optimizer} -> adamw_torch_fused: bitsandbytes' 8-bit optimizer states "
+                     "need a GPU; same AdamW update with 32-bit states")
+    if precision in ("bf16", "fp16"):
+        settings["load_dtype"] = "float32"
+        if precision == "bf16" and bf16_native:
+            notes.append("bf16 -> float32 weights with bf16 autocast: the CPU has native bf16 (AMX/AVX512-BF16) "
+                         "for the matmuls; weights and fully trained modules stay float32 so small updates are kept")
+        else:
+            settings["bf16"] = settings["fp16"] = False
+            notes.append(f"{precision} -> float32: this CPU has no native {precision} (emulated {precision} is "
+                         "several times slower than float32)")
+    if settings["gradient_checkpointing"] == "unsloth":
+        notes.append("gradient checkpointing 'unsloth' (offload to host RAM) -> plain recomputation: "
+                     "on CPU the activations already live in RAM")
+    return settings, notes
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def pack_blocks(texts: list[str], tokenizer, length: int) -> tuple[list[list[int]], int]:
+    """CPT packing: each document as ``<|begin_of_text|> text <|end_of_text|>``, concatenated and
+    cut into full blocks of ``length`` tokens (the remainder is dropped). Returns the blocks and
+    the number of tokens dropped."""
+    stream: list[int] = []
+    for text in texts:
+        stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
+                   tokenizer.eos_token_id]
+    n = len(stream) // length
+    return [stream[i * length:(i + 1) * length] for i in range(n)], len(stream) - n * length
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise StageError(f"{path}: missing; run the data stage first (./inv data)")
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+class _Log:
+    """The run log: every line to ``train.log`` and, when wanted, the console."""
+
+    def __init__(self, path: Path, echo: bool):
+        self.path, self.echo = path, echo
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        if self.echo:
+            print(f"[train] {line}")
+
+
+def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = True) -> dict:
+    """Train one stage into ``out`` (adapter, trainer state, log); checkpoints go to ``work``.
+    Returns the manifest figures."""
+    work.mkdir(parents=True, exist_ok=True)
+    log = _Log(out / "train.log", progress)
+    start = time.perf_counter()
+    # Unsloth patches transformers/TRL/PEFT when imported first, and writes its compiled-code
+    # cache into the working directory: keep that in the work folder.
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(work / "unsloth_compiled_cache"))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        import unsloth  # noqa: F401  (must come before transformers, trl, peft)
+        from unsloth import FastLanguageModel
+    finally:
+        os.chdir(cwd)
+    import torch
+
+    st = getattr(spec.training, stage)
+    settings, notes = adapt(spec, stage)
+    log(f"stage {stage}: {st.description}")
+    for note in notes:
+        log(f"adaptation: {note}")
+
+    model_dir = base.model_dir(spec) if stage == "cpt" else _merged_cpt_model(spec, work, log)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir), max_seq_length=spec.training.sequence_length,
+        dtype=getattr(torch, settings["load_dtype"]), load_in_4bit=False)
+    targets = list(spec.lora.target_modules) + list(st.modules_to_save)
+    model = FastLanguageModel.get_peft_model(
+        model, r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+        target_modules=targets, use_rslora=spec.lora.use_rslora, bias="none",
+        use_gradient_checkpointing=settings["gradient_checkpointing"], random_state=spec.training.seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    from datasets import Dataset
+
+    rows = _read_jsonl(spec.build_dir / DATA / ("cpt.jsonl" if stage == "cpt" else "sft.jsonl"))
+    dropped = 0
+    if stage == "cpt":
+        if st.packing:
+            blocks, dropped = pack_blocks([r["text"] for r in rows], tokenizer, spec.training.sequence_length)
+        else:
+            blocks = [([tokenizer.bos_token_id, *tokenizer(r["text"], add_special_tokens=False)["input_ids"],
+                        tokenizer.eos_token_id])[:spec.training.sequence_length] for r in rows]
+        if not blocks:
+            raise StageError(f"{spec.build_dir / DATA / 'cpt.jsonl'}: fewer than {spec.training.sequence_length} "
+                             "tokens of text; add data or lower training.sequence_length")
+        dataset = Dataset.from_dict({"input_ids": blocks})
+        tokens = sum(len(b) for b in blocks)
+    else:
+        tokenizer.chat_template = chat.jinja_template(spec.chat)
+        dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+        tokens = None
+    log(f"examples: {len(dataset)}" + (f" blocks of {spec.training.sequence_length} tokens ({dropped} tokens "
+                                         "past the last full block dropped)" if stage == "cpt" and st.packing else ""))
+
+    accumulation = st.effective_batch_size // st.per_device_batch_size
+    steps_per_epoch = math.ceil(math.ceil(len(dataset) / st.per_device_batch_size) / accumulation)
+    args = _arguments(spec, stage, settings, work / "trainer", accumulation, progress)
+    log(f"batch {st.per_device_batch_size} x {accumulation} accumulation = {st.effective_batch_size}; "
+        f"{st.epochs} epoch(s), {steps_per_epoch} step(s) per epoch; lr {st.learning_rate} {st.lr_scheduler}, "
+        f"warmup {st.warmup_ratio}; optimizer {args.optim}; bf16 {args.bf16}; seed {spec.training.seed}")
+
+    from transformers import TrainerCallback
+
+    class LogLines(TrainerCallback):
+        def on_log(self, _args, state, _control, logs=None, **kwargs):
+            if logs:
+                log(f"step {state.global_step}: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                                                              for k, v in logs.items()))
+
+    if stage == "cpt":
+        from unsloth import UnslothTrainer
+
+        trainer = UnslothTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args,
+                                 callbacks=[LogLines()])
+    else:
+        from trl import SFTTrainer
+        from unsloth.chat_templates import train_on_responses_only
+
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args,
+                             callbacks=[LogLines()])
+        if st.train_on_responses_only:
+            trainer = train_on_responses_only(trainer, instruction_part=USER_HEADER, response_part=ASSISTANT_HEADER)
+            labels = trainer.train_dataset["labels"]
+            tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+            trained = sum(1 for row in labels for t in row if t != -100)
+            log(f"loss on assistant turns only: {trained} of {tokens} tokens carry labels")
+        else:
+            tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+
+    resume = _last_checkpoint(work / "trainer")
+    if resume:
+        log(f"resuming from {resume.name}")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    trainer.model.save_pretrained(str(out))
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card; cards come from release/card.py
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = spec.base.model  # the Hub id, not this machine's folder
+    write_json(cfg_path, cfg)
+    history = [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in trainer.state.log_history]
+    trainer.state.save_to_json(str(work / "trainer_state.json"))
+    state = json.loads((work / "trainer_state.json").read_text(encoding="utf-8"))
+    state["log_history"] = history
+    write_text(out / "trainer_state.json", json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+    losses = [e["loss"] for e in history if "loss" in e]
+    seconds = round(time.perf_counter() - start, 2)
+    figures = {
+        "stage": stage,
+        "steps": trainer.state.global_step,
+        "epochs": st.epochs,
+        "examples": len(dataset),
+        "tokens": tokens,
+        "tokens_trained": tokens * st.epochs if tokens else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss,
+        "trainable_parameters": trainable,
+        "seconds": seconds,
+        "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+        "resumed_from": resume.name if resume else None,
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "bf16": bool(args.bf16),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "adaptations": notes,
+    }
+    log(f"done: {figures['steps']} steps, loss {figures['first_loss']} -> {figures['last_loss']}, {seconds} s")
+    return figures
+
+
+def _arguments(spec: Spec, stage: str, settings: dict, output_dir: Path, accumulation: int, progress: bool):
+    st = getattr(spec.training, stage)
+    common = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=st.per_device_batch_size,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=st.epochs,
+        max_steps=st.max_steps if st.max_steps is not None else -1,
+        learning_rate=st.learning_rate,
+        lr_scheduler_type=st.lr_scheduler,
+        warmup_steps=st.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
+        optim=settings["optim"],
+        bf16=settings["bf16"],
+        fp16=settings["fp16"],
+        weight_decay=0.0,
+        seed=spec.training.seed,
+        data_seed=spec.training.seed,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=spec.training.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=not progress,
+        max_length=spec.training.sequence_length,
+        dataset_num_proc=None,
+        gradient_checkpointing=bool(settings["gradient_checkpointing"]),
+    )
+    if stage == "cpt":
+        from unsloth import UnslothTrainingArguments
+
+        return UnslothTrainingArguments(embedding_learning_rate=st.embedding_learning_rate, **common)
+    from trl import SFTConfig
+
+    return SFTConfig(**common)
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete trainer checkpoint (``checkpoint-<step>`` with its trainer state)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+            and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _merged_cpt_model(spec: Spec, work: Path, log) -> Path:
+    """The model SFT trains on: base + CPT adapter via PEFT ``merge_and_unload``, rounded to BF16
+    (what release/merge.py writes for the first adapter of the chain). Kept in the work folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = work / "cpt-merged"
+    if (folder / "done").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    cpt = stage_dir(spec, "cpt")
+    missing = [f for f in ADAPTER_FILES if not (cpt / f).is_file()]
+    if missing:
+        raise StageError(f"{cpt / missing[0]}: missing; run the cpt stage first (./inv train --stage cpt)")
+    src = base.model_dir(spec)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, device_map="cpu")
+    model = PeftModel.from_pretrained(model, str(cpt)).merge_and_unload()
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, folder / name)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    write_json(folder / "config.json", llama3.compatible_config(cfg, "bfloat16", cfg.get("eos_token_id")))
+    (folder / "done").write_text("ok\n")
+    log(f"base + CPT adapter merged (PEFT merge_and_unload, rounded to BF16) into {folder}")
+    return folder
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def run(spec: Spec, stage: str, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
+    """Stage ``cpt`` or ``sft``; skipped when the base, the data (and for SFT the CPT adapter)
+    and the spec's training facts are unchanged; resumes an interrupted run."""
+    if stage not in STAGES:
+        raise StageError(f"--stage {stage}: unknown training stage (expected one of {', '.join(STAGES)})")
+    inputs = _inputs(spec, stage)
+    sections = _sections(spec, stage)
+    key = fingerprint({k: input_digest(v) for k, v in inputs.items()}, sections, tool_versions(*TOOLS))
+    work = checkpoints_root(spec) / f"{stage}-{key[:16]}"
+    for stale in checkpoints_root(spec).glob(f"{stage}-*"):
+        if stale != work or force:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def build(out: Path) -> dict:
+        return train(spec, stage, out, work, progress=progress)
+
+    manifest, ran = run_stage(stage, stage_dir(spec, stage), build, release=spec.release.name, inputs=inputs,
+                              spec_sections=sections, tools=TOOLS, force=force)
+    if ran:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest, ran
