@@ -271,6 +271,9 @@ def _handler(hub: HubServer):
                     if m:
                         hub.count(f"{self.command} {fn.__name__}")
                         try:
+                            if "Authorization" in self.headers and not self._token_ok():
+                                self._body()  # as the Hub: a wrong token is refused on any route
+                                self._need_write()
                             fn(self, query=query, **m.groupdict())
                         except HubError as e:
                             self._error(e)

@@ -1,0 +1,408 @@
+"""Publishing to the Hugging Face Hub: plan, refuse what was not verified, push, resume.
+
+``plan`` stages the exact file set of every repo in ``build/<release>/hub/<repo name>/``
+(weights hard-linked, not copied), asks the remote what it already has (tree listing with LFS
+sha256 oids) and prints what a push would add, change and delete. Nothing leaves the machine.
+
+``push`` uploads each repo as one commit naming the release version, skipping unchanged files,
+then tags every repo with ``hub.revision_tag``. An interrupted push is resumed by running it
+again: the LFS batch API (or xet's deduplication, on endpoints that offer xet) does not send
+objects the remote already holds.
+
+Both refuse a weight file (``.safetensors``, ``.gguf``) that the verification manifest does not
+list as passed with the same sha256. The token comes from ``HF_TOKEN`` or the
+``huggingface_hub`` login; it is never printed, logged or put into an error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from release.artifacts import MANIFEST, StageError, read_manifest, sha256_file, write_json
+from release.spec import Spec
+
+STAGE = "hub"
+WEIGHTS = (".safetensors", ".gguf")
+KEEP_REMOTE = (".gitattributes",)  # created by the Hub with the repo; never deleted by a push
+
+
+class PublishError(StageError):
+    """Publishing refused or failed (one line, never holding the token)."""
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: str  # path in the repo
+    source: Path  # the built file it comes from
+    size: int
+    sha256: str
+
+
+@dataclass
+class RepoPlan:
+    repo: str
+    variant: str
+    folder: Path  # the staged file set
+    files: dict[str, LocalFile]
+    add: list[str] = field(default_factory=list)
+    change: list[str] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    exists: bool = False
+    remote_sha: str | None = None
+
+    @property
+    def upload_bytes(self) -> int:
+        return sum(self.files[p].size for p in self.add + self.change)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo: str
+    commit_url: str | None  # None: nothing changed, no commit made
+    oid: str
+    files: int
+    bytes: int
+    tag: str
+
+
+# --- where things are ---------------------------------------------------------------------------
+
+
+def stage_dir(spec: Spec) -> Path:
+    return spec.build_dir / STAGE
+
+
+def endpoint(spec: Spec) -> str | None:
+    """The Hub to talk to: the spec's URL, or for ``local`` the ``HF_ENDPOINT`` variable (None
+    when unset: there is no remote to compare with)."""
+    if spec.hub.endpoint == "local":
+        return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
+    return spec.hub.endpoint.rstrip("/")
+
+
+def sources(spec: Spec, name: str) -> dict[str, Path]:
+    """Path in repo -> built file, for the repo of variant ``name``."""
+    v, b = spec.variants[name], spec.build_dir
+    out: dict[str, Path] = {}
+    if v.format in ("safetensors", "bnb-4bit"):
+        folder = b / "merge" / ("bf16" if v.dtype == "bfloat16" else "fp16") if v.format == "safetensors" else b / "bnb4"
+        stage = "release" if v.format == "safetensors" else "quant4"
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST) if folder.is_dir() else []
+        if not any(p.suffix == ".safetensors" for p in files):
+            raise PublishError(f"{folder}: no model built for variant {name}; run ./inv {stage} first")
+        out.update({p.relative_to(folder).as_posix(): p for p in files})
+    else:
+        for q in spec.gguf_types():
+            out[spec.gguf_file_name(q)] = b / "gguf" / spec.gguf_file_name(q)
+        mf = read_manifest(b / "modelfiles")
+        if mf is None:
+            raise PublishError(f"{b / 'modelfiles'}: no modelfiles manifest; run ./inv release (stage modelfiles) first")
+        out.update({e.path: b / "modelfiles" / e.path for e in mf.outputs if e.path != "LICENSE"})
+    out["README.md"] = b / "cards" / name / "README.md"
+    out["LICENSE"] = spec.resolve(spec.release.license_file)
+    for path, src in out.items():
+        if not src.is_file():
+            fix = "run ./inv cards" if path == "README.md" else "build it first (./inv release)"
+            raise PublishError(f"{src}: missing (needed as {path} in {v.repo}); {fix}")
+    return out
+
+
+# --- verification gate --------------------------------------------------------------------------
+
+
+def check_verified(spec: Spec, weights: dict[Path, str]) -> None:
+    """Refuse unless every weight file (path -> current sha256) is in the verification manifest,
+    passed, and has the same bytes; and the cards were written from that verification."""
+    vdir = spec.build_dir / "verify"
+    where = vdir / MANIFEST
+    m = read_manifest(vdir)
+    if m is None:
+        raise PublishError(f"{where}: no verification manifest; run ./inv verify before publishing")
+    artifacts = m.figures.get("artifacts", {})
+    for path, sha in weights.items():
+        rel = path.relative_to(spec.build_dir).as_posix()
+        a = artifacts.get(rel)
+        if a is None:
+            raise PublishError(f"{path}: not in the verification manifest {where}; run ./inv verify")
+        if not a.get("passed"):
+            raise PublishError(f"{path}: failed verification (variant {a.get('variant')}"
+                               f"{' ' + a['quant'] if a.get('quant') else ''}); fix it and run ./inv verify")
+        if a.get("sha256") != sha:
+            raise PublishError(f"{path}: bytes changed since verification (sha256 {sha[:12]}…, verified "
+                               f"{str(a.get('sha256'))[:12]}…); run ./inv verify again")
+    if not m.figures.get("passed"):
+        failed = sorted(k for k, v in m.figures.get("variants", {}).items() if not v.get("passed"))
+        raise PublishError(f"{where}: verification failed ({', '.join(failed) or 'no variant passed'}); "
+                           "fix the failing variants and run ./inv verify")
+    cards = read_manifest(spec.build_dir / "cards")
+    if cards is not None and cards.inputs.get("verify") != sha256_file(where):
+        raise PublishError(f"{spec.build_dir / 'cards'}: cards predate the current verification; run ./inv cards")
+
+
+# --- staging ------------------------------------------------------------------------------------
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard link (weights are GBs); copy where linking is impossible (another file system)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def stage(spec: Spec, name: str, files: dict[str, Path], hashes: dict[Path, str]) -> RepoPlan:
+    """``hub/<repo name>/`` holding exactly ``files``, built aside and swapped in."""
+    v = spec.variants[name]
+    folder = stage_dir(spec) / v.repo.split("/")[-1]
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    local = {}
+    for path, src in sorted(files.items()):
+        _link(src, partial / path)
+        sha = hashes.get(src) or sha256_file(src)
+        local[path] = LocalFile(path, src, src.stat().st_size, sha)
+    partial.mkdir(parents=True, exist_ok=True)
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return RepoPlan(v.repo, name, folder, local)
+
+
+# --- talking to the Hub -------------------------------------------------------------------------
+
+
+def token() -> str | None:
+    """``HF_TOKEN`` or the token saved by ``hf auth login``."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    line = " ".join(str(text).split())
+    return line.replace(secret, "***") if secret else line
+
+
+@contextlib.contextmanager
+def _hub_errors(what: str, secret: str | None) -> Iterator[None]:
+    """Turn any client error into one line that names the operation and never the token."""
+    try:
+        yield
+    except PublishError:
+        raise
+    except Exception as e:  # HTTP, network, offline mode: one line, no traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PublishError(_scrub(f"{what}: {type(e).__name__}: {first}", secret)) from None
+
+
+def _api(url: str, secret: str | None):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=url, token=secret or False, library_name="qalb-release")
+
+
+def compare(plan: RepoPlan, api, secret: str | None) -> RepoPlan:
+    """Fill ``add``/``change``/``delete``/``unchanged`` from the remote's tree on ``main``."""
+    from huggingface_hub import RepoFile
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils.sha import git_hash
+
+    remote: dict[str, RepoFile] = {}
+    with _hub_errors(f"{plan.repo}: listing the remote files", secret):
+        try:
+            info = api.repo_info(plan.repo)
+            plan.exists, plan.remote_sha = True, info.sha
+            remote = {f.path: f for f in api.list_repo_tree(plan.repo, recursive=True, revision=info.sha)
+                      if isinstance(f, RepoFile)}
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            plan.exists = False
+    plan.add, plan.change, plan.unchanged = [], [], []
+    for path, f in plan.files.items():
+        r = remote.get(path)
+        if r is None:
+            plan.add.append(path)
+        elif (r.lfs.sha256 == f.sha256) if r.lfs else (r.blob_id == git_hash((plan.folder / path).read_bytes())):
+            plan.unchanged.append(path)
+        else:
+            plan.change.append(path)
+    plan.delete = sorted(p for p in remote if p not in plan.files and p not in KEEP_REMOTE)
+    return plan
+
+
+def plan(spec: Spec, *, console: Console | None = None, progress: bool = True) -> list[RepoPlan]:
+    """Stage every repo, refuse unverified weights, compare with the remote, print the table."""
+    console = console or Console()
+    staged: list[tuple[str, dict[str, Path]]] = [(n, sources(spec, n)) for n in spec.variants]
+    weights = sorted({p for _, files in staged for p in files.values() if p.suffix in WEIGHTS})
+    hashes: dict[Path, str] = {}
+    with _progress(console, progress) as bar:
+        task = bar.add_task("hashing weights", total=sum(p.stat().st_size for p in weights))
+        for p in weights:
+            bar.update(task, description=f"sha256 {p.name}")
+            hashes[p] = sha256_file(p)
+            bar.advance(task, p.stat().st_size)
+    check_verified(spec, hashes)
+    plans = [stage(spec, name, files, hashes) for name, files in staged]
+    url = endpoint(spec)
+    secret = token()
+    if url is None:
+        console.print("hub.endpoint is 'local' and HF_ENDPOINT is not set: compared with an empty remote "
+                      "(nothing was contacted)")
+        for p in plans:
+            p.add, p.change, p.delete, p.unchanged = sorted(p.files), [], [], []
+    else:
+        api = _api(url, secret)
+        plans = [compare(p, api, secret) for p in plans]
+    write_json(stage_dir(spec) / "plan.json", {
+        "release": spec.release.name, "version": spec.release.version, "endpoint": url,
+        "repos": {p.repo: {"folder": p.folder.name, "add": p.add, "change": p.change, "delete": p.delete,
+                           "unchanged": p.unchanged, "upload_bytes": p.upload_bytes,
+                           "files": {f.path: {"size": f.size, "sha256": f.sha256} for f in p.files.values()}}
+                  for p in plans}})
+    console.print(plan_table(spec, plans, url))
+    return plans
+
+
+def plan_table(spec: Spec, plans: list[RepoPlan], url: str | None) -> Table:
+    t = Table(title=f"{spec.release.name} {spec.release.version} → {url or 'empty remote'}")
+    for col in ("repo", "files", "add", "change", "delete", "unchanged", "to upload"):
+        t.add_column(col, justify="left" if col == "repo" else "right")
+    for p in plans:
+        t.add_row(p.repo + ("" if p.exists else " (new)"), str(len(p.files)), str(len(p.add)), str(len(p.change)),
+                  str(len(p.delete)), str(len(p.unchanged)), human_bytes(p.upload_bytes))
+    return t
+
+
+@contextlib.contextmanager
+def _lfs_only(enabled: bool) -> Iterator[None]:
+    """Upload through the LFS batch API instead of xet. huggingface_hub uses xet whenever hf_xet is
+    installed; an endpoint without xet (a local or self-hosted Hub) needs the LFS path, which
+    ``HF_HUB_DISABLE_XET`` selects (read at call time from ``constants``)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_DISABLE_XET = before or enabled
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_XET = before
+
+
+def offers_xet(api, repo: str) -> bool:
+    """Whether the endpoint hands out xet write tokens for ``repo`` (the Hub does)."""
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    r = get_session().get(f"{api.endpoint}/api/models/{repo}/xet-write-token/main",
+                          headers=build_hf_headers(token=api.token, library_name=api.library_name))
+    return r.status_code == 200
+
+
+def push(spec: Spec, plans: list[RepoPlan] | None = None, *, console: Console | None = None,
+         progress: bool = True) -> list[PushResult]:
+    """Upload each planned repo as one commit, then tag it. Re-running resumes."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    console = console or Console()
+    url = endpoint(spec)
+    if url is None:
+        raise PublishError(f"{spec.path}: hub.endpoint is 'local' and HF_ENDPOINT is not set; start a local Hub "
+                           "(python tests/hub_server.py --root DIR) and set HF_ENDPOINT to its URL")
+    secret = token()
+    if not secret:
+        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    plans = plans if plans is not None else plan(spec, console=console, progress=progress)
+    api = _api(url, secret)
+    message = f"{spec.release.name} {spec.release.version}"
+    tag = spec.hub.revision_tag
+    results = []
+    disable_progress_bars()  # one rich bar per file instead of tqdm's
+    try:
+        with _progress(console, progress) as bar:
+            for p in plans:
+                with _hub_errors(f"{p.repo}: creating the repo", secret):
+                    api.create_repo(p.repo, private=spec.hub.private, exist_ok=True)
+                with _hub_errors(f"{p.repo}: checking xet support", secret):
+                    xet = offers_xet(api, p.repo)
+                adds = []
+                for path in p.add + p.change:
+                    op = CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(p.folder / path))
+                    op.upload_info.sha256 = bytes.fromhex(p.files[path].sha256)  # hashed once, in plan
+                    adds.append(op)
+                ops = adds + [CommitOperationDelete(path_in_repo=d) for d in p.delete]
+                task = bar.add_task(p.repo, total=max(p.upload_bytes, 1))
+                with _lfs_only(not xet):
+                    for op in adds:  # one file at a time: progress per file; finished files stay uploaded
+                        bar.update(task, description=f"{p.repo.split('/')[-1]}/{op.path_in_repo}")
+                        with _hub_errors(f"{p.repo}: uploading {op.path_in_repo}", secret):
+                            api.preupload_lfs_files(p.repo, additions=[op])
+                        bar.advance(task, op.upload_info.size)
+                    if ops:
+                        with _hub_errors(f"{p.repo}: committing", secret):
+                            info = api.create_commit(p.repo, ops, commit_message=message,
+                                                     commit_description=f"{message}: {len(adds)} files added or "
+                                                     f"changed, {len(p.delete)} deleted.")
+                        commit_url, oid = info.commit_url, info.oid
+                    else:
+                        commit_url, oid = None, p.remote_sha or ""
+                bar.update(task, completed=max(p.upload_bytes, 1), description=p.repo)
+                with _hub_errors(f"{p.repo}: tagging {tag}", secret):
+                    _move_tag(api, p.repo, tag, oid, message)
+                results.append(PushResult(p.repo, commit_url, oid, len(adds), p.upload_bytes, tag))
+    finally:
+        enable_progress_bars()
+    console.print(push_table(spec, results))
+    return results
+
+
+def _move_tag(api, repo: str, tag: str, oid: str, message: str) -> None:
+    """Point ``tag`` at ``oid``: create it, or move it if it names another commit."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    refs = api.list_repo_refs(repo)
+    current = next((t.target_commit for t in refs.tags if t.name == tag), None)
+    if current == oid:
+        return
+    if current is not None:
+        api.delete_tag(repo, tag=tag)
+    try:
+        api.create_tag(repo, tag=tag, revision=oid, tag_message=message)
+    except HfHubHTTPError as e:
+        if e.response is None or e.response.status_code != 409:
+            raise
+
+
+def push_table(spec: Spec, results: list[PushResult]) -> Table:
+    t = Table(title=f"Published {spec.release.name} {spec.release.version}")
+    for col in ("repo", "files sent", "bytes", "tag", "commit"):
+        t.add_column(col, justify="right" if col in ("files sent", "bytes") else "left")
+    for r in results:
+        t.add_row(r.repo, str(r.files), human_bytes(r.bytes), r.tag, r.commit_url or f"unchanged ({r.oid[:12]})")
+    return t
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                    console=console, disable=not enabled, transient=False)

@@ -1,0 +1,413 @@
+"""Publishing with the real huggingface_hub client against the local Hub (tests/hub_server.py):
+plan, push, re-push (nothing sent), interrupted push resumed, downloads loaded back in their
+runtimes, refusals of unverified files, and a token that never leaks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapshot_download
+from huggingface_hub.utils.sha import git_hash
+
+from conftest import ROOT, SPECS, write_spec
+from hub_server import HubServer
+from release import base, card, gguf, hub, merge, modelfile
+from release.artifacts import read_manifest, run_stage, sha256_file
+from release.spec import load
+from test_merge import make_adapter
+
+TOKEN = "hf_" + secrets.token_hex(16)  # made per run; never a real credential in the tree  # recognisable: scanned for everywhere below
+PROMPTS = ["پاکستان کا دارالحکومت کون سا شہر ہے؟", "What is the capital of Pakistan?"]
+
+
+def _test_spec_text(build: Path) -> str:
+    """The demo spec with two GGUF types (F16, Q4_K_M) to keep the build short (and without the
+    bitsandbytes variant where its stage, release/quant4.py, is not there)."""
+    text = (SPECS / "demo.toml").read_text(encoding="utf-8")
+    text = text.replace('dir = "../build"', f'dir = "{build}"')
+    text = text.replace('quant_types = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]', 'quant_types = ["Q4_K_M"]')
+    text = re.sub(r"^(Q8_0|Q6_K|Q5_K_M) = .*\n", "", text, flags=re.M)  # their Ollama tags
+    # Gates for the random-weight demo model, which 4-bit quantization moves far (measured: KL
+    # ~0.93-0.96 and ~26% equal top-1 for Q4_K_M and NF4; F16 KL 0.0002, 98.9% on these two short
+    # prompts). These tests are about publishing what passed, not about fidelity (test_gguf.py).
+    for name, (kld, top1) in {"F16": (0.001, 0.97), "Q4_K_M": (2.0, 0.1), "bnb4": (2.0, 0.1)}.items():
+        text = re.sub(rf"\[gates\.{name}\]\nmax_kld = .*\nmin_top1 = .*\n",
+                      f"[gates.{name}]\nmax_kld = {kld}\nmin_top1 = {top1}\n", text)
+    if not _has_quant4():
+        start = text.index("[variants.bnb4]")
+        text = text[:start] + text[text.index("[variants.gguf]"):]
+    return text
+
+
+def _has_quant4() -> bool:
+    try:
+        from release import quant4
+    except ImportError:
+        return False
+    return hasattr(quant4, "run")
+
+
+def write_verify_manifest(spec, *, fail: str | None = None) -> None:
+    """TEST FIXTURE standing in for the verify stage (release/verify.py has no ``run`` yet): the
+    verification manifest of the contract, computed from the built files. sha256 and sizes are
+    the files' own; KL divergence and top-1 agreement of FP16 come from transformers against BF16
+    on PROMPTS, those of GGUF from the GGUF stage's llama.cpp measurement. Urdu purity is not
+    measured here (the demo spec does not enforce it on random weights). ``fail`` marks one
+    variant key as failed. Swap for ``release.verify.run(spec)`` once it exists."""
+    from release import verify
+
+    b = spec.build_dir
+    gguf_files = read_manifest(b / "gguf").figures["files"]
+
+    def build(out: Path) -> dict:
+        ref = verify.hf_logits(b / "merge" / "bf16", spec, PROMPTS)
+        variants, artifacts = {}, {}
+        for name, v in spec.variants.items():
+            if v.format == "gguf":
+                for q in spec.gguf_types():
+                    f, g = gguf_files[q], spec.gates[q]
+                    variants[f"gguf:{q}"] = {"runtime": "llama-cpp-python", "kld_mean": f["kld_mean"], "top1": f["top1"],
+                                             "max_kld": g.max_kld, "min_top1": g.min_top1, "urdu_purity": 0.0,
+                                             "stopped": True,
+                                             "passed": f["kld_mean"] <= g.max_kld and f["top1"] >= g.min_top1}
+                    artifacts[f"gguf/{f['file']}"] = {"variant": name, "quant": q}
+                continue
+            folder = {"bfloat16": "merge/bf16", "float16": "merge/fp16"}.get(v.dtype, "bnb4")
+            if v is spec.flagship:
+                kld = top1 = None
+                ok = True
+            else:
+                kld, top1 = _hf_fidelity(b / folder, ref)
+                g = spec.gates[name]
+                ok = kld <= g.max_kld and top1 >= g.min_top1
+            g = spec.gates.get(name)
+            variants[name] = {"runtime": "transformers", "kld_mean": kld, "top1": top1,
+                              "max_kld": g.max_kld if g and kld is not None else None,
+                              "min_top1": g.min_top1 if g and kld is not None else None,
+                              "urdu_purity": 0.0, "stopped": True, "passed": ok}
+            for p in sorted((b / folder).glob("*.safetensors")):
+                artifacts[f"{folder}/{p.name}"] = {"variant": name, "quant": None}
+        if fail:
+            variants[fail]["passed"] = False
+        for rel, a in artifacts.items():
+            key = f"gguf:{a['quant']}" if a["quant"] else a["variant"]
+            a.update(sha256=sha256_file(b / rel), size=(b / rel).stat().st_size, passed=variants[key]["passed"])
+        return {"passed": all(v["passed"] for v in variants.values()), "artifacts": artifacts, "variants": variants}
+
+    run_stage("verify", b / "verify", build, release=spec.release.name, force=True,
+              inputs={"merge": b / "merge", "gguf": b / "gguf"})
+
+
+def _hf_fidelity(folder: Path, ref) -> tuple[float, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    kl = agree = n = 0
+    with torch.no_grad():
+        for ids, lp in zip(ref.ids, ref.logprobs):
+            lq = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            kl += float((lp.exp() * (lp - lq)).sum())
+            agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            n += len(ids)
+    return round(kl / n, 6), round(agree / n, 4)
+
+
+@pytest.fixture(scope="module")
+def release_build(tmp_path_factory, tokenizer_cache):
+    """The demo release built once: scaffold base, one LoRA adapter merged to BF16/FP16, GGUF
+    F16 + Q4_K_M, Modelfiles, verification manifest, cards. Returns the spec."""
+    root = tmp_path_factory.mktemp("release")
+    build = root / "build"
+    build.mkdir()
+    (build / ".cache").symlink_to(tokenizer_cache)  # the session's Llama 3 tokenizer, built once
+    spec = load(write_spec(root / "spec", _test_spec_text(build)))
+    base.run(spec, progress=False)
+    adapter = make_adapter(base.model_dir(spec), root / "adapter", seed=7, modules_to_save=["lm_head"])
+    merge.run_merge(spec, base.model_dir(spec), [adapter], merge.stage_dir(spec), progress=False)
+    if _has_quant4():
+        from release import quant4
+
+        quant4.run(spec, merge.stage_dir(spec) / "bf16", progress=False)
+    gguf.run(spec, merge.stage_dir(spec) / "bf16", progress=False, prompts=PROMPTS)
+    modelfile.run(spec, progress=False)
+    write_verify_manifest(spec)
+    card.run(spec, progress=False)
+    return spec
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """A fresh local Hub; HF_ENDPOINT and HF_TOKEN point at it, online mode for this test only."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with HubServer(tmp_path / "hub", tokens=(TOKEN,), page_size=3) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server
+
+
+def _repos(spec) -> dict[str, str]:
+    return {name: v.repo for name, v in spec.variants.items()}
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+def test_plan_without_endpoint_stages_the_exact_file_sets(release_build, monkeypatch, capsys):
+    spec = release_build
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    plans = {p.variant: p for p in hub.plan(spec, progress=False)}
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the terminal width
+    assert "HF_ENDPOINT is not set: compared with an empty remote (nothing was contacted)" in out
+    b = spec.build_dir
+    gguf_repo = plans["gguf"]
+    assert sorted(gguf_repo.files) == sorted([
+        "Qalb-Demo-1.0-Tiny-Instruct-F16.gguf", "Qalb-Demo-1.0-Tiny-Instruct-Q4_K_M.gguf", "README.md", "LICENSE",
+        "template", "system", "params", "tiny-instruct-fp16.Modelfile", "tiny-instruct-q4_K_M.Modelfile"])
+    bf16 = plans["bf16"]
+    assert sorted(bf16.files) == sorted(["LICENSE", "README.md"] + [p.name for p in (b / "merge" / "bf16").iterdir()])
+    for p in plans.values():
+        assert p.folder == b / "hub" / p.repo.split("/")[-1]
+        assert sorted(x.relative_to(p.folder).as_posix() for x in p.folder.rglob("*") if x.is_file()) == sorted(p.files)
+        assert p.add == sorted(p.files) and not p.change and not p.delete
+    # weights are hard links to the built files, not copies
+    staged = gguf_repo.folder / "Qalb-Demo-1.0-Tiny-Instruct-Q4_K_M.gguf"
+    assert staged.stat().st_ino == (b / "gguf" / staged.name).stat().st_ino
+    assert (bf16.folder / "README.md").read_text(encoding="utf-8") == (b / "cards" / "bf16" / "README.md").read_text(
+        encoding="utf-8")
+    assert json.loads((b / "hub" / "plan.json").read_text())["repos"].keys() == set(_repos(spec).values())
+    with pytest.raises(hub.PublishError) as e:
+        hub.push(spec, progress=False)
+    assert str(e.value) == (f"{spec.path}: hub.endpoint is 'local' and HF_ENDPOINT is not set; start a local Hub "
+                            "(python tests/hub_server.py --root DIR) and set HF_ENDPOINT to its URL")
+
+
+# --- push, re-push, download --------------------------------------------------------------------
+
+
+def test_publish_republish_download_and_load(release_build, local_hub, tmp_path):
+    spec, server = release_build, local_hub
+    results = {r.repo: r for r in hub.push(spec, progress=False)}
+    assert set(results) == set(_repos(spec).values())
+    api = HfApi(endpoint=server.url, token=TOKEN)
+    lfs_total = 0
+    for name, repo in _repos(spec).items():
+        r = results[repo]
+        assert r.commit_url == f"{server.url}/{repo}/commit/{r.oid}"
+        refs = api.list_repo_refs(repo)
+        assert [(t.name, t.target_commit) for t in refs.tags] == [("v1.0", r.oid)]
+        staged = hub.stage_dir(spec) / repo.split("/")[-1]
+        remote = {f.path: f for f in api.list_repo_tree(repo, recursive=True)}  # paginated: 3 per page
+        local = sorted(x.relative_to(staged).as_posix() for x in staged.rglob("*") if x.is_file())
+        assert sorted(remote) == sorted(local + [".gitattributes"])
+        for path in local:
+            if path.endswith((".safetensors", ".gguf")):
+                assert remote[path].lfs.sha256 == sha256_file(staged / path)
+            else:  # small files are committed inline: same git blob id
+                assert remote[path].lfs or remote[path].blob_id == git_hash((staged / path).read_bytes())
+        lfs_total += sum(f.lfs.size for f in remote.values() if f.lfs)  # weights, and tokenizer.json (> 10 MB)
+    commits = server.stats["commits"]
+    assert len(commits) == len(_repos(spec)) and all(c[1] == "Qalb-Demo-1.0-Tiny-Instruct 1.0" for c in commits)
+    assert server.stats["lfs_bytes"] == lfs_total  # each LFS file sent exactly once
+
+    # Re-publishing: the plan finds everything unchanged; no upload, no commit, tags stay.
+    server.reset_stats()
+    plans = hub.plan(spec, progress=False)
+    assert all(not p.add and not p.change and not p.delete and p.unchanged for p in plans)
+    again = hub.push(spec, plans, progress=False)
+    assert all(r.commit_url is None and r.files == 0 for r in again)
+    assert server.stats["lfs_bytes"] == 0 and server.stats["commits"] == []
+    assert server.stats["requests"]["POST lfs_batch"] == 0 and server.stats["requests"]["POST preupload"] == 0
+    assert server.stats["requests"]["POST create_tag"] == 0
+
+    # Download each variant at the release tag and load it in its runtime.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from release import verify
+
+    ids = None
+    for name, repo in _repos(spec).items():
+        v = spec.variants[name]
+        if v.format == "gguf":
+            path = hf_hub_download(repo, spec.gguf_file_name("Q4_K_M"), revision="v1.0", endpoint=server.url,
+                                   cache_dir=tmp_path / "cache")
+            assert sha256_file(Path(path)) == sha256_file(spec.build_dir / "gguf" / spec.gguf_file_name("Q4_K_M"))
+            llm = verify.load_gguf(Path(path), n_ctx=64)
+            assert llm.n_vocab() == 128256 and llm.tokenize(b"Lahore", add_bos=False) == ids
+            llm.close()
+            readme = hf_hub_download(repo, "README.md", revision="v1.0", endpoint=server.url, cache_dir=tmp_path / "cache")
+            assert ModelCard.load(readme).data.base_model_relation == "quantized"
+            continue
+        folder = snapshot_download(repo, revision="v1.0", endpoint=server.url, cache_dir=tmp_path / "cache")
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = tok("Lahore", add_special_tokens=False)["input_ids"]
+        want = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(v.dtype)
+        if want is not None:
+            assert model.dtype == want
+            local = merge.stage_dir(spec) / ("bf16" if v.dtype == "bfloat16" else "fp16")
+            ref = AutoModelForCausalLM.from_pretrained(local)
+            for (k, a), (_, c) in zip(model.state_dict().items(), ref.state_dict().items()):
+                assert torch.equal(a, c), k  # the downloaded weights are the built ones, bit for bit
+        card_data = ModelCard.load(Path(folder) / "README.md").data
+        assert card_data.base_model == (spec.base.model if v is spec.flagship else spec.flagship.repo)
+
+
+def test_changed_file_is_the_only_one_sent_and_stale_remote_files_are_deleted(release_build, local_hub):
+    spec, server = release_build, local_hub
+    hub.push(spec, progress=False)
+    api = HfApi(endpoint=server.url, token=TOKEN)
+    gguf_repo = spec.variants["gguf"].repo
+    api.upload_file(path_or_fileobj=b"old", path_in_repo="old-notes.txt", repo_id=gguf_repo)
+    server.reset_stats()
+    plans = {p.variant: p for p in hub.plan(spec, progress=False)}
+    assert plans["gguf"].delete == ["old-notes.txt"] and not plans["gguf"].add
+    results = {r.repo: r for r in hub.push(spec, plans.values(), progress=False)}
+    assert results[gguf_repo].commit_url is not None and server.stats["lfs_bytes"] == 0
+    assert "old-notes.txt" not in api.list_repo_files(gguf_repo)
+    tag = next(t for t in api.list_repo_refs(gguf_repo).tags if t.name == "v1.0")
+    assert tag.target_commit == results[gguf_repo].oid  # the tag moved to the new commit
+
+
+# --- interruption -------------------------------------------------------------------------------
+
+
+PUSH_SCRIPT = """
+import sys
+from release import hub
+from release.spec import load
+hub.push(load(sys.argv[1]), progress=False)
+"""
+
+
+def _push_process(spec, server) -> subprocess.Popen:
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", PUSH_SCRIPT, str(spec.path)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_push_killed_mid_file_resumes_without_resending_finished_files(release_build, local_hub):
+    spec, server = release_build, local_hub
+    b = spec.build_dir
+    first_file = sha256_file(b / "gguf" / spec.gguf_file_name("F16"))
+    big = b / "gguf" / spec.gguf_file_name("Q4_K_M")
+    big_oid = sha256_file(big)
+    # The GGUF repo uploads F16, then Q4_K_M, then commits: Q4_K_M stalls halfway, so F16 is
+    # uploaded but not committed when the client dies.
+    server.faults[big_oid] = {"after": big.stat().st_size // 2}
+    proc = _push_process(spec, server)
+    assert server.stalled.wait(120), proc.communicate()
+    proc.send_signal(signal.SIGKILL)  # the client dies mid-file
+    proc.wait(30)
+    server.faults.clear()
+    server.release_stalls()
+    first = server.stats["lfs_uploads"].copy()
+    done_before = set(server.stats["lfs_completed"])
+    assert big_oid not in done_before and 0 < first[big_oid] <= big.stat().st_size // 2
+    assert first_file in done_before
+
+    server.reset_stats()
+    proc = _push_process(spec, server)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    resent = set(server.stats["lfs_uploads"])
+    assert resent == {big_oid}  # finished files (F16 included, never committed) are not sent again
+    assert server.stats["lfs_uploads"][big_oid] == big.stat().st_size
+    api = HfApi(endpoint=server.url, token=TOKEN)
+    gguf_repo = spec.variants["gguf"].repo
+    remote = {f.path: f for f in api.list_repo_tree(gguf_repo, recursive=True)}
+    assert remote[big.name].lfs.sha256 == big_oid and remote[spec.gguf_file_name("F16")].lfs.sha256 == first_file
+    assert [t.name for t in api.list_repo_refs(gguf_repo).tags] == ["v1.0"]
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def _copy_release(spec, tmp_path):
+    """A private copy of the built release (hard links), so a test may break it."""
+    build = tmp_path / "build"
+    shutil.copytree(spec.build_dir.parent, build, copy_function=os.link, symlinks=True)
+    text = spec.path.read_text(encoding="utf-8").replace(str(spec.build_dir.parent), str(build))
+    return load(write_spec(tmp_path / "spec", text))
+
+
+def test_refuses_without_verification_manifest(release_build, tmp_path, local_hub):
+    spec = _copy_release(release_build, tmp_path)
+    shutil.rmtree(spec.build_dir / "verify")
+    with pytest.raises(hub.PublishError) as e:
+        hub.push(spec, progress=False)
+    assert str(e.value) == (f"{spec.build_dir / 'verify' / 'manifest.json'}: no verification manifest; "
+                            "run ./inv verify before publishing")
+    assert local_hub.stats["requests"] == {}  # nothing left the machine
+
+
+def test_refuses_a_failed_gate(release_build, tmp_path, local_hub):
+    spec = _copy_release(release_build, tmp_path)
+    write_verify_manifest(spec, fail="gguf:Q4_K_M")
+    with pytest.raises(hub.PublishError) as e:
+        hub.plan(spec, progress=False)
+    q4 = spec.build_dir / "gguf" / spec.gguf_file_name("Q4_K_M")
+    assert str(e.value) == f"{q4}: failed verification (variant gguf Q4_K_M); fix it and run ./inv verify"
+    assert local_hub.stats["requests"] == {}
+
+
+def test_refuses_bytes_changed_after_verification(release_build, tmp_path, local_hub):
+    spec = _copy_release(release_build, tmp_path)
+    target = sorted((spec.build_dir / "merge" / "fp16").glob("*.safetensors"))[-1]
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.unlink()  # break the hard link: the original build stays intact
+    target.write_bytes(bytes(data))
+    with pytest.raises(hub.PublishError) as e:
+        hub.push(spec, progress=False)
+    assert str(e.value).startswith(f"{target}: bytes changed since verification (sha256 ")
+    assert str(e.value).endswith("run ./inv verify again") and "\n" not in str(e.value)
+    assert local_hub.stats["requests"] == {}
+
+
+# --- the token ----------------------------------------------------------------------------------
+
+
+def test_token_never_leaks(release_build, tmp_path, local_hub, capfd, caplog):
+    spec = _copy_release(release_build, tmp_path)
+    caplog.set_level(logging.DEBUG)
+    hub.push(spec, progress=True)  # with progress bars and debug logging
+    errors = []
+    local_hub.tokens = ("another-token",)  # the server now rejects ours: the error must not echo it
+    readme = spec.build_dir / "cards" / "bf16" / "README.md"
+    readme.unlink()  # a hard link to the shared build: replace, do not edit in place
+    readme.write_text(readme.name + " changed\n", encoding="utf-8")
+    try:
+        hub.push(spec, progress=False)
+    except hub.PublishError as e:
+        errors.append(e)
+    assert errors and "401" in str(errors[0]) and "\n" not in str(errors[0])
+    out, err = capfd.readouterr()
+    texts = [out, err, *(r.getMessage() for r in caplog.records), *(str(e) for e in errors),
+             *(repr(e.__cause__) for e in errors)]
+    assert all(TOKEN not in t for t in texts)
+    for f in spec.build_dir.rglob("*"):
+        if f.is_file():
+            assert TOKEN.encode() not in f.read_bytes(), f
+    assert "Bearer" not in out + err
+
+
+def test_push_without_token_is_refused(release_build, local_hub, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))  # no saved login either
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+    with pytest.raises(hub.PublishError, match=r"^no Hugging Face token: set HF_TOKEN or run `hf auth login`$"):
+        hub.push(release_build, progress=False)
