@@ -77,3 +77,18 @@ def tiny_sharded(demo_spec, tokenizer_cache, tmp_path_factory) -> Path:
     scaffold.write_model(out, demo_spec.base.scaffold, demo_spec.chat, max_shard_bytes=40_000_000,
                          tokenizer_cache=tokenizer_cache)
     return out
+
+
+def demo_release(folder: Path, base_model: Path, text: str | None = None) -> Path:
+    """A copy of the demo spec (or ``text``) with its bundled corpora in ``folder``, and
+    ``base_model`` in place as its built base stage; returns the spec file."""
+    import shutil
+
+    path = write_spec(folder / "specs", text)
+    shutil.copytree(SPECS / "demo", folder / "specs" / "demo", dirs_exist_ok=True)
+    from release import base, spec
+
+    target = base.stage_dir(spec.load(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(base_model, target)
+    return path

@@ -110,7 +110,7 @@ def normalize(text: str) -> str:
     """Clean one document: NFC, Urdu letter forms, no control or zero-width junk, tidy spaces."""
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
     text = text.translate(_LETTERS)
-    text = "".join(ch for ch in text if ch == "\n" or _keep_char(ch))
+    text = _JUNK.sub("", text)
     text = _JOINER.sub("", text)
     text = _WORD_WITH_HEH.sub(_fix_heh, text)
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
@@ -118,11 +118,22 @@ def normalize(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def _keep_char(ch: str) -> bool:
-    cat = unicodedata.category(ch)
-    if cat == "Cc" or cat == "Cs" or cat == "Co" or cat == "Cn":
-        return False
-    return cat != "Cf" or ch in _KEEP_FORMAT
+def _junk_class() -> re.Pattern:
+    """One character class of everything removed: control (but LF), format (but the joiners and
+    Arabic number signs), surrogate, private-use and unassigned code points."""
+    ranges: list[tuple[int, int]] = []
+    for cp in range(0x110000):
+        ch = chr(cp)
+        if ch == "\n" or ch in _KEEP_FORMAT or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            continue
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1] = (ranges[-1][0], cp)
+        else:
+            ranges.append((cp, cp))
+    return re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges) + "]")
+
+
+_JUNK = _junk_class()
 
 
 # --- filters ----------------------------------------------------------------------------------
@@ -163,19 +174,22 @@ def strip_boilerplate(text: str, patterns: list[re.Pattern]) -> str:
 class NearDuplicates:
     """MinHash LSH over character 5-gram shingles; a document is a near duplicate when a kept one
     has estimated Jaccard similarity >= the threshold (LSH candidates are checked, so a bucket
-    collision alone never drops a document)."""
+    collision alone never drops a document). Per kept document the index holds its signature
+    (``permutations`` 64-bit values) and its LSH bucket keys."""
 
     def __init__(self, threshold: float, permutations: int, seed: int = 1):
         from datasketch import MinHash, MinHashLSH
 
-        self._minhash = lambda: MinHash(num_perm=permutations, seed=seed)
+        template = MinHash(num_perm=permutations, seed=seed)
+        self._make = lambda: MinHash(num_perm=permutations, seed=seed, permutations=template.permutations,
+                                     scheme=template.scheme)
         self.threshold = threshold
         # Buckets tuned for recall (false negatives weigh 9x): candidates are verified below.
         self.lsh = MinHashLSH(threshold=threshold, num_perm=permutations, weights=(0.1, 0.9))
-        self.signatures: dict[int, object] = {}
+        self.signatures: list = []
 
     def signature(self, text: str):
-        m = self._minhash()
+        m = self._make()
         text = " ".join(text.split())
         shingles = {text[i:i + SHINGLE] for i in range(max(1, len(text) - SHINGLE + 1))}
         m.update_batch([s.encode("utf-8") for s in shingles])
@@ -185,11 +199,10 @@ class NearDuplicates:
         """True when ``text`` nearly duplicates a kept text; otherwise keep it in the index."""
         m = self.signature(text)
         for key in self.lsh.query(m):
-            if self.signatures[key].jaccard(m) >= self.threshold:
+            if float((self.signatures[key] == m.hashvalues).mean()) >= self.threshold:
                 return True
-        key = len(self.signatures)
-        self.lsh.insert(key, m)
-        self.signatures[key] = m
+        self.lsh.insert(len(self.signatures), m)
+        self.signatures.append(m.hashvalues)
         return False
 
 
