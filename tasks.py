@@ -201,3 +201,32 @@ def gguf(c, spec=DEMO, model=None, force=False):
     for row in converter.summary_rows(manifest.figures["files"]):
         table.add_row(*row)
     Console().print(table)
+
+
+@task(help={"spec": f"release spec (default {DEMO})", "force": "write the cards again even if up to date"})
+def cards(c, spec=DEMO, force=False):
+    """Write the model card of every repo: build/<release>/cards/<variant>/README.md."""
+    from release import card, pipeline
+
+    s = _spec(spec)
+    manifest, ran = _guarded(lambda: card.run(s, force=force))
+    pipeline.summary(s, [pipeline.StageResult("cards", card.stage_dir(s), manifest, ran)])
+    if not manifest.figures.get("verified"):
+        print("note: no verification manifest yet, so the variants table has no figures; "
+              "run ./inv verify, then ./inv cards")
+
+
+@task(help={"spec": f"release spec (default {DEMO})", "push": "upload and tag (default: show the plan only)"})
+def push(c, spec=DEMO, push=False):
+    """Plan the Hub upload of every repo (files to add, change, delete); --push uploads and tags.
+
+    Refuses weight files that the verification manifest does not list as passed with the same
+    bytes. Token from HF_TOKEN or `hf auth login`. Re-run an interrupted push to resume it."""
+    from release import hub
+
+    s = _spec(spec)
+    plans = _guarded(lambda: hub.plan(s))
+    if not push:
+        print("plan only: nothing was uploaded; add --push to publish")
+        return
+    _guarded(lambda: hub.push(s, plans))
