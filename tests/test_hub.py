@@ -411,3 +411,30 @@ def test_push_without_token_is_refused(release_build, local_hub, monkeypatch, tm
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
     with pytest.raises(hub.PublishError, match=r"^no Hugging Face token: set HF_TOKEN or run `hf auth login`$"):
         hub.push(release_build, progress=False)
+
+
+# --- the tasks ----------------------------------------------------------------------------------
+
+
+def test_cards_and_push_tasks(release_build, tmp_path, monkeypatch):
+    from test_tasks import inv
+
+    spec = _copy_release(release_build, tmp_path)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    cards = inv("cards", "--spec", str(spec.path), "--force")
+    assert cards.returncode == 0, cards.stderr
+    assert "│ cards " in cards.stdout and "note:" not in cards.stdout
+    planned = inv("push", "--spec", str(spec.path))
+    assert planned.returncode == 0, planned.stderr
+    assert "compared with an empty remote" in " ".join(planned.stdout.split())
+    assert "plan only: nothing was uploaded; add --push to publish" in planned.stdout
+    refused = inv("push", "--spec", str(spec.path), "--push")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines() == [
+        f"error: {spec.path}: hub.endpoint is 'local' and HF_ENDPOINT is not set; start a local Hub "
+        "(python tests/hub_server.py --root DIR) and set HF_ENDPOINT to its URL"]
+    shutil.rmtree(spec.build_dir / "verify")
+    unverified = inv("push", "--spec", str(spec.path))
+    assert unverified.returncode == 2 and unverified.stderr.splitlines() == [
+        f"error: {spec.build_dir / 'verify' / 'manifest.json'}: no verification manifest; "
+        "run ./inv verify before publishing"]
