@@ -160,6 +160,12 @@ def input_digest(path: Path) -> str:
         m = read_manifest(path)
         if m is not None:
             return m.digest()
+        # a folder inside a stage (merge/bf16): its entries of the stage's manifest, when intact
+        m = read_manifest(path.parent)
+        if m is not None and not check_outputs(path.parent, m):
+            inside = [e for e in m.outputs if e.path.startswith(f"{path.name}/")]
+            if inside:
+                return Manifest(m.stage, m.release, "", {}, {}, {}, inside).digest()
         h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())

@@ -193,6 +193,7 @@ class Evaluation:
     enforce_urdu_purity: bool
     # every verification answer must end at a stop token (a trained chat model does; random weights do not)
     enforce_stop_token: bool
+    max_new_tokens: int  # per verification answer (greedy)
     overall_score: float | None = None
     urdu_purity: float | None = None
 
@@ -541,6 +542,8 @@ def _check(s: Spec) -> list[str]:
     need(inf.repetition_penalty > 0, "inference.repetition_penalty", "expected a positive number")
     need(0.0 <= s.evaluation.min_urdu_purity <= 1.0, "evaluation.min_urdu_purity",
          f"expected a fraction in [0, 1], got {s.evaluation.min_urdu_purity}")
+    need(s.evaluation.max_new_tokens > 0, "evaluation.max_new_tokens",
+         f"expected a positive integer, got {s.evaluation.max_new_tokens}")
 
     flagships = [n for n, v in s.variants.items() if _is_flagship(v)]
     need(len(flagships) == 1, "variants",

@@ -8,8 +8,12 @@ This is what makes a missing stop token visible: header tokens in the output.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from release.artifacts import StageError
+from release.spec import Gate, Spec
 
 
 @dataclass(frozen=True)
@@ -107,25 +111,272 @@ def hf_logits(model_dir: Path, spec, prompts: list[str] | None = None) -> Refere
     return Reference(ids, logprobs, logits)
 
 
+def compare(ref: Reference, logits: list) -> dict:
+    """Mean KL divergence KL(BF16 || variant) of the next-token distributions over every position
+    of the prompts, the share of positions whose top token agrees, and the largest logit
+    difference."""
+    import torch
+
+    kl, agree, positions, max_dlogit = 0.0, 0, 0, 0.0
+    for lp, lg, q in zip(ref.logprobs, ref.logits, logits):
+        q = q.float()
+        lq = torch.log_softmax(q, dim=-1)
+        kl += float((lp.exp() * (lp - lq)).sum(dim=-1).sum())
+        agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+        positions += lp.shape[0]
+        max_dlogit = max(max_dlogit, float((q - lg).abs().max()))
+    return {"kld_mean": round(kl / positions, 6), "top1": round(agree / positions, 4),
+            "max_abs_dlogit": round(max_dlogit, 4), "positions": positions}
+
+
 def gguf_fidelity(path: Path, ref: Reference) -> dict:
-    """Mean KL divergence KL(BF16 || GGUF) of the next-token distributions over every position of
-    the prompts, the share of positions whose top token agrees, and the largest logit difference."""
+    """``compare`` for a GGUF file run by llama.cpp."""
     import numpy as np
     import torch
 
     n_ctx = max(len(x) for x in ref.ids) + 8
     # float32 KV cache: measure the weights, not llama.cpp's default f16 cache
     llm = load_gguf(path, n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0)
-    kl, agree, positions, max_dlogit = 0.0, 0, 0, 0.0
-    for ids, lp, lg in zip(ref.ids, ref.logprobs, ref.logits):
+    logits = []
+    for ids in ref.ids:
         llm.reset()
         llm.eval(ids)
-        q = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        lq = torch.log_softmax(q, dim=-1)
-        kl += float((lp.exp() * (lp - lq)).sum(dim=-1).sum())
-        agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
-        positions += len(ids)
-        max_dlogit = max(max_dlogit, float((q - lg).abs().max()))
+        logits.append(torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32)))
     llm.close()
-    return {"kld_mean": round(kl / positions, 6), "top1": round(agree / positions, 4),
-            "max_abs_dlogit": round(max_dlogit, 4), "positions": positions}
+    return compare(ref, logits)
+
+
+def hf_fidelity(model, ref: Reference) -> dict:
+    """``compare`` for a model loaded in transformers."""
+    import torch
+
+    with torch.no_grad():
+        return compare(ref, [model(torch.tensor([ids])).logits[0].float() for ids in ref.ids])
+
+
+# --- Urdu purity ------------------------------------------------------------------------------
+
+# Arabic-script blocks (Urdu is written in them): Arabic, Supplement, Extended-A, Presentation Forms
+_ARABIC_SCRIPT = ((0x0600, 0x06FF), (0x0750, 0x077F), (0x08A0, 0x08FF), (0xFB50, 0xFDFF), (0xFE70, 0xFEFF))
+URDU_PROMPTS = PROMPTS[:4]
+
+
+def urdu_purity(texts: list[str]) -> float:
+    """Share of Urdu-script letters among all letters of ``texts`` (0.0 when there are none)."""
+    import unicodedata
+
+    letters = [c for t in texts for c in t if unicodedata.category(c).startswith("L")]
+    if not letters:
+        return 0.0
+    urdu = sum(any(lo <= ord(c) <= hi for lo, hi in _ARABIC_SCRIPT) for c in letters)
+    return round(urdu / len(letters), 4)
+
+
+# --- the verify stage -------------------------------------------------------------------------
+
+STAGE = "verify"
+
+
+class VerifyError(StageError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing that ships: a transformers folder or one GGUF file."""
+
+    key: str  # "bf16", "fp16", "bnb4" (the [variants] keys) or "gguf:<TYPE>"
+    variant: str
+    quant: str | None
+    runtime: str  # "transformers" or "llama-cpp-python"
+    path: Path
+    gate: Gate | None
+    reference: bool  # the flagship: what the others are measured against
+
+
+def targets(spec: Spec, models: dict[str, Path]) -> list[Target]:
+    """Every variant of the spec, GGUF types one by one; ``models`` maps variant key -> folder."""
+    out = []
+    for key, v in spec.variants.items():
+        if key not in models:
+            raise VerifyError(f"{spec.path}: variants.{key}: no built model to verify; build it first")
+        if v.format == "gguf":
+            out += [Target(f"gguf:{q}", key, q, "llama-cpp-python", Path(models[key]) / spec.gguf_file_name(q),
+                           spec.gates.get(q), False) for q in spec.gguf_types()]
+        else:
+            out.append(Target(key, key, None, "transformers", Path(models[key]), spec.gates.get(key),
+                              v is spec.flagship))
+    return out
+
+
+def weight_files(t: Target) -> list[Path]:
+    if t.runtime == "llama-cpp-python":
+        return [t.path]
+    return sorted(t.path.glob("*.safetensors"))
+
+
+def _generate_hf(model, tok, spec: Spec, prompt: str) -> Generation:
+    import torch
+    from transformers import GenerationConfig
+
+    from release import chat
+
+    eos = chat.eos_token_ids(spec.chat)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], chat_template=chat.jinja_template(spec.chat),
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    config = GenerationConfig(max_new_tokens=spec.evaluation.max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=tok.convert_tokens_to_ids(spec.chat.pad_token))
+    with torch.no_grad():
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, ids.shape[1]:].tolist()
+    stopped = bool(new) and new[-1] in eos
+    text = tok.decode(new[:-1] if stopped else new, skip_special_tokens=False)
+    return Generation(text, new, "eog" if stopped else "length")
+
+
+def _gguf_prompt(tok, spec: Spec, prompt: str) -> str:
+    """The release's template rendered as text, without the BOS llama.cpp adds itself."""
+    from release import chat
+
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], chat_template=chat.jinja_template(spec.chat),
+                                   add_generation_prompt=True, tokenize=False)
+    return text.removeprefix(spec.chat.bos_token)
+
+
+def check(spec: Spec, t: Target, ref: Reference, tok) -> dict:
+    """Gates 1-3 for one target: loads and generates (stopping at a stop token), fidelity vs
+    BF16 within the spec's gate, Urdu purity of greedy answers to Urdu prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from release import chat
+
+    start = time.perf_counter()
+    row: dict = {"runtime": t.runtime, "variant": t.variant, "quant": t.quant,
+                 "kld_mean": None, "top1": None, "max_abs_dlogit": None,
+                 "max_kld": t.gate.max_kld if t.gate else None, "min_top1": t.gate.min_top1 if t.gate else None}
+    try:
+        if t.runtime == "transformers":
+            # float32 compute where the stored weights allow it: measure the weights, not the matmuls
+            quantized = (t.path / "config.json").is_file() and "quantization_config" in (t.path / "config.json").read_text()
+            model = AutoModelForCausalLM.from_pretrained(t.path, dtype=torch.bfloat16 if quantized else torch.float32)
+            model.eval()
+            if not t.reference:
+                row.update(hf_fidelity(model, ref))
+            gens = [_generate_hf(model, tok, spec, p) for p in URDU_PROMPTS]
+            del model
+        else:
+            row.update(gguf_fidelity(t.path, ref))
+            llm = load_gguf(t.path, n_ctx=1024)
+            stops = chat.ollama_stop_tokens(spec.chat)
+            gens = [generate_gguf(llm, _gguf_prompt(tok, spec, p), stops, spec.evaluation.max_new_tokens)
+                    for p in URDU_PROMPTS]
+            llm.close()
+    except Exception as e:  # a variant that does not load or run fails its gate; the message says why
+        row.update(loads=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:300], stopped=False,
+                   urdu_purity=0.0, passed=False, seconds=round(time.perf_counter() - start, 2))
+        return row
+    ev = spec.evaluation
+    row["loads"] = True
+    row["error"] = None
+    row["stops"] = [g.reason for g in gens]
+    row["stopped"] = all(g.reason != "length" for g in gens)
+    row["urdu_purity"] = urdu_purity([g.text for g in gens])
+    row["sample"] = gens[0].text[:160]
+    fidelity_ok = t.reference or (t.gate is not None and row["kld_mean"] <= t.gate.max_kld
+                                  and row["top1"] >= t.gate.min_top1)
+    row["fidelity_passed"] = fidelity_ok
+    row["min_urdu_purity"] = ev.min_urdu_purity
+    row["purity_passed"] = row["urdu_purity"] >= ev.min_urdu_purity
+    row["passed"] = (fidelity_ok and (row["stopped"] or not ev.enforce_stop_token)
+                     and (row["purity_passed"] or not ev.enforce_urdu_purity))
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def verify(spec: Spec, models: dict[str, Path], progress: bool = True) -> dict:
+    """The verification figures (the contract the publishing step reads; see ``run``)."""
+    from transformers import AutoTokenizer
+
+    from release.artifacts import sha256_file
+
+    all_targets = targets(spec, models)
+    flagship = next(t for t in all_targets if t.reference)
+    ref = hf_logits(flagship.path, spec)
+    tok = AutoTokenizer.from_pretrained(flagship.path)
+    rows, artifacts = {}, {}
+    items = all_targets
+    if progress:
+        from rich.progress import track
+
+        items = track(all_targets, description="verify", transient=True)
+    for t in items:
+        missing = [p for p in weight_files(t) if not p.is_file()] or ([] if weight_files(t) else [t.path])
+        if missing:
+            raise VerifyError(f"{missing[0]}: not found; build the {t.variant} variant first")
+        rows[t.key] = check(spec, t, ref, tok)
+        for p in weight_files(t):
+            rel = p.relative_to(spec.build_dir).as_posix() if p.is_relative_to(spec.build_dir) else p.as_posix()
+            artifacts[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size, "variant": t.variant,
+                              "quant": t.quant, "passed": rows[t.key]["passed"]}
+    ev = spec.evaluation
+    return {"passed": all(r["passed"] for r in rows.values()), "artifacts": artifacts, "variants": rows,
+            "prompts": len(ref.ids), "enforced": {"urdu_purity": ev.enforce_urdu_purity,
+                                                   "stop_token": ev.enforce_stop_token}}
+
+
+def stage_dir(spec: Spec) -> Path:
+    return spec.build_dir / STAGE
+
+
+def run(spec: Spec, models: dict[str, Path], *, force: bool = False, progress: bool = True):
+    """Verify every variant in ``models`` (variant key -> folder) as a stage.
+
+    The manifest's figures: ``passed`` (every enforced gate of every variant), ``artifacts``
+    (weight file path relative to the build folder -> sha256, size, variant, quant, passed) and
+    ``variants`` (key -> runtime, kld_mean, top1, max_kld, min_top1, urdu_purity, stopped,
+    passed, ...). A failed gate is recorded, not raised: the manifest is the evidence; the
+    pipeline and the publishing step refuse to go on.
+    """
+    from release.artifacts import run_stage, write_json
+
+    def build(out: Path) -> dict:
+        figures = verify(spec, models, progress)
+        write_json(out / "verification.json", figures)
+        return figures
+
+    sections = {k: spec.section_hash(k) for k in ("chat", "inference", "evaluation", "gates", "variants")}
+    return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name,
+                     inputs={k: Path(v) for k, v in sorted(models.items())}, spec_sections=sections,
+                     tools=("transformers", "llama-cpp-python", "bitsandbytes", "torch"), force=force)
+
+
+def failures(figures: dict) -> list[str]:
+    """One line per failed variant: which gate and by how much."""
+    out = []
+    enforced = figures.get("enforced", {})
+    for key, r in figures.get("variants", {}).items():
+        if r["passed"]:
+            continue
+        if not r.get("loads", True):
+            out.append(f"{key}: does not load or generate ({r['error']})")
+            continue
+        why = []
+        if not r["fidelity_passed"]:
+            why.append(f"KLD {r['kld_mean']} (max {r['max_kld']}), top-1 {r['top1']} (min {r['min_top1']})"
+                       if r["max_kld"] is not None else "no fidelity gate in the spec")
+        if not r["stopped"] and enforced.get("stop_token"):
+            why.append(f"did not stop at a stop token ({', '.join(r['stops'])})")
+        if not r["purity_passed"] and enforced.get("urdu_purity"):
+            why.append(f"Urdu purity {r['urdu_purity']:.3f} < {r['min_urdu_purity']}")
+        out.append(f"{key}: " + "; ".join(why))
+    return out
+
+
+def summary_rows(figures: dict) -> list[tuple[str, ...]]:
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    return [(key, r["runtime"], num(r.get("kld_mean"), ".5f"), num(r.get("top1"), ".1%"),
+             num(r.get("max_kld"), ".4f"), f"{r.get('urdu_purity', 0):.1%}",
+             "yes" if r.get("stopped") else "no", "pass" if r["passed"] else "FAIL")
+            for key, r in figures.get("variants", {}).items()]
