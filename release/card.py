@@ -12,7 +12,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from release import chat
-from release.artifacts import Manifest, read_manifest, run_stage
+from release.artifacts import MANIFEST, Manifest, read_manifest, run_stage
 from release.spec import Spec, Variant
 
 STAGE = "cards"
@@ -174,14 +174,14 @@ def _verified_variants(spec: Spec, vm: Manifest, gguf_manifest: Manifest | None,
             kl, top1 = ("reference", "reference") if v is spec.flagship else ("", "")
         else:
             kl, top1 = f"{f['kld_mean']:.4f}", f"{100 * f['top1']:.1f}%"
-        quant = q or {"bfloat16": "BF16", "float16": "FP16"}.get(v.dtype, f"bnb {v.dtype}")
+        quant = q or {"bfloat16": "BF16", "float16": "FP16"}.get(v.dtype, f"bitsandbytes {v.dtype.upper()}")
         out.append(f"| {v.repo} | `{_repo_path(spec, rel)}` | {quant} | {_size(a['size'])} | {bpw} "
                    f"| `{a['sha256'][:16]}…` | {kl} | {top1} |")
     return out + [""]
 
 
 def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _variants(spec: Spec, gguf_manifest: Manifest | None) -> list[str]:
@@ -281,7 +281,8 @@ def run(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Mani
     """Stage ``cards``: ``cards/<variant>/README.md`` from the spec, the verification manifest and
     the GGUF manifest (whichever exist; the cards are rebuilt when they change)."""
     b = spec.build_dir
-    found = {k: b / k for k in ("verify", "gguf") if read_manifest(b / k) is not None}
+    # the manifest files themselves: their figures (KL, top-1, sha256) are what the cards show
+    found = {k: b / k / MANIFEST for k in ("verify", "gguf") if (b / k / MANIFEST).is_file()}
     sections = {k: spec.section_hash(k) for k in ("release", "base", "lora", "training", "chat", "inference",
                                                    "variants", "ollama")}
 
