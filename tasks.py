@@ -6,9 +6,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from invoke import Exit, task
+from invoke import Collection, Exit, task
 
 DEMO = "specs/demo.toml"
+RUNNER_HELP = "docker: run in the task's container image; local: here (default: docker for training on a GPU host)"
 
 
 def _guarded(fn: Callable[[], object]) -> object:
@@ -31,6 +32,17 @@ def _spec(path: str):
     from release import spec
 
     return _guarded(lambda: spec.load(path))
+
+
+def _runner(name: str, runner: str | None, **options: object) -> bool:
+    """With the docker runner, run task ``name`` with ``options`` in its container and return True."""
+    from release import docker
+
+    def build_dir() -> Path | None:
+        return _spec(str(options["spec"])).build_dir if options.get("spec") else None
+
+    return bool(_guarded(lambda: docker.dispatch(name, runner, options, Path(__file__).parent,
+                                                 build_dir=build_dir() if runner != "local" else None)))
 
 
 @task(help={"slow": "also run the opt-in slow tests", "k": "only tests matching this expression",
@@ -74,8 +86,9 @@ def spec(c, spec=None):
     "layers": "with --shape 8b: number of layers",
     "seed": "with --out: random seed",
     "force": "rebuild even if up to date",
+    "runner": RUNNER_HELP,
 })
-def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=False):
+def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=False, runner=None):
     """Build a random-init Llama-3 base model (real Llama 3 tokenizer).
 
     By default the spec's [base.scaffold] into its build folder; with --out a standalone model,
@@ -84,6 +97,8 @@ def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=F
 
     from release import base, pipeline, scaffold as kit
 
+    if _runner("scaffold", runner, spec=spec, out=out, shape=shape, layers=layers, seed=seed, force=force):
+        return
     s = _spec(spec)
     if out is None:
         if s.base.scaffold is None:
@@ -133,11 +148,15 @@ def release(c, spec=DEMO, force=False, only=None, from_=None):
     "spec": "release spec (default specs/qalb.toml)",
     "out": "folder for the Modelfiles (default modelfiles/)",
     "check": "validate this Modelfile with Ollama's grammar instead of writing",
+    "runner": RUNNER_HELP,
 })
-def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None):
+def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None, runner=None):
     """Write one Ollama Modelfile per GGUF type (named after its tag), or --check one."""
     from release import modelfile
     from release.artifacts import write_text
+
+    if _runner("modelfiles", runner, spec=spec, out=out, check=check):
+        return
 
     if check:
         try:
@@ -162,10 +181,14 @@ def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None):
     "adapter": "PEFT adapter folder; repeat for several, applied in order (CPT, then SFT)",
     "out": "output folder (default build/<release>/merge); gets bf16/ and, if the spec has it, fp16/",
     "force": "merge again even if up to date",
+    "runner": RUNNER_HELP,
 })
-def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False):
+def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=None):
     """Merge LoRA adapters into the base model: streamed BF16 (and FP16) safetensors."""
     from release import base as base_stage, merge as merger, pipeline
+
+    if _runner("merge", runner, spec=spec, base=base, adapter=adapter, out=out, force=force):
+        return
 
     s = _spec(spec)
     if not adapter:
@@ -184,13 +207,17 @@ def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False):
     "spec": f"release spec (default {DEMO})",
     "model": "HF Llama folder to convert (default: the spec's merged BF16 model, build/<release>/merge/bf16)",
     "force": "convert again even if up to date",
+    "runner": RUNNER_HELP,
 })
-def gguf(c, spec=DEMO, model=None, force=False):
+def gguf(c, spec=DEMO, model=None, force=False, runner=None):
     """Convert to GGUF (F16/BF16/Q8_0) and quantize with llama.cpp (the spec's quant types)."""
     from rich.console import Console
     from rich.table import Table
 
     from release import gguf as converter, merge as merger
+
+    if _runner("gguf", runner, spec=spec, model=model, force=force):
+        return
 
     s = _spec(spec)
     source = Path(model) if model else merger.stage_dir(s) / "bf16"
@@ -230,3 +257,43 @@ def push(c, spec=DEMO, push=False):
         print("plan only: nothing was uploaded; add --push to publish")
         return
     _guarded(lambda: hub.push(s, plans))
+
+
+def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None, ca_bundle=None, build_arg=None):
+    """Build a container image: `release` (CPU: merge, GGUF, verify, publish) or `train` (CUDA, Unsloth)."""
+    import os
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from release import docker, pipeline
+
+    extra = {}
+    for item in build_arg or []:
+        key, eq, value = item.partition("=")
+        if not (key and eq):
+            print(f"error: --build-arg {item}: expected KEY=VALUE", file=sys.stderr)
+            raise Exit(code=2)
+        extra[key] = value
+    ca = ca_bundle or os.environ.get("PIP_CERT")
+    info = _guarded(lambda: docker.build(
+        image, Path(__file__).parent, tag=tag or None, base_image=base_image, extra=extra,
+        wheelhouse=Path(wheelhouse) if wheelhouse else None, ca_bundle=Path(ca) if ca else None))
+    table = Table(title="docker build")
+    for col in ("image", "tag", "size", "seconds"):
+        table.add_column(col)
+    table.add_row(info["image"], info["tag"], pipeline.human_bytes(info["bytes"]) if info["bytes"] else "?",
+                  str(info["seconds"]))
+    Console().print(table)
+
+
+# The task namespace: every task above, plus `docker.*`.
+ns = Collection.from_module(sys.modules[__name__])
+ns.add_collection(Collection("docker", task(name="build", iterable=["build_arg"], help={
+    "image": "release (CPU) or train (CUDA + Unsloth)",
+    "tag": "image tag (default qalb-<image>:<package version>, what --runner docker runs)",
+    "base-image": "BASE_IMAGE build argument (default: the Dockerfile's pinned image)",
+    "wheelhouse": "folder of pre-built wheels pip may use (e.g. llama-cpp-python's)",
+    "ca-bundle": "CA bundle for pip's HTTPS in the build (default: $PIP_CERT, if set)",
+    "build-arg": "KEY=VALUE passed to docker build; repeatable (e.g. TORCH_INDEX_URL=...)",
+})(_docker_build)))

