@@ -28,6 +28,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:${PATH}
 
 # a compiler for sdists (llama-cpp-python); not in the final image
+# (apt packages are not version-pinned: the pinned base image fixes the release, and exact
+# Debian/Ubuntu versions disappear from the mirrors with each point release)
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential ca-certificates \

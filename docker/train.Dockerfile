@@ -34,6 +34,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # Python 3.11 with headers and a compiler: triton (Unsloth's kernels) compiles its launchers at
 # run time, and llama-cpp-python's sdist compiles llama.cpp at build time.
+# (apt packages are not version-pinned: the pinned base image fixes the release, and exact
+# Debian/Ubuntu versions disappear from the mirrors with each point release)
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \

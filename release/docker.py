@@ -209,9 +209,9 @@ def dispatch(task: str, runner: str | None, options: Mapping[str, object], root:
         raise DockerError(f"--runner {runner}: expected one of {', '.join(RUNNERS)}")
     if runner == "local":
         return False
-    cmd = plan(task, options, root, build_dir=build_dir)
-    tag = cmd[cmd.index("-w") + 2]
     image = TASK_IMAGES.get(task, ("release", False))[0]
+    tag = image_tag(image)
+    cmd = plan(task, options, root, build_dir=build_dir, tag=tag)
     if not image_exists(tag):
         raise DockerError(f"image {tag} not found: build it with `./inv docker.build --image {image}`")
     for folder in hf_folders().values():  # or docker creates them owned by root
