@@ -134,14 +134,20 @@ def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=F
     "force": "rebuild stages even when up to date",
     "only": "run only this stage",
     "from": "start at this stage (earlier stages must be built)",
+    "push": "after the plan, upload every repo to the Hub and tag it (default: plan only)",
 })
-def release(c, spec=DEMO, force=False, only=None, from_=None):
-    """Run the release pipeline for a spec and print what was built."""
+def release(c, spec=DEMO, force=False, only=None, from_=None, push=False):
+    """Run the release pipeline: data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, hub."""
+    import time
+
     from release import pipeline
 
     s = _spec(spec)
-    results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_))
+    start = time.perf_counter()
+    results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_, push=push))
     pipeline.summary(s, results)
+    print(f"{s.release.name} {s.release.version}: {len(results)} stages in {time.perf_counter() - start:.0f} s"
+          + ("" if push else "; nothing left this machine (add --push to publish)"))
 
 
 @task(help={
@@ -257,6 +263,33 @@ def push(c, spec=DEMO, push=False):
         print("plan only: nothing was uploaded; add --push to publish")
         return
     _guarded(lambda: hub.push(s, plans))
+
+
+@task(help={"spec": f"release spec (default {DEMO})", "force": "curate again even if up to date",
+            "runner": RUNNER_HELP})
+def data(c, spec=DEMO, force=False, runner=None):
+    """Curate the corpora into the CPT and SFT sets with a retention report (build/<release>/data)."""
+    from training import curate
+
+    if _runner("data", runner, spec=spec, force=force):
+        return
+
+    s = _spec(spec)
+    curate.summary(s, *_guarded(lambda: curate.run(s, force=force)))
+
+
+@task(help={"stage": "cpt (continued pre-training) or sft (instruction fine-tuning)",
+            "spec": f"release spec (default {DEMO})", "force": "train again even if up to date",
+            "runner": RUNNER_HELP})
+def train(c, stage, spec=DEMO, force=False, runner=None):
+    """Train a LoRA stage with Unsloth (build/<release>/<stage>); an interrupted run resumes."""
+    from training import stages
+
+    if _runner("train", runner, stage=stage, spec=spec, force=force):
+        return
+
+    s = _spec(spec)
+    stages.summary(s, stage, *_guarded(lambda: stages.run(s, stage, force=force)))
 
 
 def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None, ca_bundle=None, build_arg=None):

@@ -267,6 +267,18 @@ class Spec:
         """``<build.dir>/<release name>``: every stage writes below it."""
         return self.resolve(self.build.dir) / self.release.name
 
+    def variant_dir(self, key: str) -> Path:
+        """Where variant ``key`` is built: ``merge/bf16``, ``merge/fp16``, ``bnb4`` or ``gguf``
+        (the folder of its GGUF files) below ``build_dir``."""
+        v = self.variants[key]
+        if v.format == "safetensors":
+            return self.build_dir / "merge" / ("bf16" if v.dtype == "bfloat16" else "fp16")
+        return self.build_dir / {"bnb-4bit": "bnb4", "gguf": "gguf"}[v.format]
+
+    @property
+    def flagship_key(self) -> str:
+        return next(k for k, v in self.variants.items() if _is_flagship(v))
+
     @property
     def flagship(self) -> Variant:
         """The BF16 safetensors variant: the model the others are made from."""

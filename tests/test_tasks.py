@@ -40,16 +40,19 @@ def test_bad_spec_is_reported_in_one_line_per_problem_without_traceback(tmp_path
         ]
 
 
-def test_release_builds_then_skips_the_base_stage(tmp_path):
+def test_release_runs_one_stage_then_skips_it(tmp_path):
+    """The task's options; the whole pipeline runs in tests/test_pipeline.py."""
     spec = write_spec(tmp_path, (SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"', 'dir = "out"'))
-    first = inv("release", "--spec", str(spec))
+    first = inv("release", "--spec", str(spec), "--only", "base")
     assert first.returncode == 0, first.stderr
-    assert "│ base       │ built " in first.stdout and "│ modelfiles │ built " in first.stdout
+    assert "│ base  │ built " in first.stdout and "modelfiles" not in first.stdout
     assert (tmp_path / "out" / "Qalb-Demo-1.0-Tiny-Instruct" / "base" / "manifest.json").is_file()
-    second = inv("release", "--spec", str(spec))
-    assert second.returncode == 0 and "│ base       │ up to date " in second.stdout
+    second = inv("release", "--spec", str(spec), "--only", "base")
+    assert second.returncode == 0 and "│ base  │ up to date " in second.stdout
     bad = inv("release", "--spec", str(spec), "--only", "nope")
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: --only nope: unknown stage (stages: base, modelfiles)"
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --only nope: unknown stage (stages: base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, "
+        "cards, hub)")
 
 
 def test_standalone_scaffold_is_built_aside_with_a_manifest(tmp_path):
