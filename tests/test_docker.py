@@ -323,3 +323,35 @@ def test_release_image_runs_a_demo_stage_as_the_caller(tmp_path):
         assert (f.stat().st_uid, f.stat().st_gid) == (uid, gid)
         assert f.read_text(encoding="utf-8") == modelfile.render(s, qtype)
     print(f"\nrelease image build {build_s:.0f} s; `./inv scaffold --runner docker` {run_s:.0f} s")
+
+
+@pytest.mark.slow
+def test_train_image_constraints_resolve_with_a_cuda_torch(tmp_path):
+    """The train image's constraint handling, resolved by pip against PyPI (metadata only, ~1 min):
+    PyPI's torch 2.13.0 is a CUDA build (the image takes the same release from PyTorch's cu128
+    index, which is not reachable here); with constraints.txt as it is, the CUDA torch conflicts
+    (its triton pin), and with the lines the Dockerfile drops, the [train] set resolves."""
+    text = (ROOT / docker.dockerfile("train")).read_text()
+    pattern = re.search(r"grep -v -E '([^']+)' constraints.txt", text).group(1)
+    torchvision = re.search(r"^ARG TORCHVISION=(\S+)$", text, re.M).group(1)
+    kept = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if not re.match(pattern, line)]
+    (tmp_path / "cuda.txt").write_text("\n".join(kept) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"} | {"PIP_CONFIG_FILE": os.devnull}
+
+    def resolve(constraints: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+                               "--report", str(tmp_path / "report.json"), "--index-url", "https://pypi.org/simple",
+                               "-c", str(constraints), "torch==2.13.0", f"torchvision=={torchvision}", f"{ROOT}[train]"],
+                              env=env, capture_output=True, text=True, cwd=tmp_path)
+
+    assert "ResolutionImpossible" in resolve(ROOT / "constraints.txt").stderr
+    ok = resolve(tmp_path / "cuda.txt")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    got = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+           for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert got["torch"] == "2.13.0" and any(name.startswith("nvidia-cu") for name in got)  # a CUDA build
+    pins = dict(line.split("==") for line in kept if "==" in line and not line.startswith("#"))
+    compared = [name for name in pins if name.lower().replace("_", "-") in got]
+    assert len(compared) > 60  # every pinned package the set needs, at its pin
+    for name in compared:
+        assert got[name.lower().replace("_", "-")] == pins[name], name
