@@ -6,7 +6,7 @@
 #   docker/podman-setup.sh --wheelhouse   # also fill build/.cache/wheelhouse (see below)
 #   docker/podman-setup.sh --stop         # stop the API service this script started
 #
-# Idempotent: installs what is missing (root, Debian: podman runc debootstrap, and the docker CLI
+# Idempotent: installs what is missing (root, Debian: podman runc debootstrap curl, and the docker CLI
 # from docker.io when no `docker` is on PATH), makes the base image once (debootstrap, ~2 min;
 # the root filesystem tarball is kept in build/.cache/podman/ and re-imported from there), and
 # starts `podman system service` once. Diagnostics go to stderr; stdout is only the exports.
@@ -39,7 +39,7 @@ fi
 
 # 1. packages
 need=()
-for cmd in podman runc debootstrap; do command -v "$cmd" >/dev/null || need+=("$cmd"); done
+for cmd in podman runc debootstrap curl; do command -v "$cmd" >/dev/null || need+=("$cmd"); done
 command -v docker >/dev/null || need+=(docker.io)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
