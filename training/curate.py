@@ -558,3 +558,26 @@ def run(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Mani
 
     return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name, inputs=inputs,
                      spec_sections=sections, tools=TOOLS, force=force)
+
+
+def summary(spec: Spec, manifest: Manifest, ran: bool, console=None) -> None:
+    """The retention table: documents and tokens in and out per corpus, and the kept share."""
+    from rich.console import Console
+    from rich.table import Table
+
+    report = json.loads((stage_dir(spec) / REPORT_FILE).read_text(encoding="utf-8"))
+    table = Table(title=f"data: {spec.release.name} ({'built' if ran else 'up to date'})")
+    for col in ("corpus", "docs in", "docs out", "tokens in", "tokens out", "kept tokens", "dropped most by"):
+        table.add_column(col, justify="left" if col in ("corpus", "dropped most by") else "right")
+    rows = [*report["corpora"].items(), (report["instruct"]["name"], report["instruct"])]
+    for name, c in rows:
+        worst = max(c["filters"], key=lambda s: s["tokens_in"] - s["tokens_out"], default=None)
+        table.add_row(name, f"{c['docs_in']:,}", f"{c['docs_out']:,}", f"{c['tokens_in']:,}", f"{c['tokens_out']:,}",
+                      f"{100 * c['kept_tokens']:.1f}%", worst["filter"] if worst else "")
+    (console or Console()).print(table)
+    f = manifest.figures
+    (console or Console()).print(
+        f"CPT set: {f['cpt_documents']:,} documents, {f['cpt_tokens']:,} tokens ({100 * f['replay_share']:.1f}% English "
+        f"replay, target {100 * spec.data.replay_share:.1f}%); kept {100 * f['kept_tokens']:.1f}% of the raw tokens "
+        f"(card: {100 * spec.data.retained_fraction:.1f}%). SFT set: {f['sft_examples']:,} chats. "
+        f"Report: {stage_dir(spec) / REPORT_FILE}")

@@ -12,7 +12,7 @@
 
 Each writes ``build/<release>/<stage>/``: ``adapter_config.json`` + ``adapter_model.safetensors``
 (``base_model_name_or_path`` is the spec's ``base.model``), ``trainer_state.json`` (log history;
-wall-clock entries removed so that it is reproducible), ``train.log`` and the manifest.
+entries that depend on wall clock or on a resume removed, so that it is reproducible), ``train.log`` and the manifest.
 
 Resume: trainer checkpoints live outside the stage folder (``run_stage`` rebuilds that from
 scratch) in ``build/<release>/.checkpoints/<stage>-<fingerprint>``: a run that was killed resumes
@@ -47,8 +47,10 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Llama 3 turn headers: the instruction and response markers for train_on_responses_only.
 USER_HEADER = f"{chat.HEADER_START}user{chat.HEADER_END}\n\n"
 ASSISTANT_HEADER = f"{chat.HEADER_START}assistant{chat.HEADER_END}\n\n"
-# log_history keys that hold wall-clock measurements (they go to train.log and the manifest)
-TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+# log_history keys left out of trainer_state.json so that it is the same for a resumed run: wall-clock
+# measurements (they go to train.log and the manifest), TRL's token counter and the final mean
+# loss (both count only the steps run since the last start; the per-step losses are all kept).
+VOLATILE_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "num_tokens", "train_loss")
 
 
 def stage_dir(spec: Spec, stage: str) -> Path:
@@ -167,7 +169,7 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     start = time.perf_counter()
     # Unsloth patches transformers/TRL/PEFT when imported first, and writes its compiled-code
     # cache into the working directory: keep that in the work folder.
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(work / "unsloth_compiled_cache"))
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(checkpoints_root(spec) / "unsloth_compiled_cache"))
     cwd = os.getcwd()
     os.chdir(work)
     try:
@@ -264,7 +266,7 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = spec.base.model  # the Hub id, not this machine's folder
     write_json(cfg_path, cfg)
-    history = [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in trainer.state.log_history]
+    history = [{k: v for k, v in e.items() if k not in VOLATILE_KEYS} for e in trainer.state.log_history]
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     state = json.loads((work / "trainer_state.json").read_text(encoding="utf-8"))
     state["log_history"] = history
@@ -281,7 +283,7 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
         "tokens_trained": tokens * st.epochs if tokens else None,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "train_loss": result.training_loss,
+        "mean_loss": sum(losses) / len(losses) if losses else None,
         "trainable_parameters": trainable,
         "seconds": seconds,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
@@ -333,10 +335,17 @@ def _arguments(spec: Spec, stage: str, settings: dict, output_dir: Path, accumul
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete trainer checkpoint (``checkpoint-<step>`` with its trainer state)."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
-            and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """The newest complete trainer checkpoint. The trainer writes ``trainer_state.json`` last, in
+    place: a checkpoint whose state is missing or unreadable was cut short and is skipped."""
+    def complete(p: Path) -> bool:
+        try:
+            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return p.name.split("-")[-1].isdigit()
+
+    return max((p for p in folder.glob("checkpoint-*") if complete(p)),
+               key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def _merged_cpt_model(spec: Spec, work: Path, log) -> Path:
@@ -393,3 +402,32 @@ def run(spec: Spec, stage: str, *, force: bool = False, progress: bool = True) -
     if ran:
         shutil.rmtree(work, ignore_errors=True)
     return manifest, ran
+
+
+def summary(spec: Spec, stage: str, manifest: Manifest, ran: bool, console=None) -> None:
+    """One table row for the stage's run, then the hardware adaptations it made."""
+    from rich.console import Console
+    from rich.table import Table
+
+    f = manifest.figures
+    table = Table(title=f"{stage}: {spec.release.name} ({'built' if ran else 'up to date'})")
+    for col in ("steps", "examples", "tokens", "first loss", "last loss", "seconds", "optimizer", "bf16", "adapter"):
+        table.add_column(col, justify="left" if col in ("optimizer", "adapter") else "right")
+    loss = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"  # noqa: E731
+    table.add_row(str(f["steps"]), f"{f['examples']:,}", f"{f['tokens'] or 0:,}", loss(f["first_loss"]),
+                  loss(f["last_loss"]), f"{f['seconds']:.1f}", f["optimizer"], str(f["bf16"]),
+                  str(stage_dir(spec, stage)))
+    console = console or Console()
+    console.print(table)
+    for note in f.get("adaptations", []):
+        console.print(f"adapted: {note}")
+
+
+def run_cpt(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
+    """Stage ``cpt`` with the pipeline's runner signature."""
+    return run(spec, "cpt", force=force, progress=progress)
+
+
+def run_sft(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
+    """Stage ``sft`` with the pipeline's runner signature."""
+    return run(spec, "sft", force=force, progress=progress)

@@ -1,0 +1,208 @@
+"""The CPT and SFT stages on the real Unsloth code path (its CPU fallback here), on the demo's tiny
+model and curated data, for a few steps: the loss falls, the adapters load in PEFT and change the
+logits, the release merge takes the [cpt, sft] chain and reproduces the model SFT trained on, the
+manifest records the hardware adaptations, and runs are reproducible: twice uninterrupted, and
+killed (SIGKILL) then resumed, give the same adapter bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, demo_release
+
+from release.artifacts import sha256_file
+from training import curate, stages
+
+# A few optimizer steps are enough to exercise every part of both stages.
+CPT_STEPS, SFT_STEPS = 3, 2
+
+
+def _spec_text() -> str:
+    text = (ROOT / "specs/demo.toml").read_text(encoding="utf-8")
+    text = text.replace('format = "raw text"\n', f'format = "raw text"\nmax_steps = {CPT_STEPS}\n', 1)
+    text = text.replace("train_on_responses_only = true\n", f"train_on_responses_only = true\nmax_steps = {SFT_STEPS}\n", 1)
+    assert text.count("max_steps") == 2
+    # batch 1 x 2 accumulation: the same code path at half the compute per step
+    text = text.replace("effective_batch_size = 4\nper_device_batch_size = 2\n", "effective_batch_size = 2\nper_device_batch_size = 1\n")
+    assert text.count("per_device_batch_size = 1") == 2
+    return text
+
+
+def _release(folder: Path, tiny_model: Path):
+    from release import spec
+
+    s = spec.load(demo_release(folder, tiny_model, _spec_text()))
+    curate.run(s, progress=False)
+    return s
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    s = _release(tmp_path_factory.mktemp("train-a"), tiny_model)
+    cpt, ran_cpt = stages.run(s, "cpt", progress=False)
+    sft, ran_sft = stages.run(s, "sft", progress=False)
+    assert ran_cpt and ran_sft
+    return s, cpt, sft
+
+
+def _adapter_sha(s, stage: str) -> str:
+    return sha256_file(stages.stage_dir(s, stage) / "adapter_model.safetensors")
+
+
+def test_stage_outputs_and_manifest(trained):
+    s, cpt, sft = trained
+    for stage, m, steps in (("cpt", cpt, CPT_STEPS), ("sft", sft, SFT_STEPS)):
+        out = stages.stage_dir(s, stage)
+        names = {e.path for e in m.outputs}
+        assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "train.log"} <= names
+        cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+        assert cfg["base_model_name_or_path"] == s.base.model and cfg["r"] == s.lora.r
+        assert cfg["lora_alpha"] == s.lora.alpha
+        assert sorted(cfg["target_modules"]) == sorted(s.lora.target_modules)
+        assert sorted(cfg["modules_to_save"] or []) == sorted(getattr(s.training, stage).modules_to_save)
+        f = m.figures
+        assert f["steps"] == steps and f["first_loss"] > 0 and f["last_loss"] > 0 and f["resumed_from"] is None
+        state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+        assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, steps + 1))
+        # the CPU's adaptations are recorded in the manifest and in the run log
+        assert any(a.startswith("optimizer adamw_8bit -> adamw_torch_fused") for a in f["adaptations"])
+        assert f["optimizer"] == "adamw_torch_fused"
+        log = (out / "train.log").read_text(encoding="utf-8")
+        for note in f["adaptations"]:
+            assert f"adaptation: {note}" in log
+    assert not list((s.build_dir / ".checkpoints").glob("cpt-*")), "checkpoints are removed after success"
+    # SFT loss only on the assistant turns
+    assert "loss on assistant turns only" in (stages.stage_dir(s, "sft") / "train.log").read_text(encoding="utf-8")
+    again, ran = stages.run(s, "cpt", progress=False)
+    assert not ran and again.fingerprint == cpt.fingerprint
+
+
+def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
+    """Loss of the CPT training blocks, all of them, before and after CPT: evaluated in float32
+    without dropout on fixed data, so the comparison is deterministic and reflects the training
+    alone, not which batch a step happened to see."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from release import base
+
+    s, cpt, _ = trained
+    base_dir = base.model_dir(s)
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    texts = [json.loads(x)["text"] for x in (curate.stage_dir(s) / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
+    blocks, _ = stages.pack_blocks(texts, tok, s.training.sequence_length)
+    ids = torch.tensor(blocks)
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            return float(model(input_ids=ids, labels=ids).loss)
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = model(input_ids=ids[:1, :32]).logits
+    before = loss(model)
+    model = PeftModel.from_pretrained(model, str(stages.stage_dir(s, "cpt"))).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids[:1, :32]).logits
+    after = loss(model)
+    assert (logits - base_logits).abs().max() > 1e-3
+    assert after < before - 1e-3, (before, after)
+
+    merged = model.merge_and_unload()
+    sft = PeftModel.from_pretrained(merged, str(stages.stage_dir(s, "sft"))).eval()
+    with torch.no_grad():
+        assert (sft(input_ids=ids[:1, :32]).logits - logits).abs().max() > 0
+
+
+def test_release_merge_takes_the_chain_and_reproduces_the_sft_base(trained, tmp_path):
+    """release/merge.py on [cpt] gives the exact BF16 weights SFT trained on (PEFT merge_and_unload
+    of the float32 base, rounded once), and it accepts the [cpt, sft] chain."""
+    import torch
+    from safetensors.torch import load_file
+
+    from release import base, merge, shards
+
+    s, _, _ = trained
+    base_dir = base.model_dir(s)
+    cpt_dir, sft_dir = stages.stage_dir(s, "cpt"), stages.stage_dir(s, "sft")
+    figures = merge.merge(base_dir, [cpt_dir, sft_dir], tmp_path / "chain", chat_spec=s.chat, inference=s.inference,
+                          expected_base=s.base.model, progress=False)
+    assert figures["adapters"] == 2 and figures["replaced"] == 2  # embed_tokens and lm_head from CPT
+
+    merge.merge(base_dir, [cpt_dir], tmp_path / "cpt-only", chat_spec=s.chat, inference=s.inference,
+                expected_base=s.base.model, progress=False)
+    trained_on = stages._merged_cpt_model(s, tmp_path / "work", lambda line: None)
+    ours = {}
+    for f in sorted(trained_on.glob("*.safetensors")):
+        ours.update(load_file(str(f)))
+    files = shards.model_files(tmp_path / "cpt-only")
+    assert set(files) == set(ours)
+    for name, path in files.items():
+        theirs = load_file(str(path))[name]
+        assert theirs.dtype == ours[name].dtype == torch.bfloat16
+        assert torch.equal(theirs, ours[name]), name
+
+
+def test_adaptations_are_made_in_one_visible_place(demo_spec):
+    settings, notes = stages.adapt(demo_spec, "cpt", gpu=True)
+    assert notes == [] and settings["optim"] == "adamw_8bit" and settings["bf16"] and settings["load_dtype"] == "bfloat16"
+    settings, notes = stages.adapt(demo_spec, "sft", gpu=False, bf16_native=False)
+    assert settings["optim"] == "adamw_torch_fused" and not settings["bf16"] and settings["load_dtype"] == "float32"
+    assert any(n.startswith("bf16 -> float32") for n in notes)
+    settings, notes = stages.adapt(demo_spec, "sft", gpu=False, bf16_native=True)
+    assert settings["bf16"] and settings["load_dtype"] == "float32"
+
+
+KILLED = """
+import sys
+sys.path.insert(0, {root!r})
+from release import spec
+from training import stages
+stages.run(spec.load({spec!r}), "cpt", progress=False)
+"""
+
+
+def test_resumed_after_sigkill_gives_the_same_adapter(trained, tmp_path_factory, tiny_model):
+    """Same machine, same seed: a run SIGKILLed (in another process) after its second checkpoint,
+    then resumed here, writes the same adapter and trainer state bytes as the uninterrupted run."""
+    s, cpt, _ = trained
+    killed = _release(tmp_path_factory.mktemp("train-c"), tiny_model)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED.format(root=str(ROOT), spec=str(killed.path))],
+                            cwd=killed.build_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            ckpt = [p for p in (killed.build_dir / ".checkpoints").glob("cpt-*/trainer/checkpoint-2")
+                    if stages._last_checkpoint(p.parent) == p]
+            if ckpt:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before its second checkpoint"
+    assert not (stages.stage_dir(killed, "cpt") / "manifest.json").exists()
+    resumed, ran = stages.run(killed, "cpt", progress=False)
+    assert ran and resumed.figures["resumed_from"] == "checkpoint-2"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
+        assert sha256_file(stages.stage_dir(killed, "cpt") / name) == sha256_file(stages.stage_dir(s, "cpt") / name), name
+
+
+@pytest.mark.slow
+def test_two_uninterrupted_runs_give_the_same_adapter(trained, tmp_path_factory, tiny_model):
+    s, _, _ = trained
+    again = _release(tmp_path_factory.mktemp("train-b"), tiny_model)
+    stages.run(again, "cpt", progress=False)
+    stages.run(again, "sft", progress=False)
+    for stage in ("cpt", "sft"):
+        assert _adapter_sha(again, stage) == _adapter_sha(s, stage), stage
