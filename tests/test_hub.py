@@ -60,13 +60,12 @@ def _has_quant4() -> bool:
     return hasattr(quant4, "run")
 
 
-def write_verify_manifest(spec, *, fail: str | None = None) -> None:
+def write_verify_manifest(spec) -> None:
     """TEST FIXTURE standing in for the verify stage (release/verify.py has no ``run`` yet): the
     verification manifest of the contract, computed from the built files. sha256 and sizes are
     the files' own; KL divergence and top-1 agreement of FP16 come from transformers against BF16
     on PROMPTS, those of GGUF from the GGUF stage's llama.cpp measurement. Urdu purity is not
-    measured here (the demo spec does not enforce it on random weights). ``fail`` marks one
-    variant key as failed. Swap for ``release.verify.run(spec)`` once it exists."""
+    measured here (the demo spec does not enforce it on random weights). Swap for ``release.verify.run(spec)`` once it exists."""
     from release import verify
 
     b = spec.build_dir
@@ -100,8 +99,6 @@ def write_verify_manifest(spec, *, fail: str | None = None) -> None:
                               "urdu_purity": 0.0, "stopped": True, "passed": ok}
             for p in sorted((b / folder).glob("*.safetensors")):
                 artifacts[f"{folder}/{p.name}"] = {"variant": name, "quant": None}
-        if fail:
-            variants[fail]["passed"] = False
         for rel, a in artifacts.items():
             key = f"gguf:{a['quant']}" if a["quant"] else a["variant"]
             a.update(sha256=sha256_file(b / rel), size=(b / rel).stat().st_size, passed=variants[key]["passed"])
@@ -264,6 +261,19 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
         card_data = ModelCard.load(Path(folder) / "README.md").data
         assert card_data.base_model == (spec.base.model if v is spec.flagship else spec.flagship.repo)
 
+    # The flagship card's transformers snippet, pasted as it is into a fresh Python against the Hub.
+    readme = (hub.stage_dir(spec) / spec.flagship.repo.split("/")[-1] / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    # only change: 8 new tokens instead of 256 (BF16 on this CPU: ~0.3 s per token under load)
+    assert "max_new_tokens=256," in snippet
+    snippet = snippet.replace("max_new_tokens=256,", "max_new_tokens=8,")
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_TOKEN", None)  # a public repo: no token needed
+    server.reset_stats()
+    ran = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert server.stats["requests"]["GET lfs_download"] >= 2  # the weights came from the (local) Hub
+
 
 def test_changed_file_is_the_only_one_sent_and_stale_remote_files_are_deleted(release_build, local_hub):
     spec, server = release_build, local_hub
@@ -354,14 +364,37 @@ def test_refuses_without_verification_manifest(release_build, tmp_path, local_hu
     assert local_hub.stats["requests"] == {}  # nothing left the machine
 
 
+def _fail_gate(spec, key: str) -> None:
+    """The verification manifest with variant ``key`` failed (as the verify stage records it)."""
+    m = read_manifest(spec.build_dir / "verify")
+    figures = json.loads(json.dumps(m.figures))
+    figures["variants"][key]["passed"] = figures["passed"] = False
+    for a in figures["artifacts"].values():
+        if (f"gguf:{a['quant']}" if a["quant"] else a["variant"]) == key:
+            a["passed"] = False
+    run_stage("verify", spec.build_dir / "verify", lambda out: figures, release=spec.release.name, force=True)
+
+
 def test_refuses_a_failed_gate(release_build, tmp_path, local_hub):
     spec = _copy_release(release_build, tmp_path)
-    write_verify_manifest(spec, fail="gguf:Q4_K_M")
+    _fail_gate(spec, "gguf:Q4_K_M")
     with pytest.raises(hub.PublishError) as e:
         hub.plan(spec, progress=False)
     q4 = spec.build_dir / "gguf" / spec.gguf_file_name("Q4_K_M")
     assert str(e.value) == f"{q4}: failed verification (variant gguf Q4_K_M); fix it and run ./inv verify"
     assert local_hub.stats["requests"] == {}
+
+
+def test_refuses_cards_older_than_the_verification(release_build, tmp_path, local_hub):
+    spec = _copy_release(release_build, tmp_path)
+    figures = read_manifest(spec.build_dir / "verify").figures
+    time.sleep(0.01)
+    run_stage("verify", spec.build_dir / "verify", lambda out: figures, release=spec.release.name, force=True)
+    with pytest.raises(hub.PublishError) as e:
+        hub.plan(spec, progress=False)
+    assert str(e.value) == f"{spec.build_dir / 'cards'}: cards predate the current verification; run ./inv cards"
+    card.run(spec, progress=False)  # the fix the message names
+    assert len(hub.plan(spec, progress=False)) == len(spec.variants)
 
 
 def test_refuses_bytes_changed_after_verification(release_build, tmp_path, local_hub):
