@@ -422,12 +422,3 @@ def summary(spec: Spec, stage: str, manifest: Manifest, ran: bool, console=None)
     for note in f.get("adaptations", []):
         console.print(f"adapted: {note}")
 
-
-def run_cpt(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
-    """Stage ``cpt`` with the pipeline's runner signature."""
-    return run(spec, "cpt", force=force, progress=progress)
-
-
-def run_sft(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
-    """Stage ``sft`` with the pipeline's runner signature."""
-    return run(spec, "sft", force=force, progress=progress)
