@@ -78,8 +78,16 @@ def test_stage_outputs_and_manifest(trained):
         for note in f["adaptations"]:
             assert f"adaptation: {note}" in log
     assert not list((s.build_dir / ".checkpoints").glob("cpt-*")), "checkpoints are removed after success"
-    # SFT loss only on the assistant turns
-    assert "loss on assistant turns only" in (stages.stage_dir(s, "sft") / "train.log").read_text(encoding="utf-8")
+    # SFT: loss only on the assistant turns, i.e. each answer and its <|eot_id|>
+    from tokenizers import Tokenizer
+
+    from release import base
+
+    tok = Tokenizer.from_file(str(base.model_dir(s) / "tokenizer.json"))
+    chats = [json.loads(x)["messages"] for x in (curate.stage_dir(s) / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    answers = sum(len(tok.encode(c[-1]["content"], add_special_tokens=False).ids) + 1 for c in chats)
+    assert sft.figures["label_tokens"] == answers < sft.figures["tokens"] / 2
+    assert cpt.figures["label_tokens"] == cpt.figures["tokens"] == cpt.figures["examples"] * s.training.sequence_length
     again, ran = stages.run(s, "cpt", progress=False)
     assert not ran and again.fingerprint == cpt.fingerprint
 

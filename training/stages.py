@@ -196,7 +196,8 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
         use_gradient_checkpointing=settings["gradient_checkpointing"], random_state=spec.training.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+        + (f"; the spec says about {spec.lora.trainable_parameters:,}" if spec.lora.trainable_parameters else ""))
 
     from datasets import Dataset
 
@@ -217,6 +218,7 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
         tokenizer.chat_template = chat.jinja_template(spec.chat)
         dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
         tokens = None
+    label_tokens = tokens
     log(f"examples: {len(dataset)}" + (f" blocks of {spec.training.sequence_length} tokens ({dropped} tokens "
                                          "past the last full block dropped)" if stage == "cpt" and st.packing else ""))
 
@@ -250,10 +252,10 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
             trainer = train_on_responses_only(trainer, instruction_part=USER_HEADER, response_part=ASSISTANT_HEADER)
             labels = trainer.train_dataset["labels"]
             tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-            trained = sum(1 for row in labels for t in row if t != -100)
-            log(f"loss on assistant turns only: {trained} of {tokens} tokens carry labels")
+            label_tokens = sum(1 for row in labels for t in row if t != -100)
+            log(f"loss on assistant turns only: {label_tokens} of {tokens} tokens carry labels")
         else:
-            tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+            tokens = label_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
 
     resume = _last_checkpoint(work / "trainer")
     if resume:
@@ -280,7 +282,7 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
         "epochs": st.epochs,
         "examples": len(dataset),
         "tokens": tokens,
-        "tokens_trained": tokens * st.epochs if tokens else None,
+        "label_tokens": label_tokens,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "mean_loss": sum(losses) / len(losses) if losses else None,
