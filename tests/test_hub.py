@@ -40,12 +40,15 @@ def _test_spec_text(build: Path) -> str:
     text = text.replace('dir = "../build"', f'dir = "{build}"')
     text = text.replace('quant_types = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]', 'quant_types = ["Q4_K_M"]')
     text = re.sub(r"^(Q8_0|Q6_K|Q5_K_M) = .*\n", "", text, flags=re.M)  # their Ollama tags
-    # Gates for the random-weight demo model, which 4-bit quantization moves far (measured: KL
-    # ~0.93-0.96 and ~26% equal top-1 for Q4_K_M and NF4; F16 KL 0.0002, 98.9% on these two short
-    # prompts). These tests are about publishing what passed, not about fidelity (test_gguf.py).
+    # Gates for the random-weight demo model, which 4-bit quantization moves far (measured by the
+    # verify stage: KL ~0.93 and ~27% equal top-1 for Q4_K_M and NF4; F16 KL 0.00013, 99.7%).
+    # These tests are about publishing what passed, not about fidelity (test_gguf.py, test_verify).
     for name, (kld, top1) in {"F16": (0.001, 0.97), "Q4_K_M": (2.0, 0.1), "bnb4": (2.0, 0.1)}.items():
         text = re.sub(rf"\[gates\.{name}\]\nmax_kld = .*\nmin_top1 = .*\n",
                       f"[gates.{name}]\nmax_kld = {kld}\nmin_top1 = {top1}\n", text)
+    # verification answers: 4 greedy tokens instead of 24 (the stop and purity gates are not
+    # enforced on the random demo model; the fidelity figures do not depend on it)
+    text = re.sub(r"^max_new_tokens = 24 .*$", "max_new_tokens = 4", text, flags=re.M)
     if not _has_quant4():
         start = text.index("[variants.bnb4]")
         text = text[:start] + text[text.index("[variants.gguf]"):]
@@ -61,65 +64,14 @@ def _has_quant4() -> bool:
 
 
 def write_verify_manifest(spec) -> None:
-    """TEST FIXTURE standing in for the verify stage (release/verify.py has no ``run`` yet): the
-    verification manifest of the contract, computed from the built files. sha256 and sizes are
-    the files' own; KL divergence and top-1 agreement of FP16 come from transformers against BF16
-    on PROMPTS, those of GGUF from the GGUF stage's llama.cpp measurement. Urdu purity is not
-    measured here (the demo spec does not enforce it on random weights). Swap for ``release.verify.run(spec)`` once it exists."""
+    """The verification manifest of the built release, by the real verify stage (every variant
+    loaded and run in its runtime, measured against BF16, sha256 of every weight file)."""
     from release import verify
 
     b = spec.build_dir
-    gguf_files = read_manifest(b / "gguf").figures["files"]
-
-    def build(out: Path) -> dict:
-        ref = verify.hf_logits(b / "merge" / "bf16", spec, PROMPTS)
-        variants, artifacts = {}, {}
-        for name, v in spec.variants.items():
-            if v.format == "gguf":
-                for q in spec.gguf_types():
-                    f, g = gguf_files[q], spec.gates[q]
-                    variants[f"gguf:{q}"] = {"runtime": "llama-cpp-python", "kld_mean": f["kld_mean"], "top1": f["top1"],
-                                             "max_kld": g.max_kld, "min_top1": g.min_top1, "urdu_purity": 0.0,
-                                             "stopped": True,
-                                             "passed": f["kld_mean"] <= g.max_kld and f["top1"] >= g.min_top1}
-                    artifacts[f"gguf/{f['file']}"] = {"variant": name, "quant": q}
-                continue
-            folder = {"bfloat16": "merge/bf16", "float16": "merge/fp16"}.get(v.dtype, "bnb4")
-            if v is spec.flagship:
-                kld = top1 = None
-                ok = True
-            else:
-                kld, top1 = _hf_fidelity(b / folder, ref)
-                g = spec.gates[name]
-                ok = kld <= g.max_kld and top1 >= g.min_top1
-            g = spec.gates.get(name)
-            variants[name] = {"runtime": "transformers", "kld_mean": kld, "top1": top1,
-                              "max_kld": g.max_kld if g and kld is not None else None,
-                              "min_top1": g.min_top1 if g and kld is not None else None,
-                              "urdu_purity": 0.0, "stopped": True, "passed": ok}
-            for p in sorted((b / folder).glob("*.safetensors")):
-                artifacts[f"{folder}/{p.name}"] = {"variant": name, "quant": None}
-        for rel, a in artifacts.items():
-            key = f"gguf:{a['quant']}" if a["quant"] else a["variant"]
-            a.update(sha256=sha256_file(b / rel), size=(b / rel).stat().st_size, passed=variants[key]["passed"])
-        return {"passed": all(v["passed"] for v in variants.values()), "artifacts": artifacts, "variants": variants}
-
-    run_stage("verify", b / "verify", build, release=spec.release.name, force=True,
-              inputs={"merge": b / "merge", "gguf": b / "gguf"})
-
-
-def _hf_fidelity(folder: Path, ref) -> tuple[float, float]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    kl = agree = n = 0
-    with torch.no_grad():
-        for ids, lp in zip(ref.ids, ref.logprobs):
-            lq = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-            kl += float((lp.exp() * (lp - lq)).sum())
-            agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
-            n += len(ids)
-    return round(kl / n, 6), round(agree / n, 4)
+    models = {name: {"safetensors": b / "merge" / ("bf16" if v.dtype == "bfloat16" else "fp16"),
+                     "bnb-4bit": b / "bnb4", "gguf": b / "gguf"}[v.format] for name, v in spec.variants.items()}
+    verify.run(spec, models, progress=False)
 
 
 @pytest.fixture(scope="module")
