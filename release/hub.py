@@ -206,7 +206,9 @@ def _hub_errors(what: str, secret: str | None) -> Iterator[None]:
         raise
     except Exception as e:  # HTTP, network, offline mode: one line, no traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise PublishError(_scrub(f"{what}: {type(e).__name__}: {first}", secret)) from None
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = "; check the token (HF_TOKEN or `hf auth login`) and its write access" if status in (401, 403) else ""
+        raise PublishError(_scrub(f"{what}: {type(e).__name__}: {first}{hint}", secret)) from None
 
 
 def _api(url: str, secret: str | None):
@@ -255,6 +257,7 @@ def plan(spec: Spec, *, console: Console | None = None, progress: bool = True) -
             bar.update(task, description=f"sha256 {p.name}")
             hashes[p] = sha256_file(p)
             bar.advance(task, p.stat().st_size)
+        bar.update(task, description=f"sha256 of {len(weights)} weight files")
     check_verified(spec, hashes)
     plans = [stage(spec, name, files, hashes) for name, files in staged]
     url = endpoint(spec)
@@ -344,7 +347,7 @@ def push(spec: Spec, plans: list[RepoPlan] | None = None, *, console: Console | 
                     op.upload_info.sha256 = bytes.fromhex(p.files[path].sha256)  # hashed once, in plan
                     adds.append(op)
                 ops = adds + [CommitOperationDelete(path_in_repo=d) for d in p.delete]
-                task = bar.add_task(p.repo, total=max(p.upload_bytes, 1))
+                task = bar.add_task(p.repo, total=p.upload_bytes)
                 with _lfs_only(not xet):
                     for op in adds:  # one file at a time: progress per file; finished files stay uploaded
                         bar.update(task, description=f"{p.repo.split('/')[-1]}/{op.path_in_repo}")
@@ -359,7 +362,7 @@ def push(spec: Spec, plans: list[RepoPlan] | None = None, *, console: Console | 
                         commit_url, oid = info.commit_url, info.oid
                     else:
                         commit_url, oid = None, p.remote_sha or ""
-                bar.update(task, completed=max(p.upload_bytes, 1), description=p.repo)
+                bar.update(task, completed=p.upload_bytes, description=p.repo)
                 with _hub_errors(f"{p.repo}: tagging {tag}", secret):
                     _move_tag(api, p.repo, tag, oid, message)
                 results.append(PushResult(p.repo, commit_url, oid, len(adds), p.upload_bytes, tag))
@@ -389,7 +392,8 @@ def _move_tag(api, repo: str, tag: str, oid: str, message: str) -> None:
 def push_table(spec: Spec, results: list[PushResult]) -> Table:
     t = Table(title=f"Published {spec.release.name} {spec.release.version}")
     for col in ("repo", "files sent", "bytes", "tag", "commit"):
-        t.add_column(col, justify="right" if col in ("files sent", "bytes") else "left")
+        t.add_column(col, justify="right" if col in ("files sent", "bytes") else "left",
+                     overflow="fold" if col == "commit" else "ellipsis")
     for r in results:
         t.add_row(r.repo, str(r.files), human_bytes(r.bytes), r.tag, r.commit_url or f"unchanged ({r.oid[:12]})")
     return t
