@@ -202,6 +202,8 @@ def test_resumed_after_sigkill_gives_the_same_adapter(trained, tmp_path_factory,
     assert not (stages.stage_dir(killed, "cpt") / "manifest.json").exists()
     resumed, ran = stages.run(killed, "cpt", progress=False)
     assert ran and resumed.figures["resumed_from"] == "checkpoint-2"
+    log = (stages.stage_dir(killed, "cpt") / "train.log").read_text(encoding="utf-8")
+    assert log.count("--- start") == 2 and "step 2: loss" in log and "resuming from checkpoint-2" in log
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
         assert sha256_file(stages.stage_dir(killed, "cpt") / name) == sha256_file(stages.stage_dir(s, "cpt") / name), name
 

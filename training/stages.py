@@ -165,7 +165,10 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     """Train one stage into ``out`` (adapter, trainer state, log); checkpoints go to ``work``.
     Returns the manifest figures."""
     work.mkdir(parents=True, exist_ok=True)
-    log = _Log(out / "train.log", progress)
+    # The run log lives beside the checkpoints, so a resumed run's log keeps the interrupted
+    # attempt's lines too; it is copied into the stage folder at the end.
+    log = _Log(work / "train.log", progress)
+    log(f"--- start {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     start = time.perf_counter()
     # Unsloth patches transformers/TRL/PEFT when imported first, and writes its compiled-code
     # cache into the working directory: keep that in the work folder.
@@ -297,6 +300,7 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
         "adaptations": notes,
     }
     log(f"done: {figures['steps']} steps, loss {figures['first_loss']} -> {figures['last_loss']}, {seconds} s")
+    shutil.copyfile(work / "train.log", out / "train.log")
     return figures
 
 
