@@ -44,7 +44,7 @@ def test_nfc_and_junk_removal():
     assert normalize("\u06c1\u0654") == "\u06c2"  # heh goal + hamza above composes (NFC)
     junk = "\ufeffگا\u200bؤں \u200eبچے\u200f انت\u00adظار\x07 \u202bمیں\u202c"
     assert normalize(junk) == "گاؤں بچے انتظار میں"
-    assert normalize("a\r\nb\tc  d\u00a0e\n\n\n\nf") == "a\nb c d e\n\nf"
+    assert normalize("a\r\nb\tc  d\u00a0e\n\n\n\nf\u2028g") == "a\nb c d e\n\nf\ng"
 
 
 def test_zwnj_kept_only_between_arabic_letters():

@@ -18,7 +18,8 @@ Tokens are counted with the base model's Llama 3 tokenizer (``base/tokenizer.jso
 special tokens.
 
 Normalisation choices (Urdu orthography):
-- NFC; CR/LF to LF; control characters removed (tab becomes a space);
+- NFC; CR/LF and the Unicode line/paragraph separators to LF; control characters removed (tab
+  becomes a space);
 - format characters removed (zero-width space, BOM, soft hyphen, bidi marks and embeddings),
   except ZWNJ (U+200C) and ZWJ (U+200D) between two Arabic-script letters, where Urdu uses them
   to break or force a join (compounds, abbreviations); anywhere else they are junk;
@@ -69,7 +70,7 @@ _LETTERS = str.maketrans({
     "\u0649": "\u06cc",  # ALEF MAKSURA -> FARSI YEH
     "\u0643": "\u06a9",  # ARABIC KAF -> KEHEH (Urdu kaf)
     **{chr(0x0660 + i): chr(0x06F0 + i) for i in range(10)},  # Arabic-Indic -> Urdu digits
-    "\u00a0": " ", "\t": " ",
+    "\u00a0": " ", "\t": " ", "\u2028": "\n", "\u2029": "\n",
 })
 _ARABIC_LETTER = r"[\u0620-\u064a\u066e-\u06d3\u06d5\u06fa-\u06ff\u0750-\u077f]"
 _JOINER = re.compile(rf"(?<!{_ARABIC_LETTER})[\u200c\u200d]|[\u200c\u200d](?!{_ARABIC_LETTER})")
