@@ -417,14 +417,14 @@ def summary(spec: Spec, stage: str, manifest: Manifest, ran: bool, console=None)
 
     f = manifest.figures
     table = Table(title=f"{stage}: {spec.release.name} ({'built' if ran else 'up to date'})")
-    for col in ("steps", "examples", "tokens", "first loss", "last loss", "seconds", "optimizer", "bf16", "adapter"):
-        table.add_column(col, justify="left" if col in ("optimizer", "adapter") else "right")
+    for col in ("steps", "examples", "tokens", "first loss", "last loss", "seconds", "optimizer", "bf16"):
+        table.add_column(col, justify="left" if col == "optimizer" else "right")
     loss = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"  # noqa: E731
     table.add_row(str(f["steps"]), f"{f['examples']:,}", f"{f['tokens'] or 0:,}", loss(f["first_loss"]),
-                  loss(f["last_loss"]), f"{f['seconds']:.1f}", f["optimizer"], str(f["bf16"]),
-                  str(stage_dir(spec, stage)))
+                  loss(f["last_loss"]), f"{f['seconds']:.1f}", f["optimizer"], str(f["bf16"]))
     console = console or Console()
     console.print(table)
+    console.print(f"adapter: {stage_dir(spec, stage)}")
     for note in f.get("adaptations", []):
         console.print(f"adapted: {note}")
 
