@@ -92,18 +92,16 @@ def endpoint(spec: Spec) -> str | None:
 
 def sources(spec: Spec, name: str) -> dict[str, Path]:
     """Path in repo -> built file, for the repo of variant ``name``."""
-    v, b = spec.variants[name], spec.build_dir
+    v, b, folder = spec.variants[name], spec.build_dir, spec.variant_dir(name)
     out: dict[str, Path] = {}
     if v.format in ("safetensors", "bnb-4bit"):
-        folder = b / "merge" / ("bf16" if v.dtype == "bfloat16" else "fp16") if v.format == "safetensors" else b / "bnb4"
-        stage = "release" if v.format == "safetensors" else "quant4"
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST) if folder.is_dir() else []
         if not any(p.suffix == ".safetensors" for p in files):
-            raise PublishError(f"{folder}: no model built for variant {name}; run ./inv {stage} first")
+            raise PublishError(f"{folder}: no model built for variant {name}; run ./inv release first")
         out.update({p.relative_to(folder).as_posix(): p for p in files})
     else:
         for q in spec.gguf_types():
-            out[spec.gguf_file_name(q)] = b / "gguf" / spec.gguf_file_name(q)
+            out[spec.gguf_file_name(q)] = folder / spec.gguf_file_name(q)
         mf = read_manifest(b / "modelfiles")
         if mf is None:
             raise PublishError(f"{b / 'modelfiles'}: no modelfiles manifest; run ./inv release (stage modelfiles) first")
@@ -127,23 +125,23 @@ def check_verified(spec: Spec, weights: dict[Path, str]) -> None:
     where = vdir / MANIFEST
     m = read_manifest(vdir)
     if m is None:
-        raise PublishError(f"{where}: no verification manifest; run ./inv verify before publishing")
+        raise PublishError(f"{where}: no verification manifest; run ./inv release --from verify before publishing")
     artifacts = m.figures.get("artifacts", {})
     for path, sha in weights.items():
         rel = path.relative_to(spec.build_dir).as_posix()
         a = artifacts.get(rel)
         if a is None:
-            raise PublishError(f"{path}: not in the verification manifest {where}; run ./inv verify")
+            raise PublishError(f"{path}: not in the verification manifest {where}; run ./inv release --from verify")
         if not a.get("passed"):
             raise PublishError(f"{path}: failed verification (variant {a.get('variant')}"
-                               f"{' ' + a['quant'] if a.get('quant') else ''}); fix it and run ./inv verify")
+                               f"{' ' + a['quant'] if a.get('quant') else ''}); fix it and run ./inv release --from verify")
         if a.get("sha256") != sha:
             raise PublishError(f"{path}: bytes changed since verification (sha256 {sha[:12]}…, verified "
-                               f"{str(a.get('sha256'))[:12]}…); run ./inv verify again")
+                               f"{str(a.get('sha256'))[:12]}…); run ./inv release --from verify again")
     if not m.figures.get("passed"):
         failed = sorted(k for k, v in m.figures.get("variants", {}).items() if not v.get("passed"))
         raise PublishError(f"{where}: verification failed ({', '.join(failed) or 'no variant passed'}); "
-                           "fix the failing variants and run ./inv verify")
+                           "fix the failing variants and run ./inv release --from verify")
     cards = read_manifest(spec.build_dir / "cards")
     if cards is not None and cards.inputs.get("verify") != sha256_file(where):
         raise PublishError(f"{spec.build_dir / 'cards'}: cards predate the current verification; run ./inv cards")
@@ -316,7 +314,8 @@ def offers_xet(api, repo: str) -> bool:
 
 def push(spec: Spec, plans: list[RepoPlan] | None = None, *, console: Console | None = None,
          progress: bool = True) -> list[PushResult]:
-    """Upload each planned repo as one commit, then tag it. Re-running resumes."""
+    """Upload each planned repo as one commit, then tag it. Re-running resumes. The caller
+    prints ``push_table(spec, results)``."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
@@ -368,7 +367,6 @@ def push(spec: Spec, plans: list[RepoPlan] | None = None, *, console: Console | 
                 results.append(PushResult(p.repo, commit_url, oid, len(adds), p.upload_bytes, tag))
     finally:
         enable_progress_bars()
-    console.print(push_table(spec, results))
     return results
 
 

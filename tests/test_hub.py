@@ -312,7 +312,7 @@ def test_refuses_without_verification_manifest(release_build, tmp_path, local_hu
     with pytest.raises(hub.PublishError) as e:
         hub.push(spec, progress=False)
     assert str(e.value) == (f"{spec.build_dir / 'verify' / 'manifest.json'}: no verification manifest; "
-                            "run ./inv verify before publishing")
+                            "run ./inv release --from verify before publishing")
     assert local_hub.stats["requests"] == {}  # nothing left the machine
 
 
@@ -333,7 +333,7 @@ def test_refuses_a_failed_gate(release_build, tmp_path, local_hub):
     with pytest.raises(hub.PublishError) as e:
         hub.plan(spec, progress=False)
     q4 = spec.build_dir / "gguf" / spec.gguf_file_name("Q4_K_M")
-    assert str(e.value) == f"{q4}: failed verification (variant gguf Q4_K_M); fix it and run ./inv verify"
+    assert str(e.value) == f"{q4}: failed verification (variant gguf Q4_K_M); fix it and run ./inv release --from verify"
     assert local_hub.stats["requests"] == {}
 
 
@@ -359,7 +359,7 @@ def test_refuses_bytes_changed_after_verification(release_build, tmp_path, local
     with pytest.raises(hub.PublishError) as e:
         hub.push(spec, progress=False)
     assert str(e.value).startswith(f"{target}: bytes changed since verification (sha256 ")
-    assert str(e.value).endswith("run ./inv verify again") and "\n" not in str(e.value)
+    assert str(e.value).endswith("run ./inv release --from verify again") and "\n" not in str(e.value)
     assert local_hub.stats["requests"] == {}
 
 
@@ -422,4 +422,4 @@ def test_cards_and_push_tasks(release_build, tmp_path, monkeypatch):
     unverified = inv("push", "--spec", str(spec.path))
     assert unverified.returncode == 2 and unverified.stderr.splitlines() == [
         f"error: {spec.build_dir / 'verify' / 'manifest.json'}: no verification manifest; "
-        "run ./inv verify before publishing"]
+        "run ./inv release --from verify before publishing"]
