@@ -246,7 +246,7 @@ def cards(c, spec=DEMO, force=False):
     pipeline.summary(s, [pipeline.StageResult("cards", card.stage_dir(s), manifest, ran)])
     if not manifest.figures.get("verified"):
         print("note: no verification manifest yet, so the variants table has no figures; "
-              "run ./inv verify, then ./inv cards")
+              "run ./inv release --from verify")
 
 
 @task(help={"spec": f"release spec (default {DEMO})", "push": "upload and tag (default: show the plan only)"})
@@ -255,6 +255,8 @@ def push(c, spec=DEMO, push=False):
 
     Refuses weight files that the verification manifest does not list as passed with the same
     bytes. Token from HF_TOKEN or `hf auth login`. Re-run an interrupted push to resume it."""
+    from rich.console import Console
+
     from release import hub
 
     s = _spec(spec)
@@ -262,7 +264,8 @@ def push(c, spec=DEMO, push=False):
     if not push:
         print("plan only: nothing was uploaded; add --push to publish")
         return
-    _guarded(lambda: hub.push(s, plans))
+    results = _guarded(lambda: hub.push(s, plans))
+    Console().print(hub.push_table(s, results))
 
 
 @task(help={"spec": f"release spec (default {DEMO})", "force": "curate again even if up to date",
