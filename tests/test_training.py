@@ -93,9 +93,10 @@ def test_stage_outputs_and_manifest(trained):
 
 
 def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
-    """Loss of the CPT training blocks, all of them, before and after CPT: evaluated in float32
-    without dropout on fixed data, so the comparison is deterministic and reflects the training
-    alone, not which batch a step happened to see."""
+    """The loss before and after each stage on all of its training data (CPT: every packed block;
+    SFT: the answer tokens of every chat), evaluated in float32 without dropout: deterministic,
+    and about the training alone, not about which batch a logged step happened to see (the
+    logged per-step losses of a few steps go up and down with the batches)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,10 +125,35 @@ def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
     assert (logits - base_logits).abs().max() > 1e-3
     assert after < before - 1e-3, (before, after)
 
+    # SFT: the loss of the answers (what it trains on), rendered with the release's chat template
+    from release import chat
+
+    tok.chat_template = chat.jinja_template(s.chat)
+    chats = [json.loads(x)["messages"] for x in (curate.stage_dir(s) / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    examples = []
+    for messages in chats:
+        prompt = tok(tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+        full = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        assert full[:len(prompt)] == prompt
+        examples.append((torch.tensor([full]), torch.tensor([[-100] * len(prompt) + full[len(prompt):]])))
+
+    def answer_loss(model) -> float:
+        total = count = 0
+        with torch.no_grad():
+            for x, y in examples:
+                n = int((y[:, 1:] != -100).sum())
+                total += float(model(input_ids=x, labels=y).loss) * n
+                count += n
+        return total / count
+
     merged = model.merge_and_unload()
+    before = answer_loss(merged)
     sft = PeftModel.from_pretrained(merged, str(stages.stage_dir(s, "sft"))).eval()
     with torch.no_grad():
-        assert (sft(input_ids=ids[:1, :32]).logits - logits).abs().max() > 0
+        assert (sft(input_ids=ids[:1, :32]).logits - logits).abs().max() > 1e-4
+    after = answer_loss(sft)
+    assert after < before - 1e-3, (before, after)
 
 
 def test_release_merge_takes_the_chain_and_reproduces_the_sft_base(trained, tmp_path):
