@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapshot_download
@@ -190,12 +191,15 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
     for name, repo in _repos(spec).items():
         v = spec.variants[name]
         if v.format == "gguf":
-            path = hf_hub_download(repo, spec.gguf_file_name("Q4_K_M"), revision="v1.0", endpoint=server.url,
-                                   cache_dir=tmp_path / "cache")
-            assert sha256_file(Path(path)) == sha256_file(spec.build_dir / "gguf" / spec.gguf_file_name("Q4_K_M"))
-            llm = verify.load_gguf(Path(path), n_ctx=64)
-            assert llm.n_vocab() == 128256 and llm.tokenize(b"Lahore", add_bos=False) == ids
-            llm.close()
+            for q in spec.gguf_types():  # one file at a time, as `ollama run hf.co/...:Q4_K_M` does
+                path = hf_hub_download(repo, spec.gguf_file_name(q), revision="v1.0", endpoint=server.url,
+                                       cache_dir=tmp_path / "cache")
+                assert sha256_file(Path(path)) == sha256_file(spec.variant_dir(name) / spec.gguf_file_name(q))
+                llm = verify.load_gguf(Path(path), n_ctx=64)
+                assert llm.n_vocab() == 128256 and llm.tokenize(b"Lahore", add_bos=False) == ids
+                llm.eval(ids)  # runs
+                assert np.isfinite(llm.scores[len(ids) - 1]).all()
+                llm.close()
             readme = hf_hub_download(repo, "README.md", revision="v1.0", endpoint=server.url, cache_dir=tmp_path / "cache")
             assert ModelCard.load(readme).data.base_model_relation == "quantized"
             continue
@@ -210,6 +214,10 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
             ref = AutoModelForCausalLM.from_pretrained(local)
             for (k, a), (_, c) in zip(model.state_dict().items(), ref.state_dict().items()):
                 assert torch.equal(a, c), k  # the downloaded weights are the built ones, bit for bit
+        else:  # bitsandbytes 4-bit, loaded by transformers from the repo's quantization_config
+            assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.tensor([ids])).logits).all()
         card_data = ModelCard.load(Path(folder) / "README.md").data
         assert card_data.base_model == (spec.base.model if v is spec.flagship else spec.flagship.repo)
 
