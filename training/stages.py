@@ -191,7 +191,8 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     model_dir = base.model_dir(spec) if stage == "cpt" else _merged_cpt_model(spec, work, log)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=str(model_dir), max_seq_length=spec.training.sequence_length,
-        dtype=getattr(torch, settings["load_dtype"]), load_in_4bit=False)
+        dtype=getattr(torch, settings["load_dtype"]), load_in_4bit=False,
+        use_gradient_checkpointing=settings["gradient_checkpointing"])
     targets = list(spec.lora.target_modules) + list(st.modules_to_save)
     model = FastLanguageModel.get_peft_model(
         model, r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
@@ -329,7 +330,7 @@ def _arguments(spec: Spec, stage: str, settings: dict, output_dir: Path, accumul
         disable_tqdm=not progress,
         max_length=spec.training.sequence_length,
         dataset_num_proc=None,
-        gradient_checkpointing=bool(settings["gradient_checkpointing"]),
+        # gradient checkpointing is Unsloth's (get_peft_model), not the trainer's
     )
     if stage == "cpt":
         from unsloth import UnslothTrainingArguments
