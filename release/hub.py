@@ -20,7 +20,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -159,25 +159,32 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def stage(spec: Spec, name: str, files: dict[str, Path], hashes: dict[Path, str]) -> RepoPlan:
-    """``hub/<repo name>/`` holding exactly ``files``, built aside and swapped in."""
+def stage(spec: Spec, name: str, files: dict[str, Path]) -> RepoPlan:
+    """Link ``files`` into ``hub/.<repo name>.partial/`` and hash them there: what is hashed (and
+    checked against the verification) is the very inode that will be uploaded. ``commit_stage``
+    swaps the folder in."""
     v = spec.variants[name]
     folder = stage_dir(spec) / v.repo.split("/")[-1]
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     local = {}
     for path, src in sorted(files.items()):
         _link(src, partial / path)
-        sha = hashes.get(src) or sha256_file(src)
-        local[path] = LocalFile(path, src, src.stat().st_size, sha)
-    partial.mkdir(parents=True, exist_ok=True)
+        local[path] = LocalFile(path, src, (partial / path).stat().st_size, "")
+    return RepoPlan(v.repo, name, partial, local)
+
+
+def commit_stage(p: RepoPlan) -> None:
+    """Replace ``hub/<repo name>/`` by the staged partial folder."""
+    folder = p.folder.with_name(p.folder.name.removeprefix(".").removesuffix(".partial"))
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
-    os.replace(partial, folder)
+    os.replace(p.folder, folder)
     shutil.rmtree(old, ignore_errors=True)
-    return RepoPlan(v.repo, name, folder, local)
+    p.folder = folder
 
 
 # --- talking to the Hub -------------------------------------------------------------------------
@@ -246,18 +253,25 @@ def compare(plan: RepoPlan, api, secret: str | None) -> RepoPlan:
 def plan(spec: Spec, *, console: Console | None = None, progress: bool = True) -> list[RepoPlan]:
     """Stage every repo, refuse unverified weights, compare with the remote, print the table."""
     console = console or Console()
-    staged: list[tuple[str, dict[str, Path]]] = [(n, sources(spec, n)) for n in spec.variants]
-    weights = sorted({p for _, files in staged for p in files.values() if p.suffix in WEIGHTS})
-    hashes: dict[Path, str] = {}
-    with _progress(console, progress) as bar:
-        task = bar.add_task("hashing weights", total=sum(p.stat().st_size for p in weights))
-        for p in weights:
-            bar.update(task, description=f"sha256 {p.name}")
-            hashes[p] = sha256_file(p)
-            bar.advance(task, p.stat().st_size)
-        bar.update(task, description=f"sha256 of {len(weights)} weight files")
-    check_verified(spec, hashes)
-    plans = [stage(spec, name, files, hashes) for name, files in staged]
+    found = {n: sources(spec, n) for n in spec.variants}
+    plans = [stage(spec, n, files) for n, files in found.items()]
+    try:
+        with _progress(console, progress) as bar:
+            task = bar.add_task("sha256", total=sum(f.size for p in plans for f in p.files.values()))
+            for p in plans:
+                for path, f in p.files.items():
+                    bar.update(task, description=f"sha256 {path}")
+                    p.files[path] = replace(f, sha256=sha256_file(p.folder / path))
+                    bar.advance(task, f.size)
+            bar.update(task, description=f"sha256 of {sum(len(p.files) for p in plans)} files")
+        check_verified(spec, {f.source: f.sha256 for p in plans for f in p.files.values()
+                              if f.source.suffix in WEIGHTS})
+    except BaseException:
+        for p in plans:
+            shutil.rmtree(p.folder, ignore_errors=True)
+        raise
+    for p in plans:
+        commit_stage(p)
     url = endpoint(spec)
     secret = token()
     if url is None:

@@ -342,6 +342,7 @@ def test_refuses_a_failed_gate(release_build, tmp_path, local_hub):
         hub.plan(spec, progress=False)
     q4 = spec.build_dir / "gguf" / spec.gguf_file_name("Q4_K_M")
     assert str(e.value) == f"{q4}: failed verification (variant gguf Q4_K_M); fix it and run ./inv release --from verify"
+    assert not list((spec.build_dir / "hub").glob(".*.partial"))  # nothing half-staged is left
     assert local_hub.stats["requests"] == {}
 
 
