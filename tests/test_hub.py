@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -432,3 +431,33 @@ def test_cards_and_push_tasks(release_build, tmp_path, monkeypatch):
     assert unverified.returncode == 2 and unverified.stderr.splitlines() == [
         f"error: {spec.build_dir / 'verify' / 'manifest.json'}: no verification manifest; "
         "run ./inv release --from verify before publishing"]
+
+
+# --- the local Hub itself -----------------------------------------------------------------------
+
+
+def test_local_hub_multipart_pagination_and_write_auth(tmp_path, monkeypatch):
+    """The parts of the server the demo release does not reach: multipart LFS transfers,
+    paginated trees, nested folders, writes without a token."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the local Hub has no xet
+    data = os.urandom(2_500_000)
+    with HubServer(tmp_path / "hub", tokens=(TOKEN,), page_size=2, multipart_threshold=1_000_000,
+                   multipart_chunk=1_000_000) as server:
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo("org/m")
+        api.upload_file(path_or_fileobj=data, path_in_repo="w/x.safetensors", repo_id="org/m")
+        api.upload_file(path_or_fileobj=b"{}", path_in_repo="w/c.json", repo_id="org/m")
+        assert server.stats["requests"]["PUT lfs_part"] == 3 and server.stats["requests"]["POST lfs_complete"] == 1
+        tree = list(api.list_repo_tree("org/m", recursive=True))  # 4 entries, 2 per page
+        assert server.stats["requests"]["GET tree"] == 2
+        assert sorted(f.path for f in tree) == [".gitattributes", "w", "w/c.json", "w/x.safetensors"]
+        path = hf_hub_download("org/m", "w/x.safetensors", endpoint=server.url, cache_dir=tmp_path / "c")
+        assert Path(path).read_bytes() == data
+        anonymous = HfApi(endpoint=server.url, token=False)
+        with pytest.raises(HfHubHTTPError) as e:
+            anonymous.upload_file(path_or_fileobj=b"x", path_in_repo="y.txt", repo_id="org/m")
+        assert e.value.response.status_code == 401 and server.stats["unauthorized"] >= 1
+        assert [f.path for f in api.list_repo_tree("org/m")] == [".gitattributes", "w"]
