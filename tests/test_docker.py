@@ -226,9 +226,9 @@ def test_tasks_take_a_runner_and_list_docker_build():
     out = subprocess.run([str(Path(sys.executable).with_name("invoke")), "--list"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "docker.build" in out
-    for name in ("merge", "gguf", "modelfiles", "scaffold"):
+    for name in ("merge", "gguf", "modelfiles", "scaffold", "data", "train"):
         assert name in out
-        help_text = subprocess.run([str(Path(sys.executable).with_name("invoke")), name, "--help"], cwd=ROOT,
+        help_text = subprocess.run([str(Path(sys.executable).with_name("invoke")), "--help", name], cwd=ROOT,
                                    capture_output=True, text=True, check=True).stdout
         assert "--runner" in help_text, name
     bad = subprocess.run([str(Path(sys.executable).with_name("invoke")), "merge", "--adapter", "x",
