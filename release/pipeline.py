@@ -115,7 +115,7 @@ def status(spec: Spec) -> list[tuple[str, Manifest | None]]:
 
 def summary(spec: Spec, results: list[StageResult], console: Console | None = None) -> Table:
     """Stages table, then (once verified) every artifact with its gates and destination."""
-    console = console or Console(width=None if Console().is_terminal else 150)
+    console = console or Console(width=None if Console().is_terminal else 200)
     table = Table(title=f"{spec.release.name} {spec.release.version}: stages")
     for col in ("stage", "status", "files", "size", "seconds", "folder"):
         table.add_column(col, justify="right" if col in ("files", "size", "seconds") else "left")
@@ -137,7 +137,8 @@ def artifact_table(spec: Spec, figures: dict) -> Table:
     """Every verified weight file: size, sha256, its gates, and the repo it goes to."""
     t = Table(title="artifacts")
     for col in ("file", "size", "sha256", "KLD", "top-1", "Urdu", "stop", "gates", "goes to"):
-        t.add_column(col, justify="right" if col in ("size", "KLD", "top-1", "Urdu") else "left")
+        t.add_column(col, justify="right" if col in ("size", "KLD", "top-1", "Urdu") else "left",
+                     overflow="fold", no_wrap=col not in ("file", "goes to"))
     rows = figures.get("variants", {})
     for rel, a in figures.get("artifacts", {}).items():
         r = rows[a["variant"] if a["quant"] is None else f"gguf:{a['quant']}"]

@@ -1,0 +1,133 @@
+"""The whole demo release through `invoke release`, uninterrupted and killed (SIGKILL) inside each
+stage in turn: the re-runs finish it and every artifact has the same sha256 as the
+uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# the whole demo several times over (about 10-20 min on 2 cores): opt-in until it has been timed on CI
+pytestmark = pytest.mark.slow
+
+from conftest import ROOT, SPECS, write_spec
+from release import pipeline
+from release.artifacts import MANIFEST, read_manifest, sha256_file
+from release.spec import load
+
+RELEASE = "Qalb-Demo-1.0-Tiny-Instruct"
+# Files whose content records how long things took; everything else must be byte-identical.
+TIMED = {"verify/verification.json", "cpt/train.log", "sft/train.log", "data/report.json"}
+
+
+def demo_copy(folder: Path) -> Path:
+    """The demo spec and its bundled corpora in ``folder``, building into ``folder/build``."""
+    text = (SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"', 'dir = "build"')
+    spec = write_spec(folder, text)
+    shutil.copytree(SPECS / "demo", folder / "demo")
+    return spec
+
+
+def release_cmd(spec: Path) -> list[str]:
+    return [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "release", "--spec", str(spec)]
+
+
+def artifacts(build: Path) -> dict[str, str]:
+    """Every file of every stage manifest (relative to the build folder) -> sha256, read back
+    from disk, plus the Hub staging folders."""
+    out = {}
+    for manifest in sorted(build.glob(f"*/{MANIFEST}")):
+        m = read_manifest(manifest.parent)
+        for e in m.outputs:
+            path = manifest.parent / e.path
+            out[f"{manifest.parent.name}/{e.path}"] = sha256_file(path)
+    for f in sorted((build / "hub").rglob("*")):
+        if f.is_file() and f.name != "plan.json":
+            out[f.relative_to(build).as_posix()] = sha256_file(f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
+    folder = tmp_path_factory.mktemp("demo-a")
+    spec = demo_copy(folder)
+    start = time.perf_counter()
+    done = subprocess.run(release_cmd(spec), cwd=folder, capture_output=True, text=True, timeout=1800)
+    return spec, done, time.perf_counter() - start
+
+
+def test_demo_release_runs_end_to_end(uninterrupted):
+    spec_path, done, seconds = uninterrupted
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = load(spec_path)
+    for name in pipeline.applicable(spec):
+        if name != pipeline.HUB:
+            assert (pipeline.STAGES[name][1](spec) / MANIFEST).is_file(), name
+    vm = read_manifest(spec.build_dir / "verify").figures
+    assert vm["passed"] and set(vm["variants"]) == {"bf16", "fp16", "bnb4", *(f"gguf:{q}" for q in spec.gguf_types())}
+    # the hub plan staged every repo (nothing was contacted: no HF_ENDPOINT)
+    plan = json.loads((spec.build_dir / "hub" / "plan.json").read_text())
+    assert set(plan["repos"]) == {v.repo for v in spec.variants.values()} and plan["endpoint"] is None
+    out = done.stdout
+    assert "artifacts" in out and "nothing left this machine" in out
+    for v in spec.variants.values():
+        assert v.repo in out
+    print(f"demo release: {seconds:.0f} s")
+
+
+def test_a_second_run_builds_nothing(uninterrupted):
+    spec_path, _, _ = uninterrupted
+    before = artifacts(load(spec_path).build_dir)
+    again = subprocess.run(release_cmd(spec_path), cwd=spec_path.parent, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert " built " not in again.stdout and again.stdout.count("up to date") == len(pipeline.STAGES)
+    assert artifacts(load(spec_path).build_dir) == before
+
+
+def _started(build: Path, stage: str) -> bool:
+    """The stage has work on disk that a kill would cut short."""
+    if stage in ("cpt", "sft"):  # a complete trainer checkpoint: the kill exercises the resume
+        return any(build.glob(f".checkpoints/{stage}-*/trainer/checkpoint-*/trainer_state.json"))
+    partial = build / f".{stage}.partial"
+    return partial.is_dir() and (stage == "verify" or any(p.is_file() for p in partial.rglob("*")))
+
+
+def test_killed_inside_each_stage_then_resumed_gives_the_same_artifacts(uninterrupted, tmp_path):
+    spec_a, done, _ = uninterrupted
+    assert done.returncode == 0
+    spec = demo_copy(tmp_path)
+    build = load(spec).build_dir
+    killed = []
+    for stage in [n for n in pipeline.applicable(load(spec)) if n != pipeline.HUB]:
+        proc = subprocess.Popen(release_cmd(spec), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        while proc.poll() is None and not _started(build, stage):
+            time.sleep(0.005)
+        if proc.poll() is None:
+            if stage == "verify":
+                time.sleep(3)  # inside the measurements, not at their start
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed.append(stage)
+            # nothing half-built is visible: the stage folder is absent or a complete earlier build
+            m = read_manifest(build / stage) if stage not in ("cpt", "sft") else read_manifest(build / stage)
+            assert m is None or not any(p.name.endswith(".tmp") for p in (build / stage).iterdir())
+        else:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    # every stage that takes measurable time was interrupted at least once
+    assert {"base", "data", "cpt", "sft", "merge", "bnb4", "gguf", "verify"} <= set(killed), killed
+    final = subprocess.run(release_cmd(spec), cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert final.returncode == 0, final.stderr[-3000:]
+    a, b = artifacts(load(spec_a).build_dir), artifacts(build)
+    assert set(a) == set(b)
+    differ = sorted(k for k in a if a[k] != b[k] and k not in TIMED)
+    assert differ == [], differ
+    assert not list(build.glob(".*.partial")) and not list(build.glob(".checkpoints/*-*"))
