@@ -14,6 +14,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -108,6 +109,29 @@ def write_text(dest: Path, text: str) -> None:
 
 def write_json(dest: Path, data: object) -> None:
     write_text(dest, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# --- progress and memory, for the stages' figures ------------------------------------------------
+
+
+def track(items: list, enabled: bool, desc: str):
+    """``items`` with a transient rich progress bar when ``enabled``."""
+    if not enabled:
+        return items
+    from rich.progress import track as rich_track
+
+    return rich_track(items, description=desc, transient=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; getrusage would include a parent's at fork)."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 # --- stages -----------------------------------------------------------------------------------

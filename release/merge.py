@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from release import chat, llama3, shards
-from release.artifacts import Manifest, StageError, run_stage, write_json
+from release.artifacts import Manifest, StageError, peak_rss_mb, run_stage, track, write_json
 from release.spec import Spec
 
 STAGE = "merge"
@@ -229,7 +228,7 @@ def merge(base_dir: Path, adapter_dirs: list[Path], out_bf16: Path, *, chat_spec
     overflow: dict[str, int] = {}
     merged = replaced = 0
     try:
-        for name in _track(names, progress, "merging tensors"):
+        for name in track(names, progress, "merging tensors"):
             rows = shapes[name][0] if shapes[name] else 1
             cols = max(1, math.prod(shapes[name][1:]))
             # a module to save replaces everything before it: start from the last one
@@ -306,25 +305,6 @@ def write_model_files(base_dir: Path, out: Path, dtype: str, chat_spec, inferenc
                llama3.tokenizer_config(chat_spec, max_len, chat.jinja_template(chat_spec)))
     write_json(out / "special_tokens_map.json", {
         "bos_token": chat_spec.bos_token, "eos_token": chat_spec.eos_token, "pad_token": chat_spec.pad_token})
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; getrusage would include a parent's at fork)."""
-    try:
-        for line in open("/proc/self/status", encoding="ascii"):
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _track(items: list, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from rich.progress import track
-
-    return track(items, description=desc, transient=True)
 
 
 # --- stage ------------------------------------------------------------------------------------

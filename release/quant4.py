@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from release.artifacts import Manifest, StageError, write_json
+from release.artifacts import Manifest, StageError, peak_rss_mb, track, write_json
 from release.shards import INDEX, Entry, SafetensorsReader, ShardWriter, file_names, model_files, plan
 from release.spec import Spec, Variant
 
@@ -120,8 +120,6 @@ class _SpilledShard:
 def quantize_model(model_dir: Path, out: Path, v: Variant, max_shard_bytes: int | None,
                    progress: bool = True) -> dict:
     """Write the 4-bit model of ``model_dir`` (BF16 safetensors) into ``out``; returns figures."""
-    from release.merge import peak_rss_mb  # a helper, not the merge stage
-
     model_dir, out = Path(model_dir), Path(out)
     sources = model_files(model_dir)
     if not sources:
@@ -144,7 +142,7 @@ def quantize_model(model_dir: Path, out: Path, v: Variant, max_shard_bytes: int 
     current: tuple[int, _SpilledShard] | None = None
     weight_map: dict[str, str] = {}
     total = quantized_params = quantized_bytes = 0
-    items = _track(names, progress, f"bnb 4-bit ({v.dtype})")
+    items = track(names, progress, f"bnb 4-bit ({v.dtype})")
     for n in items:
         i = shard_of[n]
         if current is None or current[0] != i:
@@ -186,14 +184,6 @@ def write_model_files(model_dir: Path, out: Path, v: Variant) -> None:
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (Path(model_dir) / name).is_file():
             shutil.copyfile(Path(model_dir) / name, Path(out) / name)
-
-
-def _track(items: list, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from rich.progress import track
-
-    return track(items, description=desc, transient=True)
 
 
 # --- stage ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ This is what makes a missing stop token visible: header tokens in the output.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,7 +258,8 @@ def check(spec: Spec, t: Target, ref: Reference, tok) -> dict:
     try:
         if t.runtime == "transformers":
             # float32 compute where the stored weights allow it: measure the weights, not the matmuls
-            quantized = (t.path / "config.json").is_file() and "quantization_config" in (t.path / "config.json").read_text()
+            config = json.loads((t.path / "config.json").read_text(encoding="utf-8"))
+            quantized = "quantization_config" in config
             model = AutoModelForCausalLM.from_pretrained(t.path, dtype=torch.bfloat16 if quantized else torch.float32)
             model.eval()
             if not t.reference:

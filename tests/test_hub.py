@@ -29,7 +29,7 @@ from release.artifacts import read_manifest, run_stage, sha256_file
 from release.spec import load
 from test_merge import make_adapter
 
-TOKEN = "hf_" + secrets.token_hex(16)  # made per run; never a real credential in the tree  # recognisable: scanned for everywhere below
+TOKEN = "hf_" + secrets.token_hex(16)  # made per run, recognisable: scanned for everywhere below
 PROMPTS = ["پاکستان کا دارالحکومت کون سا شہر ہے؟", "What is the capital of Pakistan?"]
 
 
