@@ -209,6 +209,21 @@ def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=N
           f"{pipeline.human_bytes(f['bytes_written'])} written in {f['seconds']} s, peak RSS {f['peak_rss_mb']} MB")
 
 
+@task(help={"spec": f"release spec (default {DEMO})", "force": "verify again even if up to date"})
+def verify(c, spec=DEMO, force=False):
+    """Build what verification needs, then run the release gates on every variant (exit 2 on a failure)."""
+    from release import pipeline
+    from release.artifacts import read_manifest, summary_console
+
+    s = _spec(spec)
+    names = pipeline.applicable(s)
+    before = names[names.index("verify") - 1]
+    results = _guarded(lambda: pipeline.run(s, until=before) + pipeline.run(s, only="verify", force=force))
+    pipeline.summary(s, results)
+    summary_console().print(pipeline.verify_table(read_manifest(pipeline.verify.stage_dir(s)).figures))
+    print(f"{s.release.name} {s.release.version}: every release gate passed")
+
+
 @task(help={
     "spec": f"release spec (default {DEMO})",
     "model": "HF Llama folder to convert (default: the spec's merged BF16 model, build/<release>/merge/bf16)",
@@ -217,7 +232,7 @@ def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=N
 })
 def gguf(c, spec=DEMO, model=None, force=False, runner=None):
     """Convert to GGUF (F16/BF16/Q8_0) and quantize with llama.cpp (the spec's quant types)."""
-    from rich.console import Console
+    from release.artifacts import summary_console
     from rich.table import Table
 
     from release import gguf as converter, merge as merger
@@ -233,7 +248,7 @@ def gguf(c, spec=DEMO, model=None, force=False, runner=None):
         table.add_column(col)
     for row in converter.summary_rows(manifest.figures["files"]):
         table.add_row(*row)
-    Console().print(table)
+    summary_console().print(table)
 
 
 @task(help={"spec": f"release spec (default {DEMO})", "force": "write the cards again even if up to date"})
@@ -255,7 +270,7 @@ def push(c, spec=DEMO, push=False):
 
     Refuses weight files that the verification manifest does not list as passed with the same
     bytes. Token from HF_TOKEN or `hf auth login`. Re-run an interrupted push to resume it."""
-    from rich.console import Console
+    from release.artifacts import summary_console
 
     from release import hub
 
@@ -265,7 +280,7 @@ def push(c, spec=DEMO, push=False):
         print("plan only: nothing was uploaded; add --push to publish")
         return
     results = _guarded(lambda: hub.push(s, plans))
-    Console().print(hub.push_table(s, results))
+    summary_console().print(hub.push_table(s, results))
 
 
 @task(help={"spec": f"release spec (default {DEMO})", "force": "curate again even if up to date",
@@ -299,7 +314,7 @@ def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None
     """Build a container image: `release` (CPU: merge, GGUF, verify, publish) or `train` (CUDA, Unsloth)."""
     import os
 
-    from rich.console import Console
+    from release.artifacts import summary_console
     from rich.table import Table
 
     from release import docker, pipeline
@@ -320,7 +335,7 @@ def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None
         table.add_column(col)
     table.add_row(info["image"], info["tag"], pipeline.human_bytes(info["bytes"]) if info["bytes"] else "?",
                   str(info["seconds"]))
-    Console().print(table)
+    summary_console().print(table)
 
 
 # The task namespace: every task above, plus `docker.*`.

@@ -123,6 +123,14 @@ def track(items: list, enabled: bool, desc: str):
     return rich_track(items, description=desc, transient=True)
 
 
+def summary_console():
+    """A rich console for summaries: the terminal's width, or 200 columns when piped to a log
+    (rich's default of 80 would truncate repo names and paths, the very things a log is read for)."""
+    from rich.console import Console
+
+    return Console(width=None if Console().is_terminal else 200)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM; getrusage would include a parent's at fork)."""
     try:

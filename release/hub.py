@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from release.artifacts import MANIFEST, StageError, read_manifest, sha256_file, write_json
+from release.artifacts import MANIFEST, StageError, read_manifest, sha256_file, summary_console, write_json
 from release.spec import Spec
 
 STAGE = "hub"
@@ -252,7 +252,7 @@ def compare(plan: RepoPlan, api, secret: str | None) -> RepoPlan:
 
 def plan(spec: Spec, *, console: Console | None = None, progress: bool = True) -> list[RepoPlan]:
     """Stage every repo, refuse unverified weights, compare with the remote, print the table."""
-    console = console or Console()
+    console = console or summary_console()
     found = {n: sources(spec, n) for n in spec.variants}
     plans = [stage(spec, n, files) for n, files in found.items()]
     try:
@@ -333,7 +333,7 @@ def push(spec: Spec, plans: list[RepoPlan] | None = None, *, console: Console | 
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    console = console or Console()
+    console = console or summary_console()
     url = endpoint(spec)
     if url is None:
         raise PublishError(f"{spec.path}: hub.endpoint is 'local' and HF_ENDPOINT is not set; start a local Hub "

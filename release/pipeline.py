@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from release import base, card, gguf, hub, merge, modelfile, quant4, verify
-from release.artifacts import Manifest, StageError, read_manifest
+from release.artifacts import Manifest, StageError, read_manifest, summary_console
 from release.spec import Spec
 from training import curate, stages
 
@@ -73,18 +73,20 @@ def applicable(spec: Spec) -> list[str]:
 
 
 def run(spec: Spec, *, force: bool = False, only: str | None = None, start: str | None = None,
-        push: bool = False, progress: bool = True, console: Console | None = None) -> list[StageResult]:
-    """Run the stages in order; returns what each did. Raises ``StageError`` when verification
-    fails (after recording it), so nothing unverified goes on to the cards and the Hub."""
-    console = console or Console()
+        until: str | None = None, push: bool = False, progress: bool = True,
+        console: Console | None = None) -> list[StageResult]:
+    """Run the stages in order (``start`` to ``until``, or ``only`` one); returns what each did.
+    Raises ``StageError`` when verification fails (after recording it), so nothing unverified
+    goes on to the cards and the Hub."""
+    console = console or summary_console()
     names = applicable(spec)
-    for opt, value in (("--only", only), ("--from", start)):
+    for opt, value in (("--only", only), ("--from", start), ("--until", until)):
         if value is not None and value not in names:
             raise StageError(f"{opt} {value}: unknown stage (stages: {', '.join(names)})")
     if only:
         names = [only]
-    elif start:
-        names = names[names.index(start):]
+    else:
+        names = names[names.index(start) if start else 0:names.index(until) + 1 if until else None]
     results = []
     for name in names:
         if name == HUB:
@@ -115,7 +117,7 @@ def status(spec: Spec) -> list[tuple[str, Manifest | None]]:
 
 def summary(spec: Spec, results: list[StageResult], console: Console | None = None) -> Table:
     """Stages table, then (once verified) every artifact with its gates and destination."""
-    console = console or Console(width=None if Console().is_terminal else 200)
+    console = console or summary_console()
     table = Table(title=f"{spec.release.name} {spec.release.version}: stages")
     for col in ("stage", "status", "files", "size", "seconds", "folder"):
         table.add_column(col, justify="right" if col in ("files", "size", "seconds") else "left")

@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 
-# the whole demo several times over (about 10-20 min on 2 cores): opt-in until it has been timed on CI
-pytestmark = pytest.mark.slow
-
 from conftest import ROOT, SPECS, write_spec
 from release import pipeline
 from release.artifacts import MANIFEST, check_outputs, read_manifest, sha256_file
@@ -131,3 +128,39 @@ def test_killed_inside_each_stage_then_resumed_gives_the_same_artifacts(uninterr
     differ = sorted(k for k in a if a[k] != b[k] and k not in TIMED)
     assert differ == [], differ
     assert not list(build.glob(".*.partial")) and not list(build.glob(".checkpoints/*-*"))
+
+
+def _task(name: str, spec: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), name, "--spec", str(spec)]
+    return subprocess.run(cmd, cwd=spec.parent, capture_output=True, text=True, timeout=900)
+
+
+def test_verify_task_reports_gates_and_a_failed_gate_stops_publishing(uninterrupted):
+    """Last in this file: it re-verifies the uninterrupted build under a stricter spec."""
+    spec_path, _, _ = uninterrupted
+    ok = _task("verify", spec_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "every release gate passed" in ok.stdout and "verification" in ok.stdout
+    assert " built " not in ok.stdout  # everything, verification included, was up to date
+
+    # the same release with an unreachable Q8_0 gate (its measured KLD is ~0.0035)
+    text = spec_path.read_text(encoding="utf-8")
+    strict_text = text.replace("[gates.Q8_0]\nmax_kld = 0.02\n", "[gates.Q8_0]\nmax_kld = 0.000001\n")
+    assert strict_text != text
+    strict = spec_path.with_name("strict.toml")
+    strict.write_text(strict_text, encoding="utf-8")
+    failed = _task("verify", strict)
+    assert failed.returncode == 2, failed.stdout[-2000:] + failed.stderr[-2000:]
+    # the run ends with the error lines (library logs of the verify run may precede them)
+    lines = failed.stderr.splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("error: verify: release gates failed"))
+    errors = lines[first:]
+    assert all(ln.startswith("error: ") for ln in errors), errors
+    assert [ln for ln in errors if ln.startswith("error: gguf:Q8_0: KLD")], errors
+    assert "Traceback" not in failed.stderr
+    figures = read_manifest(load(strict).build_dir / "verify").figures
+    assert figures["passed"] is False and figures["variants"]["gguf:Q8_0"]["passed"] is False
+    # the publishing plan refuses the failed file in one line
+    plan = _task("push", strict)
+    assert plan.returncode == 2 and "Q8_0.gguf: failed verification" in plan.stderr, plan.stderr[-2000:]
+    assert "Traceback" not in plan.stderr

@@ -65,8 +65,9 @@ def test_stage_outputs_and_manifest(trained):
         cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
         assert cfg["base_model_name_or_path"] == s.base.model and cfg["r"] == s.lora.r
         assert cfg["lora_alpha"] == s.lora.alpha
-        assert sorted(cfg["target_modules"]) == sorted(s.lora.target_modules)
-        assert sorted(cfg["modules_to_save"] or []) == sorted(getattr(s.training, stage).modules_to_save)
+        # sorted in the file (PEFT writes its sets in hash order, which changes per process)
+        assert cfg["target_modules"] == sorted(s.lora.target_modules)
+        assert (cfg["modules_to_save"] or []) == sorted(getattr(s.training, stage).modules_to_save)
         f = m.figures
         assert f["steps"] == steps and f["first_loss"] > 0 and f["last_loss"] > 0 and f["resumed_from"] is None
         state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from release import base
-from release.artifacts import Manifest, StageError, atomic_path, run_stage, write_json
+from release.artifacts import Manifest, StageError, atomic_path, run_stage, summary_console, write_json
 from release.spec import Corpus, Filters, Spec
 
 STAGE = "data"
@@ -563,7 +563,6 @@ def run(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Mani
 
 def summary(spec: Spec, manifest: Manifest, ran: bool, console=None) -> None:
     """The retention table: documents and tokens in and out per corpus, and the kept share."""
-    from rich.console import Console
     from rich.table import Table
 
     report = json.loads((stage_dir(spec) / REPORT_FILE).read_text(encoding="utf-8"))
@@ -575,9 +574,9 @@ def summary(spec: Spec, manifest: Manifest, ran: bool, console=None) -> None:
         worst = max(c["filters"], key=lambda s: s["tokens_in"] - s["tokens_out"], default=None)
         table.add_row(name, f"{c['docs_in']:,}", f"{c['docs_out']:,}", f"{c['tokens_in']:,}", f"{c['tokens_out']:,}",
                       f"{100 * c['kept_tokens']:.1f}%", worst["filter"] if worst else "")
-    (console or Console()).print(table)
+    (console or summary_console()).print(table)
     f = manifest.figures
-    (console or Console()).print(
+    (console or summary_console()).print(
         f"CPT set: {f['cpt_documents']:,} documents, {f['cpt_tokens']:,} tokens ({100 * f['replay_share']:.1f}% English "
         f"replay, target {100 * spec.data.replay_share:.1f}%); kept {100 * f['kept_tokens']:.1f}% of the raw tokens "
         f"(card: {100 * spec.data.retained_fraction:.1f}%). SFT set: {f['sft_examples']:,} chats. "

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from release import base, chat, llama3
 from release.artifacts import (
-    Manifest, StageError, fingerprint, input_digest, run_stage, tool_versions, write_json, write_text,
+    Manifest, StageError, fingerprint, input_digest, run_stage, summary_console, tool_versions, write_json,
+    write_text,
 )
 from release.spec import Spec
 
@@ -271,6 +272,10 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = spec.base.model  # the Hub id, not this machine's folder
+    # PEFT keeps these as sets, written in hash order (PYTHONHASHSEED): sort, so the file is reproducible
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
     write_json(cfg_path, cfg)
     history = [{k: v for k, v in e.items() if k not in VOLATILE_KEYS} for e in trainer.state.log_history]
     trainer.state.save_to_json(str(work / "trainer_state.json"))
@@ -413,7 +418,6 @@ def run(spec: Spec, stage: str, *, force: bool = False, progress: bool = True) -
 
 def summary(spec: Spec, stage: str, manifest: Manifest, ran: bool, console=None) -> None:
     """One table row for the stage's run, then the hardware adaptations it made."""
-    from rich.console import Console
     from rich.table import Table
 
     f = manifest.figures
@@ -423,7 +427,7 @@ def summary(spec: Spec, stage: str, manifest: Manifest, ran: bool, console=None)
     loss = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"  # noqa: E731
     table.add_row(str(f["steps"]), f"{f['examples']:,}", f"{f['tokens'] or 0:,}", loss(f["first_loss"]),
                   loss(f["last_loss"]), f"{f['seconds']:.1f}", f["optimizer"], str(f["bf16"]))
-    console = console or Console()
+    console = console or summary_console()
     console.print(table)
     console.print(f"adapter: {stage_dir(spec, stage)}")
     for note in f.get("adaptations", []):
