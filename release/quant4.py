@@ -8,9 +8,9 @@ embeddings, norms and ``lm_head`` kept in BF16, and ``quantization_config`` in c
 that route, the model is never loaded: one tensor is quantized at a time.
 
 A shard's safetensors header must precede its data, but the packed quantization state is a JSON
-blob whose length is known only after quantizing (it holds the mean of the block maxima). So each
-shard's data goes to a spill file first and the shard is assembled (header, then the bytes) once
-its last tensor is done: memory stays at one tensor, at the cost of writing the 4-bit data twice.
+blob whose length is known only after quantizing (it holds the mean of the block maxima). So the
+states go at the end of each shard's data and its header is rewritten, to the same length, once
+they are known (see ``_Shard``): every byte is written once and memory stays at one tensor.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ import json
 import math
 import re
 import shutil
+import struct
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from release.artifacts import Manifest, StageError, peak_rss_mb, track, write_json
-from release.shards import INDEX, Entry, SafetensorsReader, ShardWriter, file_names, model_files, plan
+from release.shards import DTYPE_NAMES, INDEX, Entry, SafetensorsReader, ShardWriter, file_names, model_files, plan
 from release.spec import Spec, Variant
 
 STAGE = "bnb4"
@@ -83,38 +85,96 @@ def _estimate(name: str, shape: tuple[int, ...], dtype: torch.dtype, v: Variant)
                       Entry(f"{name}.quant_state.bitsandbytes__{v.dtype}", torch.uint8, (_STATE_MAX,))]
 
 
-class _SpilledShard:
-    """One output shard: tensors are appended to a spill file, then assembled header-first."""
+def _is_state(name: str) -> bool:
+    return ".quant_state.bitsandbytes__" in name
 
-    def __init__(self, path: Path):
+
+class _Shard:
+    """One output shard, written once, in place.
+
+    The header must precede the data, and the packed quantization states' lengths are known only
+    after quantizing. So the fixed-size tensors (their sizes follow from the shapes) are laid out
+    first and written at their offsets as they come; the states (a few hundred bytes each) go at
+    the end of the data. The header is written first with every state at its longest possible
+    length, then rewritten once the states are known, padded with spaces to the same length
+    (JSON allows the whitespace; safetensors pads its own headers the same way).
+    """
+
+    def __init__(self, path: Path, entries: list[Entry]):
         self.path = path
-        self.spill_path = path.with_name(path.name + ".spill")
-        self.spill = open(self.spill_path, "w+b")
-        self.entries: list[Entry] = []
+        self.fixed = [e for e in entries if not _is_state(e.name)]
+        self.states: dict[str, torch.Tensor | None] = {e.name: None for e in entries if _is_state(e.name)}
+        self.offsets: dict[str, tuple[int, Entry]] = {}
+        offset = 0
+        for e in self.fixed:
+            self.offsets[e.name] = (offset, e)
+            offset += e.nbytes
+        self.data_start = 0  # set by _header
+        blob = self._header({n: _STATE_MAX for n in self.states})
+        self.header_bytes = len(blob)
+        self.done = {e.name: 0 for e in self.fixed}
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(blob)) + blob)
+        # the file is written by a thread while the next tensor is quantized (writes release the GIL)
+        self.writer = ThreadPoolExecutor(max_workers=1)
+        self.pending: Future | None = None
 
-    def add(self, name: str, tensor: torch.Tensor, rows_of: tuple[int, ...] | None = None) -> None:
-        """Append ``tensor`` (or, with ``rows_of`` = the full shape, the next row block of it)."""
-        if rows_of is None or not self.entries or self.entries[-1].name != name:
-            self.entries.append(Entry(name, tensor.dtype, tuple(rows_of or tensor.shape)))
-        self.spill.write(tensor.contiguous().view(torch.uint8).numpy().data)
+    def _header(self, state_lengths: dict[str, int], pad_to: int = 0) -> bytes:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        for name, (offset, e) in self.offsets.items():
+            header[name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape),
+                            "data_offsets": [offset, offset + e.nbytes]}
+        offset = sum(e.nbytes for e in self.fixed)
+        for name, length in state_lengths.items():
+            header[name] = {"dtype": "U8", "shape": [length], "data_offsets": [offset, offset + length]}
+            offset += length
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (max(pad_to, len(blob) + (-len(blob) % 8)) - len(blob))
+        return blob
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (a whole one, or the next rows of one) at its place."""
+        if name in self.states:
+            if tensor.dtype != torch.uint8 or tensor.dim() != 1 or tensor.numel() > _STATE_MAX:
+                raise Quant4Error(f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                  f"expected at most {_STATE_MAX} bytes")
+            self.states[name] = tensor.clone()
+            return
+        offset, e = self.offsets[name]
+        if tensor.dtype != e.dtype or tuple(tensor.shape[1:]) != e.shape[1:] or \
+                self.done[name] + tensor.numel() * tensor.element_size() > e.nbytes:
+            raise Quant4Error(f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
+                              f"planned {e.dtype} {e.shape}")
+        self._wait()  # at most one block in flight: memory stays at two blocks
+        self.pending = self.writer.submit(self._write, 8 + self.header_bytes + offset + self.done[name],
+                                          tensor.contiguous().view(torch.uint8).numpy())
+        self.done[name] += tensor.numel() * tensor.element_size()
+
+    def _write(self, position: int, data) -> None:
+        self.file.seek(position)
+        self.file.write(data.data)
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
 
     def finish(self) -> int:
-        self.spill.flush()
-        self.spill.seek(0)
-        writer = ShardWriter(self.path, self.entries)
-        for e in self.entries:
-            row = e.nbytes // e.shape[0] if len(e.shape) > 1 else e.dtype.itemsize
-            step = max(1, ROW_BLOCK_BYTES // row) * row
-            left = e.nbytes
-            while left:
-                chunk = torch.frombuffer(bytearray(self.spill.read(min(left, step))), dtype=torch.uint8)
-                left -= chunk.numel()
-                chunk = chunk.view(e.dtype)
-                writer.write(e.name, chunk.reshape(-1, *e.shape[1:]) if len(e.shape) > 1 else chunk)
-        writer.close()
-        self.spill.close()
-        self.spill_path.unlink()
-        return sum(e.nbytes for e in self.entries)
+        self._wait()
+        self.writer.shutdown()
+        short = [e.name for e in self.fixed if self.done[e.name] != e.nbytes]
+        missing = [n for n, s in self.states.items() if s is None]
+        if short or missing:
+            self.file.close()
+            raise Quant4Error(f"{self.path.name}: incomplete tensors {(short + missing)[:3]}")
+        self.file.seek(8 + self.header_bytes + sum(e.nbytes for e in self.fixed))
+        for s in self.states.values():
+            self.file.write(s.numpy().tobytes())
+        self.file.truncate()
+        self.file.seek(8)
+        self.file.write(self._header({n: s.numel() for n, s in self.states.items()}, pad_to=self.header_bytes))
+        self.file.close()  # the stage syncs every output once, before its manifest
+        return sum(e.nbytes for e in self.fixed) + sum(s.numel() for s in self.states.values())
 
 
 def quantize_model(model_dir: Path, out: Path, v: Variant, max_shard_bytes: int | None,
@@ -139,34 +199,37 @@ def quantize_model(model_dir: Path, out: Path, v: Variant, max_shard_bytes: int 
     shard_of = {e.name: i for i, g in enumerate(groups) for e in g}
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    current: tuple[int, _SpilledShard] | None = None
+    current: tuple[int, _Shard] | None = None
     weight_map: dict[str, str] = {}
     total = quantized_params = quantized_bytes = 0
-    items = track(names, progress, f"bnb 4-bit ({v.dtype})")
-    for n in items:
+    # reads: whole projection weights, other tensors in blocks of rows
+    blocks: list[tuple[str, tuple[int, int] | None]] = []
+    for n in names:
+        shape = shapes[n]
+        row_bytes = max(1, math.prod(shape[1:]) * dtypes[n].itemsize) if len(shape) > 1 else 0
+        step = max(1, ROW_BLOCK_BYTES // row_bytes) if row_bytes else 0
+        if QUANTIZED.fullmatch(n) or not step or shape[0] <= step:
+            blocks.append((n, None))
+        else:
+            blocks += [(n, (r, min(r + step, shape[0]))) for r in range(0, shape[0], step)]
+    for n, rows in track(blocks, progress, f"bnb 4-bit ({v.dtype})"):
+        tensor = readers[sources[n]].read(n) if rows is None else readers[sources[n]].read(n, rows)
         i = shard_of[n]
         if current is None or current[0] != i:
             if current is not None:
                 total += current[1].finish()
-            current = (i, _SpilledShard(out / files[i]))
+            current = (i, _Shard(out / files[i], groups[i]))
         shard = current[1]
-        reader = readers[sources[n]]
         if QUANTIZED.fullmatch(n):
-            for key, t in quantize_tensor(n, reader.read(n), v):
-                shard.add(key, t)
+            for key, q in quantize_tensor(n, tensor, v):
+                shard.add(key, q)
                 weight_map[key] = files[i]
-                quantized_bytes += t.numel() * t.element_size()
+                quantized_bytes += q.numel() * q.element_size()
             quantized_params += math.prod(shapes[n])
         else:
-            shape = shapes[n]
-            row_bytes = max(1, math.prod(shape[1:]) * dtypes[n].itemsize) if len(shape) > 1 else 0
-            step = max(1, ROW_BLOCK_BYTES // row_bytes) if row_bytes else 0
-            if not step or shape[0] <= step:
-                shard.add(n, reader.read(n))
-            else:
-                for r in range(0, shape[0], step):
-                    shard.add(n, reader.read(n, (r, min(r + step, shape[0]))), rows_of=shape)
+            shard.add(n, tensor)
             weight_map[n] = files[i]
+        del tensor
     if current is not None:
         total += current[1].finish()
     if len(files) > 1:

@@ -72,7 +72,15 @@ def test_sharded_within_limit_with_index(ours):
         held = [k for k, v in index["weight_map"].items() if v == f.name]
         assert f.stat().st_size <= 40_000_000 or len(held) == 1, (f.name, held)
     assert set(index["weight_map"].values()) == {f.name for f in files}
-    assert not list(out.glob("*.spill"))
+    assert not [p.name for p in out.iterdir() if p.suffix not in (".safetensors", ".json")]  # no leftovers
+    for f in files:  # header rewritten in place: JSON padded with spaces, data exactly to the end
+        raw = f.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        assert n % 8 == 0 and raw[8:8 + n].rstrip(b" ").endswith(b"}")
+        spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert 8 + n + spans[-1][1] == len(raw)
     # 4 bits per weight plus the (double-quantized) block statistics
     assert 4.0 < figures["bits_per_weight"] < 4.3
 
