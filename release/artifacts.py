@@ -145,6 +145,9 @@ def peak_rss_mb() -> float:
 # --- stages -----------------------------------------------------------------------------------
 
 
+TOOLCHAIN = "qalb-release"  # this project's distribution name (pyproject.toml)
+
+
 def tool_versions(*packages: str) -> dict[str, str]:
     out = {}
     for name in packages:
@@ -227,7 +230,8 @@ def run_stage(
     stage_dir = Path(stage_dir)
     digests = {k: input_digest(v) for k, v in (inputs or {}).items()}
     sections = dict(spec_sections or {})
-    versions = tool_versions(*tools)
+    # the toolchain's own version too: bump it when a stage's output changes, and releases rebuild
+    versions = tool_versions(TOOLCHAIN, *tools)
     fp = fingerprint(digests, sections, versions)
 
     old = None if force else read_manifest(stage_dir)

@@ -3,6 +3,7 @@ sections or damaged outputs, atomic writes, and no half-built stage after a cras
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -44,6 +45,7 @@ def test_manifest_records_outputs_and_is_skipped_when_unchanged(tmp_path):
     on_disk = json.loads((stage / "manifest.json").read_text())
     assert on_disk["inputs"]["corpus"] == artifacts.sha256_file(inp)
     assert on_disk["figures"] == {"answer": 42} and on_disk["tools"]["torch"] == "2.13.0+cpu"
+    assert on_disk["tools"]["qalb-release"] == importlib.metadata.version("qalb-release")
     assert {e["path"]: e["size"] for e in on_disk["outputs"]} == {"model.bin": 7, "sub/config.json": 8}
     assert artifacts.check_outputs(stage, m, deep=True) == []
 
