@@ -50,7 +50,7 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
 
 def main() -> None:
     import llamacpp
-    from merge import build_inputs  # the same 8B-shaped model as the merge benchmark
+    from merge import alternate, build_inputs  # the same 8B-shaped model as the merge benchmark
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=2)
@@ -69,17 +69,8 @@ def main() -> None:
                       str(work / "ref.gguf"), "--outtype", "f16"],
     }
     env = {**os.environ, "PYTHONPATH": str(ref_dir / "gguf-py")}
-    results: dict[str, dict] = {}
-    names = list(cmds)
-    for r in range(args.repeat):
-        for tool in (names if r % 2 == 0 else names[::-1]):
-            subprocess.run(["sync"])
-            print(f"round {r + 1}: {tool} ...", flush=True)
-            res = timed(cmds[tool], env if tool == "llama.cpp" else None)
-            print(f"  {res['seconds']:.1f} s, peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)
-            best = results.get(tool)
-            if best is None or res["seconds"] < best["seconds"]:
-                results[tool] = {**res, "peak_rss_gb": max(res["peak_rss_gb"], best["peak_rss_gb"] if best else 0)}
+    results = alternate({tool: (lambda tool=tool: timed(cmds[tool], env if tool == "llama.cpp" else None))
+                         for tool in cmds}, args.repeat)
     same = subprocess.run(["cmp", "-s", str(work / "ours.gguf"), str(work / "ref.gguf")]).returncode == 0
     for f in ("ours.gguf", "ref.gguf"):
         (work / f).unlink(missing_ok=True)

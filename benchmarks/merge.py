@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +130,24 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def alternate(tools: dict[str, Callable[[], dict]], repeat: int) -> dict[str, dict]:
+    """Run each tool ``repeat`` times, alternating which goes first, each after a ``sync`` (so no
+    run pays for the last one's dirty pages). Keeps each tool's best wall time and its highest
+    peak RSS over all runs."""
+    results: dict[str, dict] = {}
+    names = list(tools)
+    for round_ in range(repeat):
+        for tool in (names if round_ % 2 == 0 else names[::-1]):
+            subprocess.run(["sync"])
+            print(f"round {round_ + 1}: running {tool} ...", flush=True)
+            r = tools[tool]()
+            print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+            best = results.get(tool)
+            peak = max(r["peak_rss_gb"], best["peak_rss_gb"] if best else 0)
+            results[tool] = {**(r if best is None or r["seconds"] < best["seconds"] else best), "peak_rss_gb": peak}
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -138,20 +157,18 @@ def main() -> None:
     work = Path(args.work)
     base, adapter = build_inputs(work, args.layers)
     spec_path = str(ROOT / "specs" / "demo.toml")
-    results: dict[str, dict] = {}
-    order = [("ours", OURS), ("peft", PEFT)]
-    for round_ in range(args.repeat):
-        for tool, code in (order if round_ % 2 == 0 else order[::-1]):
-            out = work / f"out-{tool}"
+
+    def tool(name: str, code: str) -> Callable[[], dict]:
+        def go() -> dict:
+            out = work / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
-            subprocess.run(["sync"])  # start each run without the last one's dirty pages
-            print(f"round {round_ + 1}: running {tool} ...", flush=True)
             r = run(code, spec_path, str(base), str(adapter), str(out))
             r["bytes"] = folder_bytes(out)
-            print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
-            if tool not in results or r["seconds"] < results[tool]["seconds"]:
-                results[tool] = {**r, "peak_rss_gb": max(r["peak_rss_gb"], results.get(tool, {}).get("peak_rss_gb", 0))}
             shutil.rmtree(out, ignore_errors=True)
+            return r
+        return go
+
+    results = alternate({"ours": tool("ours", OURS), "peft": tool("peft", PEFT)}, args.repeat)
 
     from rich.console import Console
     from rich.table import Table

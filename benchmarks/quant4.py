@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from merge import HWM, build_inputs, folder_bytes, run  # noqa: E402
+from merge import HWM, alternate, build_inputs, folder_bytes, run  # noqa: E402
 
 OURS = HWM + """
 import json, sys, time
@@ -88,19 +87,15 @@ def main() -> None:
     work = Path(args.work)
     base, _ = build_inputs(work, args.layers, adapter=False)
     spec_path = str(ROOT / "specs" / "demo.toml")
-    results: dict[str, dict] = {}
-    order = [("ours", OURS), ("transformers", TRANSFORMERS)]
-    for round_ in range(args.repeat):
-        for tool, code in (order if round_ % 2 == 0 else order[::-1]):
-            out = work / f"q4-{tool}"
+
+    def tool(code: str, out: Path):
+        def go() -> dict:
             shutil.rmtree(out, ignore_errors=True)
-            subprocess.run(["sync"])
-            print(f"round {round_ + 1}: running {tool} ...", flush=True)
-            r = run(code, spec_path, str(base), str(out))
-            r["bytes"] = folder_bytes(out)
-            print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
-            if tool not in results or r["seconds"] < results[tool]["seconds"]:
-                results[tool] = {**r, "peak_rss_gb": max(r["peak_rss_gb"], results.get(tool, {}).get("peak_rss_gb", 0))}
+            return {**run(code, spec_path, str(base), str(out)), "bytes": folder_bytes(out)}
+        return go
+
+    results = alternate({"ours": tool(OURS, work / "q4-ours"),
+                         "transformers": tool(TRANSFORMERS, work / "q4-transformers")}, args.repeat)
     bad = differing_tensors(work / "q4-ours", work / "q4-transformers")
     for tool in results:
         shutil.rmtree(work / f"q4-{tool}", ignore_errors=True)
