@@ -217,8 +217,9 @@ def verify(c, spec=DEMO, force=False):
 
     s = _spec(spec)
     names = pipeline.applicable(s)
-    before = names[names.index("verify") - 1]
-    results = _guarded(lambda: pipeline.run(s, until=before) + pipeline.run(s, only="verify", force=force))
+    stage = pipeline.verify.STAGE
+    before = names[names.index(stage) - 1]
+    results = _guarded(lambda: pipeline.run(s, until=before) + pipeline.run(s, only=stage, force=force))
     pipeline.summary(s, results)
     summary_console().print(pipeline.verify_table(read_manifest(pipeline.verify.stage_dir(s)).figures))
     print(f"{s.release.name} {s.release.version}: every release gate passed")
