@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from release.artifacts import Manifest, StageError, peak_rss_mb, track, write_json
-from release.shards import DTYPE_NAMES, INDEX, Entry, SafetensorsReader, ShardWriter, file_names, model_files, plan
+from release.shards import DTYPE_NAMES, INDEX, Entry, SafetensorsReader, file_names, model_files, plan
 from release.spec import Spec, Variant
 
 STAGE = "bnb4"
@@ -109,7 +109,6 @@ class _Shard:
         for e in self.fixed:
             self.offsets[e.name] = (offset, e)
             offset += e.nbytes
-        self.data_start = 0  # set by _header
         blob = self._header({n: _STATE_MAX for n in self.states})
         self.header_bytes = len(blob)
         self.done = {e.name: 0 for e in self.fixed}
@@ -140,6 +139,8 @@ class _Shard:
                                   f"expected at most {_STATE_MAX} bytes")
             self.states[name] = tensor.clone()
             return
+        if name not in self.offsets:
+            raise Quant4Error(f"{self.path.name}: {name} was not planned for this shard")
         offset, e = self.offsets[name]
         if tensor.dtype != e.dtype or tuple(tensor.shape[1:]) != e.shape[1:] or \
                 self.done[name] + tensor.numel() * tensor.element_size() > e.nbytes:
