@@ -233,10 +233,10 @@ def verify(c, spec=DEMO, force=False):
 })
 def gguf(c, spec=DEMO, model=None, force=False, runner=None):
     """Convert to GGUF (F16/BF16/Q8_0) and quantize with llama.cpp (the spec's quant types)."""
-    from release.artifacts import summary_console
     from rich.table import Table
 
     from release import gguf as converter, merge as merger
+    from release.artifacts import summary_console
 
     if _runner("gguf", runner, spec=spec, model=model, force=force):
         return
@@ -271,9 +271,8 @@ def push(c, spec=DEMO, push=False):
 
     Refuses weight files that the verification manifest does not list as passed with the same
     bytes. Token from HF_TOKEN or `hf auth login`. Re-run an interrupted push to resume it."""
-    from release.artifacts import summary_console
-
     from release import hub
+    from release.artifacts import summary_console
 
     s = _spec(spec)
     plans = _guarded(lambda: hub.plan(s))
@@ -315,10 +314,10 @@ def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None
     """Build a container image: `release` (CPU: merge, GGUF, verify, publish) or `train` (CUDA, Unsloth)."""
     import os
 
-    from release.artifacts import summary_console
     from rich.table import Table
 
     from release import docker, pipeline
+    from release.artifacts import summary_console
 
     extra = {}
     for item in build_arg or []:
