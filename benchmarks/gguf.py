@@ -11,7 +11,6 @@ the highest peak RSS (VmHWM) of each are kept.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -50,13 +49,9 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
 
 def main() -> None:
     import llamacpp
-    from merge import alternate, build_inputs  # the same 8B-shaped model as the merge benchmark
+    from merge import alternate, arguments, build_inputs  # the same 8B-shaped model as the merge benchmark
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--work", default=str(ROOT / "build" / "bench"))
-    p.add_argument("--repeat", type=int, default=2)
-    args = p.parse_args()
+    args = arguments(__doc__, layers=2)
     if not Path("/usr/bin/time").exists():
         raise SystemExit("needs GNU time (/usr/bin/time): apt-get install time")
     work = Path(args.work)

@@ -148,12 +148,17 @@ def alternate(tools: dict[str, Callable[[], dict]], repeat: int) -> dict[str, di
     return results
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--work", default=str(ROOT / "build" / "bench"))
+def arguments(doc: str, layers: int) -> argparse.Namespace:
+    """The options every benchmark here takes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--layers", type=int, default=layers, help="decoder layers of the 8B-shaped model")
+    p.add_argument("--work", default=str(ROOT / "build" / "bench"), help="where inputs are built (once) and outputs go")
     p.add_argument("--repeat", type=int, default=2, help="rounds, alternating the order; best of each kept")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__, layers=4)
     work = Path(args.work)
     base, adapter = build_inputs(work, args.layers)
     spec_path = str(ROOT / "specs" / "demo.toml")

@@ -17,7 +17,6 @@ the highest peak RSS of each are kept. Afterwards the two outputs are compared t
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from merge import HWM, alternate, build_inputs, folder_bytes, run  # noqa: E402
+from merge import HWM, alternate, arguments, build_inputs, folder_bytes, run  # noqa: E402
 
 OURS = HWM + """
 import json, sys, time
@@ -79,11 +78,7 @@ def differing_tensors(a: Path, b: Path) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--work", default=str(ROOT / "build" / "bench"))
-    p.add_argument("--repeat", type=int, default=2, help="rounds, alternating the order; best of each kept")
-    args = p.parse_args()
+    args = arguments(__doc__, layers=4)
     work = Path(args.work)
     base, _ = build_inputs(work, args.layers, adapter=False)
     spec_path = str(ROOT / "specs" / "demo.toml")

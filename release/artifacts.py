@@ -10,6 +10,7 @@ stage could take for finished ones. A stage whose manifest matches its inputs is
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -145,7 +146,10 @@ def peak_rss_mb() -> float:
 # --- stages -----------------------------------------------------------------------------------
 
 
-TOOLCHAIN = "qalb-release"  # this project's distribution name (pyproject.toml)
+@functools.cache
+def toolchain() -> str:
+    """This project's distribution name, as installed from pyproject.toml."""
+    return importlib.metadata.packages_distributions()[__name__.partition(".")[0]][0]
 
 
 def tool_versions(*packages: str) -> dict[str, str]:
@@ -231,7 +235,7 @@ def run_stage(
     digests = {k: input_digest(v) for k, v in (inputs or {}).items()}
     sections = dict(spec_sections or {})
     # the toolchain's own version too: bump it when a stage's output changes, and releases rebuild
-    versions = tool_versions(TOOLCHAIN, *tools)
+    versions = tool_versions(toolchain(), *tools)
     fp = fingerprint(digests, sections, versions)
 
     old = None if force else read_manifest(stage_dir)

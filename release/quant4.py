@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from release.artifacts import Manifest, StageError, peak_rss_mb, track, write_json
-from release.shards import DTYPE_NAMES, INDEX, Entry, SafetensorsReader, file_names, model_files, plan
+from release.shards import INDEX, Entry, SafetensorsReader, file_names, header, model_files, plan
 from release.spec import Spec, Variant
 
 STAGE = "bnb4"
@@ -119,17 +119,8 @@ class _Shard:
         self.pending: Future | None = None
 
     def _header(self, state_lengths: dict[str, int], pad_to: int = 0) -> bytes:
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        for name, (offset, e) in self.offsets.items():
-            header[name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape),
-                            "data_offsets": [offset, offset + e.nbytes]}
-        offset = sum(e.nbytes for e in self.fixed)
-        for name, length in state_lengths.items():
-            header[name] = {"dtype": "U8", "shape": [length], "data_offsets": [offset, offset + length]}
-            offset += length
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (max(pad_to, len(blob) + (-len(blob) % 8)) - len(blob))
-        return blob
+        return header([*self.fixed, *(Entry(n, torch.uint8, (length,)) for n, length in state_lengths.items())],
+                      pad_to=pad_to)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (a whole one, or the next rows of one) at its place."""
@@ -172,8 +163,12 @@ class _Shard:
         for s in self.states.values():
             self.file.write(s.numpy().tobytes())
         self.file.truncate()
+        blob = self._header({n: s.numel() for n, s in self.states.items()}, pad_to=self.header_bytes)
+        if len(blob) != self.header_bytes:  # cannot happen: every state and offset is at most its placeholder
+            self.file.close()
+            raise Quant4Error(f"{self.path.name}: header grew from {self.header_bytes} to {len(blob)} bytes")
         self.file.seek(8)
-        self.file.write(self._header({n: s.numel() for n, s in self.states.items()}, pad_to=self.header_bytes))
+        self.file.write(blob)
         self.file.close()  # the stage syncs every output once, before its manifest
         return sum(e.nbytes for e in self.fixed) + sum(s.numel() for s in self.states.values())
 

@@ -58,20 +58,25 @@ def file_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+def header(entries: Iterable[Entry], metadata: dict[str, str] | None = None, pad_to: int = 0) -> bytes:
+    """The safetensors header (without its 8-byte length) for ``entries`` laid out in order,
+    padded with spaces to a multiple of 8, or to ``pad_to`` bytes when that is longer."""
+    out: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        out[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    blob = json.dumps(out, separators=(",", ":")).encode()
+    return blob + b" " * (max(pad_to, len(blob) + (-len(blob) % 8)) - len(blob))
+
+
 class ShardWriter:
     """Write one safetensors file tensor by tensor, in the order the entries were given."""
 
     def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.entries = list(entries)
-        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
-        offset = 0
-        for e in self.entries:
-            header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape),
-                              "data_offsets": [offset, offset + e.nbytes]}
-            offset += e.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
+        blob = header(self.entries, metadata)
         self._next = 0
         self._done = 0
         self._file = open(self.path, "wb")

@@ -33,8 +33,8 @@ def demo_copy(folder: Path) -> Path:
     return spec
 
 
-def release_cmd(spec: Path) -> list[str]:
-    return [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "release", "--spec", str(spec)]
+def release_cmd(spec: Path, task: str = "release") -> list[str]:
+    return [sys.executable, "-m", "invoke", "--search-root", str(ROOT), task, "--spec", str(spec)]
 
 
 def artifacts(build: Path) -> dict[str, str]:
@@ -131,8 +131,7 @@ def test_killed_inside_each_stage_then_resumed_gives_the_same_artifacts(uninterr
 
 
 def _task(name: str, spec: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), name, "--spec", str(spec)]
-    return subprocess.run(cmd, cwd=spec.parent, capture_output=True, text=True, timeout=900)
+    return subprocess.run(release_cmd(spec, name), cwd=spec.parent, capture_output=True, text=True, timeout=900)
 
 
 def test_verify_task_reports_gates_and_a_failed_gate_stops_publishing(uninterrupted):
