@@ -14,12 +14,11 @@ RUNNER_HELP = "docker: run in the task's container image; local: here (default: 
 
 def _guarded(fn: Callable[[], object]) -> object:
     """Run ``fn``; turn the toolchain's own errors into one line each on stderr and exit 2."""
-    from release.artifacts import StageError
-    from release.spec import SpecError
+    from release.errors import ReleaseError
 
     try:
         return fn()
-    except (SpecError, StageError) as e:
+    except ReleaseError as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         raise Exit(code=2) from None

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from release.errors import StageError
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -61,10 +62,6 @@ class Manifest:
         for e in sorted(self.outputs, key=lambda e: e.path):
             h.update(f"{e.path}\0{e.size}\0{e.sha256}\n".encode())
         return h.hexdigest()
-
-
-class StageError(RuntimeError):
-    """A stage that cannot run or whose recorded state is inconsistent (one-line message)."""
 
 
 # --- hashing and atomic writes ----------------------------------------------------------------

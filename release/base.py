@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from release import scaffold
-from release.artifacts import Manifest, StageError, run_stage, sha256_file, write_json
+from release.errors import StageError
+from release.artifacts import Manifest, run_stage, sha256_file, write_json
 from release.spec import Spec
 
 STAGE = "base"

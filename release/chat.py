@@ -23,15 +23,12 @@ from __future__ import annotations
 import json
 import unicodedata
 
+from release.errors import TemplateError
 from release import llama3
 from release.spec import Chat
 
 HEADER_START = "<|start_header_id|>"
 HEADER_END = "<|end_header_id|>"
-
-
-class TemplateError(ValueError):
-    """A spec value that cannot be placed in a template safely."""
 
 
 def _literal(text: str, where: str) -> str:

@@ -25,7 +25,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from release.artifacts import StageError
+from release.errors import DockerError, StageError
+
 
 IMAGES = ("release", "train")
 RUNNERS = ("docker", "local")
@@ -43,10 +44,6 @@ PATH_OPTIONS = ("spec", "base", "adapter", "out", "model", "check")
 # Folder inside the build context where `build` stages the wheelhouse and the CA bundle
 # (.dockerignore lets it through; the rest of build/ stays out of the context).
 STAGING = Path("build/.cache/docker")
-
-
-class DockerError(StageError):
-    """The docker runner cannot start, or the command in the container failed (one line)."""
 
 
 # --- pure command builders --------------------------------------------------------------------

@@ -22,18 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from release.errors import GGUFError, StageError
 from release import chat, shards
-from release.artifacts import StageError, atomic_path, sha256_file
+from release.artifacts import atomic_path, sha256_file
 from release.spec import Spec
 
 STAGE = "gguf"
 CONVERTED = ("F16", "BF16", "Q8_0")
 K_QUANTS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 BLOCK_ELEMENTS = 4 * 1024 * 1024
-
-
-class GGUFError(StageError):
-    """A model this converter cannot write, or a quantization that would not be what it says."""
 
 
 @dataclass(frozen=True)

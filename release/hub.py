@@ -27,16 +27,13 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from release.artifacts import MANIFEST, StageError, read_manifest, sha256_file, summary_console, write_json
+from release.errors import PublishError, StageError
+from release.artifacts import MANIFEST, read_manifest, sha256_file, summary_console, write_json
 from release.spec import Spec
 
 STAGE = "hub"
 WEIGHTS = (".safetensors", ".gguf")
 KEEP_REMOTE = (".gitattributes",)  # created by the Hub with the repo; never deleted by a push
-
-
-class PublishError(StageError):
-    """Publishing refused or failed (one line, never holding the token)."""
 
 
 @dataclass(frozen=True)

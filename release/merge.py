@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from release.errors import MergeError, StageError
 from release import chat, llama3, shards
-from release.artifacts import Manifest, StageError, peak_rss_mb, run_stage, track, write_json
+from release.artifacts import Manifest, peak_rss_mb, run_stage, track, write_json
 from release.spec import Spec
 
 STAGE = "merge"
@@ -39,10 +40,6 @@ BLOCK_ELEMENTS = 4 * 1024 * 1024  # about 16 MB of float32 per block: see row_bl
 # not implement; any of them set is refused.
 UNSUPPORTED = ("use_qalora", "use_bdlora", "alora_invocation_tokens", "trainable_token_indices",
                "layer_replication", "target_parameters", "lora_bias")
-
-
-class MergeError(StageError):
-    """A base model or adapter that cannot be merged (one line: file, problem, fix)."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from release.errors import ModelfileError
 from release import chat
 from release.spec import Spec
 
@@ -36,10 +37,6 @@ PARAMETERS: dict[str, type] = {
 DEPRECATED = ("penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mlock",
               "mirostat", "mirostat_tau", "mirostat_eta", "tfs_z")
 ROLES = ("system", "user", "assistant")
-
-
-class ModelfileError(ValueError):
-    """A Modelfile Ollama would reject; ``str()`` is ``file:line: message``."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from release import base, card, gguf, hub, merge, modelfile, quant4, verify
-from release.artifacts import Manifest, StageError, read_manifest, summary_console
+from release.errors import StageError
+from release.artifacts import Manifest, read_manifest, summary_console
 from release.spec import Spec
 from training import curate, stages
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from release.artifacts import Manifest, StageError, peak_rss_mb, track, write_json
+from release.errors import Quant4Error, StageError
+from release.artifacts import Manifest, peak_rss_mb, track, write_json
 from release.shards import INDEX, Entry, SafetensorsReader, file_names, header, model_files, plan
 from release.spec import Spec, Variant
 
@@ -39,10 +40,6 @@ QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.weig
 ROW_BLOCK_BYTES = 64 << 20
 # the longest a packed quantization state can be: its only free field is a float's repr
 _STATE_MAX = 256
-
-
-class Quant4Error(StageError):
-    pass
 
 
 def variant(spec: Spec) -> tuple[str, Variant] | None:

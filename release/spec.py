@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from release.errors import SpecError
+
 __all__ = ["Spec", "SpecError", "load", "GGUF_TYPES"]
 
 # llama.cpp file types the GGUF stage can produce: F16/BF16/Q8_0 by conversion, the rest by
@@ -30,14 +32,6 @@ GGUF_TYPES = (
 )
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULL_MODULES = ("embed_tokens", "lm_head")
-
-
-class SpecError(ValueError):
-    """A spec that cannot be used; ``str()`` gives one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 # --- schema -----------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from release.artifacts import StageError
+from release.errors import StageError, VerifyError
+
 from release.spec import Gate, Spec
 
 
@@ -176,10 +177,6 @@ def urdu_purity(texts: list[str]) -> float:
 # --- the verify stage -------------------------------------------------------------------------
 
 STAGE = "verify"
-
-
-class VerifyError(StageError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from release.errors import CurationError, StageError
 from release import base
-from release.artifacts import Manifest, StageError, atomic_path, run_stage, summary_console, write_json
+from release.artifacts import Manifest, atomic_path, run_stage, summary_console, write_json
 from release.spec import Corpus, Filters, Spec
 
 STAGE = "data"
@@ -57,10 +58,6 @@ ALIF_FIELDS = ("instruction", "input", "output")
 SHINGLE = 5  # characters per MinHash shingle
 TEXT_FILTERS = ("normalize", "boilerplate", "length", "script", "repetition", "exact_dup", "near_dup")
 INSTRUCT_FILTERS = ("normalize", "empty", "exact_dup")
-
-
-class CurationError(StageError):
-    """A corpus that cannot be read (one line: file:line, problem, fix)."""
 
 
 # --- normalisation ----------------------------------------------------------------------------

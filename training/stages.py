@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 
 from release import base, chat, llama3
+from release.errors import StageError
 from release.artifacts import (
-    Manifest, StageError, fingerprint, input_digest, run_stage, summary_console, tool_versions, write_json,
+    Manifest, fingerprint, input_digest, run_stage, summary_console, tool_versions, write_json,
     write_text,
 )
 from release.spec import Spec

@@ -1,0 +1,66 @@
+"""Every error a user can cause, in one family.
+
+Anything raised from these classes is the user's to fix (a spec value, a missing file, a failed
+gate, a Hub refusal), so tasks print ``str(e)`` as ``error: <line>`` lines and exit 2, never a
+traceback. Each message names the file or key and says what to do. Anything else is a bug in the
+toolchain and keeps its traceback. This module imports nothing, so every module may import it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ReleaseError", "SpecError", "TemplateError", "ModelfileError", "StageError", "CurationError",
+    "MergeError", "Quant4Error", "GGUFError", "VerifyError", "PublishError", "DockerError",
+]
+
+
+class ReleaseError(Exception):
+    """The base of everything a user can cause; ``str()`` is one line per problem."""
+
+
+class SpecError(ReleaseError):
+    """A spec that cannot be used; ``problems`` holds one line each (file, key, what is expected)."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class TemplateError(ReleaseError):
+    """A spec value that cannot be placed in a Jinja or Go template safely."""
+
+
+class ModelfileError(ReleaseError):
+    """A Modelfile Ollama would reject; ``str()`` is ``file:line: message``."""
+
+
+class StageError(ReleaseError):
+    """A stage that cannot run, or whose recorded state is inconsistent."""
+
+
+class CurationError(StageError):
+    """A corpus that cannot be read or curated as the spec says."""
+
+
+class MergeError(StageError):
+    """An adapter that does not fit its base (shapes, names, base model, PEFT type)."""
+
+
+class Quant4Error(StageError):
+    """A model the bitsandbytes 4-bit stage cannot quantize."""
+
+
+class GGUFError(StageError):
+    """A model or quant type the GGUF stage cannot convert or quantize."""
+
+
+class VerifyError(StageError):
+    """A variant that cannot be loaded or run for verification."""
+
+
+class PublishError(StageError):
+    """A Hub plan or push that was refused (unverified files, the server's answer, the token)."""
+
+
+class DockerError(StageError):
+    """A container engine or image that is missing or failed."""
