@@ -94,7 +94,8 @@ def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=F
     e.g. one with Llama 3.1 8B layer shapes for benchmarks."""
     from dataclasses import replace
 
-    from release import base, pipeline, scaffold as kit
+    from release import base, pipeline
+    from release import scaffold as kit
 
     if _runner("scaffold", runner, spec=spec, out=out, shape=shape, layers=layers, seed=seed, force=force):
         return
@@ -104,8 +105,8 @@ def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=F
             print(f"error: {spec}: has no [base.scaffold]; give --out to build a standalone model",
                   file=sys.stderr)
             raise Exit(code=2)
-        manifest, ran = _guarded(lambda: base.run(s, force=force))
-        pipeline.summary(s, [pipeline.StageResult("base", base.stage_dir(s), manifest, ran)])
+        manifest = _guarded(lambda: base.run(s, force=force))
+        pipeline.summary(s, [pipeline.StageResult(base.STAGE, base.folder(s), manifest)])
         return
     if not (str(layers).isdigit() and int(layers) > 0 and str(seed).isdigit()):
         print(f"error: --layers {layers} --seed {seed}: expected a positive layer count and a seed >= 0", file=sys.stderr)
@@ -120,7 +121,7 @@ def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=F
     from release.artifacts import run_stage
 
     # built aside and swapped in with a manifest, like every stage: an interrupted run leaves no model
-    manifest, _ = _guarded(lambda: run_stage(
+    manifest = _guarded(lambda: run_stage(
         "scaffold", Path(out), lambda tmp: kit.write_model(tmp, sc, s.chat, max_shard_bytes=s.max_shard_bytes,
                                                           progress=True),
         release=s.release.name, spec_sections={"scaffold": kit.describe(sc)}, force=force))
@@ -156,28 +157,25 @@ def release(c, spec=DEMO, force=False, only=None, from_=None, push=False):
     "runner": RUNNER_HELP,
 })
 def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None, runner=None):
-    """Write one Ollama Modelfile per GGUF type (named after its tag), or --check one."""
+    """Write the modelfiles stage's files (one Ollama Modelfile per GGUF type, named after its tag,
+    the hf.co template/system/params files and the LICENSE), or --check one Modelfile."""
     from release import modelfile
-    from release.artifacts import write_text
 
     if _runner("modelfiles", runner, spec=spec, out=out, check=check):
         return
 
     if check:
-        try:
-            mf = modelfile.check_file(Path(check))
-        except modelfile.ModelfileError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise Exit(code=2) from None
+        mf = _guarded(lambda: modelfile.check_file(Path(check)))
         print(f"{check}: ok: FROM {mf.model}; {len(mf.parameters)} parameters "
               f"({', '.join(mf.parameters)}); template {'set' if mf.template else 'not set'}; "
               f"system {'set' if mf.system else 'not set'}")
         return
     s = _spec(spec)
+    written = _guarded(lambda: modelfile.write_all(s, Path(out)))
     for qtype in s.gguf_types():
         path = Path(out) / modelfile.modelfile_name(s, qtype)
-        _guarded(lambda: write_text(path, modelfile.render(s, qtype)))
         print(f"{path}: {s.ollama.model}:{s.ollama.tags[qtype]} from {s.gguf_file_name(qtype)}")
+    print(f"{len(written)} files in {out}: " + ", ".join(p.name for p in written if p.suffix != ".Modelfile"))
 
 
 @task(iterable=["adapter"], help={
@@ -190,7 +188,9 @@ def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None, runner=N
 })
 def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=None):
     """Merge LoRA adapters into the base model: streamed BF16 (and FP16) safetensors."""
-    from release import base as base_stage, merge as merger, pipeline
+    from release import base as base_stage
+    from release import merge as merger
+    from release import pipeline
 
     if _runner("merge", runner, spec=spec, base=base, adapter=adapter, out=out, force=force):
         return
@@ -200,10 +200,10 @@ def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=N
         print("error: give at least one --adapter FOLDER", file=sys.stderr)
         raise Exit(code=2)
     base_dir = Path(base) if base else base_stage.model_dir(s)
-    out_dir = Path(out) if out else merger.stage_dir(s)
-    manifest, ran = _guarded(lambda: merger.run_merge(s, base_dir, [Path(a) for a in adapter], out_dir, force=force))
-    pipeline.summary(s, [pipeline.StageResult("merge", out_dir, manifest, ran)])
+    out_dir = Path(out) if out else merger.folder(s)
+    manifest = _guarded(lambda: merger.run_merge(s, base_dir, [Path(a) for a in adapter], out_dir, force=force))
     f = manifest.figures
+    print(f"{out_dir}: {'built' if manifest.built else 'up to date'}, {len(manifest.outputs)} files")
     print(f"{f['tensors']} tensors ({f['lora_merged']} LoRA merges, {f['replaced']} replaced), "
           f"{pipeline.human_bytes(f['bytes_written'])} written in {f['seconds']} s, peak RSS {f['peak_rss_mb']} MB")
 
@@ -220,13 +220,13 @@ def verify(c, spec=DEMO, force=False):
     before = names[names.index(stage) - 1]
     results = _guarded(lambda: pipeline.run(s, until=before) + pipeline.run(s, only=stage, force=force))
     pipeline.summary(s, results)
-    summary_console().print(pipeline.verify_table(read_manifest(pipeline.verify.stage_dir(s)).figures))
+    summary_console().print(pipeline.verify_table(read_manifest(pipeline.folder(s, stage)).figures))
     print(f"{s.release.name} {s.release.version}: every release gate passed")
 
 
 @task(help={
     "spec": f"release spec (default {DEMO})",
-    "model": "HF Llama folder to convert (default: the spec's merged BF16 model, build/<release>/merge/bf16)",
+    "model": "HF Llama folder to convert (default: the spec's merged BF16 model)",
     "force": "convert again even if up to date",
     "runner": RUNNER_HELP,
 })
@@ -234,17 +234,17 @@ def gguf(c, spec=DEMO, model=None, force=False, runner=None):
     """Convert to GGUF (F16/BF16/Q8_0) and quantize with llama.cpp (the spec's quant types)."""
     from rich.table import Table
 
-    from release import gguf as converter, merge as merger
+    from release import gguf as converter
     from release.artifacts import summary_console
 
     if _runner("gguf", runner, spec=spec, model=model, force=force):
         return
 
     s = _spec(spec)
-    source = Path(model) if model else merger.stage_dir(s) / "bf16"
-    manifest, ran = _guarded(lambda: converter.run(s, source, force=force))
-    table = Table(title=f"GGUF files of {s.release.name} ({'built' if ran else 'up to date'})")
-    for col in ("type", "file", "size", "bits/weight", "sha256", "seconds", "KLD vs BF16", "same top-1"):
+    source = Path(model) if model else converter.inputs(s)["model"]
+    manifest = _guarded(lambda: converter.run_from(s, source, force=force))
+    table = Table(title=f"GGUF files of {s.release.name} ({'built' if manifest.built else 'up to date'})")
+    for col in ("type", "file", "size", "bits/weight", "sha256", "seconds"):
         table.add_column(col)
     for row in converter.summary_rows(manifest.figures["files"]):
         table.add_row(*row)
@@ -257,8 +257,8 @@ def cards(c, spec=DEMO, force=False):
     from release import card, pipeline
 
     s = _spec(spec)
-    manifest, ran = _guarded(lambda: card.run(s, force=force))
-    pipeline.summary(s, [pipeline.StageResult("cards", card.stage_dir(s), manifest, ran)])
+    manifest = _guarded(lambda: card.run(s, force=force))
+    pipeline.summary(s, [pipeline.StageResult(card.STAGE, card.folder(s), manifest)])
     if not manifest.figures.get("verified"):
         print("note: no verification manifest yet, so the variants table has no figures; "
               "run ./inv release --from verify")
@@ -292,7 +292,7 @@ def data(c, spec=DEMO, force=False, runner=None):
         return
 
     s = _spec(spec)
-    curate.summary(s, *_guarded(lambda: curate.run(s, force=force)))
+    curate.summary(s, _guarded(lambda: curate.run(s, force=force)))
 
 
 @task(help={"stage": "cpt (continued pre-training) or sft (instruction fine-tuning)",
@@ -306,7 +306,7 @@ def train(c, stage, spec=DEMO, force=False, runner=None):
         return
 
     s = _spec(spec)
-    stages.summary(s, stage, *_guarded(lambda: stages.run(s, stage, force=force)))
+    stages.summary(s, stage, _guarded(lambda: stages.run(s, stage, force=force)))
 
 
 def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None, ca_bundle=None, build_arg=None):
@@ -337,7 +337,17 @@ def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None
     summary_console().print(table)
 
 
-# The task namespace: every task above, plus `docker.*`.
+def _hub_serve(c, port=8999, root="build/localhub", token=None, host="127.0.0.1"):
+    """Serve a local Hugging Face Hub (repos kept in a folder) until Ctrl-C; point HF_ENDPOINT at it."""
+    import os
+
+    from release import localhub
+
+    secret = token or os.environ.get("HF_TOKEN") or None  # never printed
+    _guarded(lambda: localhub.serve(Path(root), port=int(port), host=host, tokens=(secret,) if secret else None))
+
+
+# The task namespace: every task above, plus `docker.*` and `hub.*`.
 ns = Collection.from_module(sys.modules[__name__])
 ns.add_collection(Collection("docker", task(name="build", iterable=["build_arg"], help={
     "image": "release (CPU) or train (CUDA + Unsloth)",
@@ -347,3 +357,10 @@ ns.add_collection(Collection("docker", task(name="build", iterable=["build_arg"]
     "ca-bundle": "CA bundle for pip's HTTPS in the build (default: $PIP_CERT, if set)",
     "build-arg": "KEY=VALUE passed to docker build; repeatable (e.g. TORCH_INDEX_URL=...)",
 })(_docker_build)))
+ns.add_collection(Collection("hub", task(name="serve", auto_shortflags=False, help={  # -h stays --help
+    "port": "port to listen on (default 8999; 0: any free port)",
+    "root": "folder holding the repos (default build/localhub)",
+    "token": "write token clients must send (default, and safer than this option, which others can see in ps: "
+             "$HF_TOKEN; with neither, any bearer token)",
+    "host": "address to listen on (default 127.0.0.1)",
+})(_hub_serve)))

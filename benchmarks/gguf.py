@@ -11,9 +11,7 @@ the highest peak RSS (VmHWM) of each are kept.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time

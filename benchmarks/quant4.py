@@ -17,7 +17,6 @@ the highest peak RSS of each are kept. Afterwards the two outputs are compared t
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 from release.errors import StageError
 
 MANIFEST = "manifest.json"
@@ -46,13 +47,18 @@ class Manifest:
     figures: dict = field(default_factory=dict)
     seconds: float = 0.0
     schema: int = SCHEMA
+    # True when this run built the stage, False when it was up to date; not written to the file
+    built: bool = field(default=False, compare=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        data = asdict(self)
+        del data["built"]
+        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
         data = json.loads(text)
+        data.pop("built", None)
         data["outputs"] = [FileEntry(**e) for e in data.get("outputs", [])]
         return cls(**data)
 
@@ -127,6 +133,15 @@ def summary_console():
     from rich.console import Console
 
     return Console(width=None if Console().is_terminal else 200)
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, as the Hub and disk tools show sizes."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
 
 
 def peak_rss_mb() -> float:
@@ -221,9 +236,9 @@ def run_stage(
     spec_sections: dict[str, str] | None = None,
     tools: tuple[str, ...] = (),
     force: bool = False,
-) -> tuple[Manifest, bool]:
+) -> Manifest:
     """Run ``build(partial_dir)`` unless ``stage_dir`` holds a manifest with the same fingerprint
-    and intact outputs. Returns ``(manifest, ran)``.
+    and intact outputs. Returns the manifest; its ``built`` says whether this call built it.
 
     ``build`` writes its files into the folder it is given and may return figures for the
     manifest. Its folder replaces ``stage_dir`` only after the manifest is written and synced.
@@ -237,7 +252,7 @@ def run_stage(
 
     old = None if force else read_manifest(stage_dir)
     if old is not None and old.fingerprint == fp and not check_outputs(stage_dir, old):
-        return old, False
+        return old
 
     partial = stage_dir.with_name(f".{stage_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -259,7 +274,8 @@ def run_stage(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return manifest, True
+    manifest.built = True
+    return manifest
 
 
 def _swap_in(partial: Path, stage_dir: Path) -> None:

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 from release import scaffold
-from release.errors import StageError
 from release.artifacts import Manifest, run_stage, sha256_file, write_json
+from release.errors import StageError
 from release.spec import Spec
 
 STAGE = "base"
@@ -25,20 +25,25 @@ SOURCE = "source.json"
 TOOLS = ("torch", "safetensors", "tokenizers", "transformers", "llama-models")
 
 
-def stage_dir(spec: Spec) -> Path:
+def folder(spec: Spec) -> Path:
     return spec.build_dir / STAGE
+
+
+def inputs(spec: Spec) -> dict[str, Path]:
+    """None from other stages: the base comes from the spec (a scaffold, a local path or the Hub)."""
+    return {}
 
 
 def model_dir(spec: Spec) -> Path:
     """The folder holding the base model's files, once the stage has run."""
-    out = stage_dir(spec)
+    out = folder(spec)
     source = out / SOURCE
     if source.is_file():
         return Path(json.loads(source.read_text(encoding="utf-8"))["path"])
     return out
 
 
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
     sections = {k: spec.section_hash(k) for k in ("base", "chat.bos_token", "chat.eos_token", "chat.pad_token")}
 
     def build(out: Path) -> dict:
@@ -46,10 +51,10 @@ def run(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Mani
             return scaffold.write_model(
                 out, spec.base.scaffold, spec.chat, max_shard_bytes=spec.max_shard_bytes,
                 tokenizer_cache=spec.resolve(spec.build.dir) / ".cache", progress=progress)
-        folder = spec.resolve(spec.base.path) if spec.base.path else _download(spec.base.model)
-        return _record(folder, out)
+        source = spec.resolve(spec.base.path) if spec.base.path else _download(spec.base.model)
+        return _record(source, out)
 
-    return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name,
+    return run_stage(STAGE, folder(spec), build, release=spec.release.name,
                      spec_sections=sections, tools=TOOLS, force=force)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from release import chat
+from release import chat, shards
 from release.artifacts import MANIFEST, Manifest, read_manifest, run_stage
 from release.spec import Spec, Variant
 
@@ -105,8 +105,7 @@ def _body(spec: Spec, name: str, v: Variant, gguf_manifest: Manifest | None,
         "Llama 3 chat format. Without a system message the default Urdu system prompt is used:",
         "",
         "```",
-        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{spec.chat.system_prompt}<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\n{user_message}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        chat.render(spec.chat, [{"role": "user", "content": "{user_message}"}]),
         "```",
         "",
         "## Recommended inference",
@@ -135,12 +134,13 @@ def _citation(spec: Spec) -> list[str]:
             f"  note = {{version {r.version}}}", "}", "```", ""]
 
 
-def _repo_path(spec: Spec, rel: str) -> str:
-    """A build path (``merge/bf16/x``, ``bnb4/x``, ``gguf/x``) as the file's path in its repo."""
-    for prefix in ("merge/bf16/", "merge/fp16/", "bnb4/", "gguf/"):
-        if rel.startswith(prefix):
-            return rel[len(prefix):]
-    return rel
+def _repo_path(spec: Spec, rel: str, variant: str) -> str:
+    """A weight file's build path (relative to the build folder) as its path in the repo of
+    ``variant``: relative to the folder the pipeline builds that variant in."""
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    path, folder = spec.build_dir / rel, pipeline.variant_dir(spec, variant)
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else rel
 
 
 def _verified_variants(spec: Spec, vm: Manifest, gguf_manifest: Manifest | None, parameters: int | None) -> list[str]:
@@ -175,7 +175,7 @@ def _verified_variants(spec: Spec, vm: Manifest, gguf_manifest: Manifest | None,
         else:
             kl, top1 = f"{f['kld_mean']:.4f}", f"{100 * f['top1']:.1f}%"
         quant = q or {"bfloat16": "BF16", "float16": "FP16"}.get(v.dtype, f"bitsandbytes {v.dtype.upper()}")
-        out.append(f"| {v.repo} | `{_repo_path(spec, rel)}` | {quant} | {_size(a['size'])} | {bpw} "
+        out.append(f"| {v.repo} | `{_repo_path(spec, rel, a['variant'])}` | {quant} | {_size(a['size'])} | {bpw} "
                    f"| `{a['sha256'][:16]}…` | {kl} | {top1} |")
     return out + [""]
 
@@ -185,8 +185,7 @@ def _size(n: int) -> str:
 
 
 def _variants(spec: Spec, gguf_manifest: Manifest | None) -> list[str]:
-    out = ["## Variants", "", "| repo | format | files | size | bits/weight | sha256 | KL vs BF16 | same top-1 |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["## Variants", "", "| repo | format | files | size | bits/weight | sha256 |", "|---|---|---|---|---|---|"]
     files = (gguf_manifest.figures.get("files", {}) if gguf_manifest else {})
     for v in spec.variants.values():
         if v.format == "gguf":
@@ -194,11 +193,11 @@ def _variants(spec: Spec, gguf_manifest: Manifest | None) -> list[str]:
                 f = files.get(q)
                 if f:
                     out.append(f"| {v.repo} | GGUF {q} | `{f['file']}` | {f['bytes'] / 1e9:.2f} GB | {f['bits_per_weight']:.2f} "
-                               f"| `{f['sha256'][:16]}…` | {f['kld_mean']:.4f} | {100 * f['top1']:.1f}% |")
+                               f"| `{f['sha256'][:16]}…` |")
                 else:
-                    out.append(f"| {v.repo} | GGUF {q} | `{spec.gguf_file_name(q)}` | | | | | |")
+                    out.append(f"| {v.repo} | GGUF {q} | `{spec.gguf_file_name(q)}` | | | |")
         else:
-            out.append(f"| {v.repo} | {v.format} {v.dtype} | safetensors | | | | | |")
+            out.append(f"| {v.repo} | {v.format} {v.dtype} | safetensors | | | |")
     return out + [""]
 
 
@@ -255,41 +254,33 @@ def write_all(spec: Spec, out_dir: Path, gguf_manifest: Manifest | None = None,
     return written
 
 
-def count_parameters(folder: Path) -> int | None:
-    """Weights in a safetensors model folder, from the file headers (nothing loaded)."""
-    import json
-    import math
-    import struct
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-    return total
-
-
-def stage_dir(spec: Spec) -> Path:
+def folder(spec: Spec) -> Path:
     return spec.build_dir / STAGE
 
 
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
-    """Stage ``cards``: ``cards/<variant>/README.md`` from the spec, the verification manifest and
-    the GGUF manifest (whichever exist; the cards are rebuilt when they change)."""
-    b = spec.build_dir
-    # the manifest files themselves: their figures (KL, top-1, sha256) are what the cards show
-    found = {k: b / k / MANIFEST for k in ("verify", "gguf") if (b / k / MANIFEST).is_file()}
+def inputs(spec: Spec) -> dict[str, Path]:
+    """The manifests of the verify and gguf stages, whichever exist (their figures are what the
+    cards show; the cards are rebuilt when they change). Cards can be written before either."""
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    feeds = pipeline.upstream(spec, STAGE)
+    return {k: feeds[k] / MANIFEST for k in ("verify", "gguf") if (feeds[k] / MANIFEST).is_file()}
+
+
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``cards``: ``cards/<variant>/README.md`` from the spec and the manifests it finds."""
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    found = inputs(spec)
+    model = pipeline.upstream(spec, STAGE)["model"]
     sections = {k: spec.section_hash(k) for k in ("release", "base", "lora", "training", "chat", "inference",
                                                    "variants", "ollama")}
 
     def build(out: Path) -> dict:
-        written = write_all(spec, out, read_manifest(b / "gguf"), read_manifest(b / "verify"),
-                            count_parameters(b / "merge" / "bf16"))
+        manifests = {k: read_manifest(p.parent) for k, p in found.items()}
+        written = write_all(spec, out, manifests.get("gguf"), manifests.get("verify"),
+                            shards.count_parameters(model))
         return {"cards": len(written), "verified": "verify" in found}
 
-    return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name, inputs=found,
+    return run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs=found,
                      spec_sections=sections, tools=("huggingface_hub",), force=force)

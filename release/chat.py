@@ -21,11 +21,10 @@ Conversation semantics follow Ollama's, since Ollama cannot be changed and Jinja
 from __future__ import annotations
 
 import json
-import unicodedata
 
-from release.errors import TemplateError
 from release import llama3
-from release.spec import Chat
+from release.errors import TemplateError
+from release.spec import Chat, unprintable
 
 HEADER_START = "<|start_header_id|>"
 HEADER_END = "<|end_header_id|>"
@@ -33,9 +32,9 @@ HEADER_END = "<|end_header_id|>"
 
 def _literal(text: str, where: str) -> str:
     """A double-quoted string literal valid in both Jinja and Go templates."""
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") and ch not in "\n\t":
-            raise TemplateError(f"{where}: contains the control character U+{ord(ch):04X}; remove it")
+    why = unprintable(text)
+    if why:
+        raise TemplateError(f"{where}: {why}")
     return json.dumps(text, ensure_ascii=False)
 
 
@@ -65,6 +64,16 @@ def jinja_template(chat: Chat) -> str:
         "{%- if ns.open %}{{- '" + eot + "' }}{% endif %}\n"
         "{%- if add_generation_prompt %}{{- '" + HEADER_START + "assistant" + HEADER_END + "\\n\\n' }}{% endif %}"
     )
+
+
+def render(chat: Chat, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """``messages`` as the release's Jinja template renders them, with transformers' Jinja
+    settings: the text a card shows and what the model was trained on."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(jinja_template(chat)).render(
+        messages=messages, bos_token=chat.bos_token, add_generation_prompt=add_generation_prompt)
 
 
 def go_template(chat: Chat) -> str:

@@ -25,8 +25,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from release.errors import DockerError, StageError
-
+from release.artifacts import toolchain
+from release.errors import DockerError
 
 IMAGES = ("release", "train")
 RUNNERS = ("docker", "local")
@@ -53,7 +53,7 @@ def image_tag(image: str, version: str | None = None) -> str:
     """``qalb-<image>:<package version>``: the tag `docker.build` writes and the runner runs."""
     if image not in IMAGES:
         raise DockerError(f"--image {image}: expected one of {', '.join(IMAGES)}")
-    return f"qalb-{image}:{version or importlib.metadata.version('qalb-release')}"
+    return f"qalb-{image}:{version or importlib.metadata.version(toolchain())}"
 
 
 def dockerfile(image: str) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "ReleaseError", "SpecError", "TemplateError", "ModelfileError", "StageError", "CurationError",
-    "MergeError", "Quant4Error", "GGUFError", "VerifyError", "PublishError", "DockerError",
+    "MergeError", "Quant4Error", "GGUFError", "VerifyError", "PublishError", "DockerError", "LocalHubError",
 ]
 
 
@@ -64,3 +64,7 @@ class PublishError(StageError):
 
 class DockerError(StageError):
     """A container engine or image that is missing or failed."""
+
+
+class LocalHubError(ReleaseError):
+    """A local Hub that cannot start: its folder cannot be made or its port is taken."""

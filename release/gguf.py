@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from release.errors import GGUFError, StageError
 from release import chat, shards
-from release.artifacts import atomic_path, sha256_file
-from release.spec import Spec
+from release.artifacts import Manifest, atomic_path, sha256_file
+from release.errors import GGUFError
+from release.spec import CONVERTED, Spec
 
 STAGE = "gguf"
-CONVERTED = ("F16", "BF16", "Q8_0")
 K_QUANTS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 BLOCK_ELEMENTS = 4 * 1024 * 1024
 
@@ -446,15 +445,21 @@ def describe(path: Path) -> dict:
 # --- stage ------------------------------------------------------------------------------------
 
 
-def stage_dir(spec: Spec) -> Path:
+def folder(spec: Spec) -> Path:
     return spec.build_dir / STAGE
 
 
-def build(spec: Spec, model_dir: Path, out: Path, progress: bool = True, prompts: list[str] | None = None) -> dict:
-    """Every GGUF file of the spec into ``out``: the converted types, then llama.cpp's quants of
-    the F16/BF16 one; each measured against the BF16 source in transformers."""
-    from release import verify
+def inputs(spec: Spec) -> dict[str, Path]:
+    """The flagship BF16 model (from the pipeline)."""
+    from release import pipeline  # imported here: the pipeline imports the stages
 
+    return pipeline.upstream(spec, STAGE)
+
+
+def build(spec: Spec, model_dir: Path, out: Path, progress: bool = True) -> dict:
+    """Every GGUF file of the spec into ``out``: the converted types, then llama.cpp's quants of
+    the F16/BF16 one, with their sizes and bits per weight. Fidelity against BF16 is the verify
+    stage's to measure, once, for every variant."""
     types = spec.gguf_types()
     check_quantizable(model_dir, types)
     source = next((t for t in types if t in ("F16", "BF16")), None)
@@ -471,30 +476,30 @@ def build(spec: Spec, model_dir: Path, out: Path, progress: bool = True, prompts
             quantize(Path(out) / spec.gguf_file_name(source), path, qtype)
         d = describe(path)
         files[qtype] = Written(qtype, path, d["bytes"], d["bits_per_weight"], round(time.perf_counter() - start, 2))
-    figures: dict[str, dict] = {}
-    reference = verify.hf_logits(model_dir, spec, prompts)
-    for qtype, wr in files.items():
-        fid = verify.gguf_fidelity(wr.path, reference)
-        figures[qtype] = {"file": wr.path.name, "bytes": wr.bytes, "bits_per_weight": wr.bits_per_weight,
-                          "seconds": wr.seconds, "sha256": sha256_file(wr.path), **fid}
-    return {"files": figures}
+    return {"files": {q: {"file": wr.path.name, "bytes": wr.bytes, "bits_per_weight": wr.bits_per_weight,
+                          "seconds": wr.seconds, "sha256": sha256_file(wr.path)} for q, wr in files.items()}}
 
 
-def run(spec: Spec, model_dir: Path, *, force: bool = False, progress: bool = True,
-        prompts: list[str] | None = None):
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``gguf``: every GGUF type of the spec from the flagship BF16 model."""
+    return run_from(spec, inputs(spec)["model"], force=force, progress=progress)
+
+
+def run_from(spec: Spec, model_dir: Path, *, force: bool = False, progress: bool = True) -> Manifest:
+    """The gguf stage from the model in ``model_dir`` (``./inv gguf --model DIR``)."""
     from release.artifacts import run_stage
 
     if not (Path(model_dir) / "config.json").is_file():
         raise GGUFError(f"{model_dir}: no config.json; build the merge stage first or give --model")
     sections = {k: spec.section_hash(k) for k in ("release", "base.model", "chat", "variants")}
-    return run_stage(STAGE, stage_dir(spec), lambda out: build(spec, Path(model_dir), out, progress, prompts),
+    return run_stage(STAGE, folder(spec), lambda out: build(spec, Path(model_dir), out, progress),
                      release=spec.release.name, inputs={"model": Path(model_dir)}, spec_sections=sections,
                      tools=("gguf", "llama-cpp-python", "torch", "transformers"), force=force)
 
 
 def summary_rows(figures: dict) -> list[tuple[str, ...]]:
-    from release.pipeline import human_bytes
+    """Type, file, size, bits/weight, sha256 and seconds of every GGUF file the stage wrote."""
+    from release.artifacts import human_bytes
 
     return [(q, f["file"], human_bytes(f["bytes"]), f"{f['bits_per_weight']:.2f}", f["sha256"][:12],
-             f"{f['seconds']:.1f}", f"{f['kld_mean']:.5f}", f"{100 * f['top1']:.1f}%")
-            for q, f in figures.items()]
+             f"{f['seconds']:.1f}") for q, f in figures.items()]

@@ -17,8 +17,10 @@ list as passed with the same sha256. The token comes from ``HF_TOKEN`` or the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,11 +29,24 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from release.errors import PublishError, StageError
-from release.artifacts import MANIFEST, read_manifest, sha256_file, summary_console, write_json
+from release.artifacts import (
+    MANIFEST,
+    FileEntry,
+    Manifest,
+    fingerprint,
+    human_bytes,
+    input_digest,
+    read_manifest,
+    sha256_file,
+    summary_console,
+    toolchain,
+    write_json,
+)
+from release.errors import PublishError
 from release.spec import Spec
 
 STAGE = "hub"
+PLAN = "plan.json"  # the stage's record: what a push sends, per repo
 WEIGHTS = (".safetensors", ".gguf")
 KEEP_REMOTE = (".gitattributes",)  # created by the Hub with the repo; never deleted by a push
 
@@ -75,8 +90,15 @@ class PushResult:
 # --- where things are ---------------------------------------------------------------------------
 
 
-def stage_dir(spec: Spec) -> Path:
+def folder(spec: Spec) -> Path:
     return spec.build_dir / STAGE
+
+
+def inputs(spec: Spec) -> dict[str, Path]:
+    """The verification, the cards, the Modelfiles and every variant's folder (from the pipeline)."""
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    return pipeline.upstream(spec, STAGE)
 
 
 def endpoint(spec: Spec) -> str | None:
@@ -89,21 +111,22 @@ def endpoint(spec: Spec) -> str | None:
 
 def sources(spec: Spec, name: str) -> dict[str, Path]:
     """Path in repo -> built file, for the repo of variant ``name``."""
-    v, b, folder = spec.variants[name], spec.build_dir, spec.variant_dir(name)
+    v, feeds = spec.variants[name], inputs(spec)
+    built, modelfiles = feeds[name], feeds["modelfiles"]
     out: dict[str, Path] = {}
     if v.format in ("safetensors", "bnb-4bit"):
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST) if folder.is_dir() else []
+        files = sorted(p for p in built.rglob("*") if p.is_file() and p.name != MANIFEST) if built.is_dir() else []
         if not any(p.suffix == ".safetensors" for p in files):
-            raise PublishError(f"{folder}: no model built for variant {name}; run ./inv release first")
-        out.update({p.relative_to(folder).as_posix(): p for p in files})
+            raise PublishError(f"{built}: no model built for variant {name}; run ./inv release first")
+        out.update({p.relative_to(built).as_posix(): p for p in files})
     else:
         for q in spec.gguf_types():
-            out[spec.gguf_file_name(q)] = folder / spec.gguf_file_name(q)
-        mf = read_manifest(b / "modelfiles")
+            out[spec.gguf_file_name(q)] = built / spec.gguf_file_name(q)
+        mf = read_manifest(modelfiles)
         if mf is None:
-            raise PublishError(f"{b / 'modelfiles'}: no modelfiles manifest; run ./inv release (stage modelfiles) first")
-        out.update({e.path: b / "modelfiles" / e.path for e in mf.outputs if e.path != "LICENSE"})
-    out["README.md"] = b / "cards" / name / "README.md"
+            raise PublishError(f"{modelfiles}: no modelfiles manifest; run ./inv release (stage modelfiles) first")
+        out.update({e.path: modelfiles / e.path for e in mf.outputs if e.path != "LICENSE"})
+    out["README.md"] = feeds["cards"] / name / "README.md"
     out["LICENSE"] = spec.resolve(spec.release.license_file)
     for path, src in out.items():
         if not src.is_file():
@@ -118,7 +141,8 @@ def sources(spec: Spec, name: str) -> dict[str, Path]:
 def check_verified(spec: Spec, weights: dict[Path, str]) -> None:
     """Refuse unless every weight file (path -> current sha256) is in the verification manifest,
     passed, and has the same bytes; and the cards were written from that verification."""
-    vdir = spec.build_dir / "verify"
+    feeds = inputs(spec)
+    vdir = feeds["verify"]
     where = vdir / MANIFEST
     m = read_manifest(vdir)
     if m is None:
@@ -139,9 +163,9 @@ def check_verified(spec: Spec, weights: dict[Path, str]) -> None:
         failed = sorted(k for k, v in m.figures.get("variants", {}).items() if not v.get("passed"))
         raise PublishError(f"{where}: verification failed ({', '.join(failed) or 'no variant passed'}); "
                            "fix the failing variants and run ./inv release --from verify")
-    cards = read_manifest(spec.build_dir / "cards")
+    cards = read_manifest(feeds["cards"])
     if cards is not None and cards.inputs.get("verify") != sha256_file(where):
-        raise PublishError(f"{spec.build_dir / 'cards'}: cards predate the current verification; run ./inv cards")
+        raise PublishError(f"{feeds['cards']}: cards predate the current verification; run ./inv cards")
 
 
 # --- staging ------------------------------------------------------------------------------------
@@ -161,8 +185,8 @@ def stage(spec: Spec, name: str, files: dict[str, Path]) -> RepoPlan:
     checked against the verification) is the very inode that will be uploaded. ``commit_stage``
     swaps the folder in."""
     v = spec.variants[name]
-    folder = stage_dir(spec) / v.repo.split("/")[-1]
-    partial = folder.with_name(f".{folder.name}.partial")
+    repo_dir = folder(spec) / v.repo.split("/")[-1]
+    partial = repo_dir.with_name(f".{repo_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     local = {}
@@ -207,16 +231,26 @@ def _hub_errors(what: str, secret: str | None) -> Iterator[None]:
     except PublishError:
         raise
     except Exception as e:  # HTTP, network, offline mode: one line, no traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        hint = "; check the token (HF_TOKEN or `hf auth login`) and its write access" if status in (401, 403) else ""
-        raise PublishError(_scrub(f"{what}: {type(e).__name__}: {first}{hint}", secret)) from None
+        raise PublishError(_scrub(f"{what}: {type(e).__name__}: {_explain(e)}", secret)) from None
+
+
+def _explain(e: Exception) -> str:
+    """The first line of the error, the server's own explanation (huggingface_hub keeps it in
+    ``server_message``; the first line is only the status) and, for 401/403, what to check."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    server = " ".join(str(getattr(e, "server_message", None) or "").split())
+    if server and server not in first:
+        first = f"{first} ({server})" if first else server
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    hint = "; check the token (HF_TOKEN or `hf auth login`) and its write access" if status in (401, 403) else ""
+    return first + hint
 
 
 def _api(url: str, secret: str | None):
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=url, token=secret or False, library_name="qalb-release")
+    return HfApi(endpoint=url, token=secret or False, library_name=toolchain())
 
 
 def compare(plan: RepoPlan, api, secret: str | None) -> RepoPlan:
@@ -252,6 +286,58 @@ def plan(spec: Spec, *, console: Console | None = None, progress: bool = True) -
     console = console or summary_console()
     found = {n: sources(spec, n) for n in spec.variants}
     plans = [stage(spec, n, files) for n, files in found.items()]
+    _hash_and_check(spec, plans, console, progress)
+    url = endpoint(spec)
+    secret = token()
+    if url is None:
+        console.print("hub.endpoint is 'local' and HF_ENDPOINT is not set: compared with an empty remote "
+                      "(nothing was contacted)")
+        for p in plans:
+            p.add, p.change, p.delete, p.unchanged = sorted(p.files), [], [], []
+    else:
+        api = _api(url, secret)
+        plans = [compare(p, api, secret) for p in plans]
+    write_json(folder(spec) / PLAN, {
+        "release": spec.release.name, "version": spec.release.version, "endpoint": url,
+        "repos": {p.repo: {"variant": p.variant, "folder": p.folder.name, "exists": p.exists,
+                           "remote_sha": p.remote_sha, "add": p.add, "change": p.change, "delete": p.delete,
+                           "unchanged": p.unchanged, "upload_bytes": p.upload_bytes,
+                           "files": {f.path: {"size": f.size, "sha256": f.sha256, "source": str(f.source)}
+                                     for f in p.files.values()}}
+                  for p in plans}})
+    console.print(plan_table(spec, plans, url))
+    return plans
+
+
+def read_plans(spec: Spec) -> list[RepoPlan]:
+    """The plans the last ``plan`` wrote (``hub/plan.json``), so a push right after it sends what
+    was hashed and checked without hashing the release again."""
+    path = folder(spec) / PLAN
+    try:
+        repos = json.loads(path.read_text(encoding="utf-8"))["repos"]
+        return [RepoPlan(repo, r["variant"], folder(spec) / r["folder"],
+                         {p: LocalFile(p, Path(f["source"]), f["size"], f["sha256"]) for p, f in r["files"].items()},
+                         r["add"], r["change"], r["delete"], r["unchanged"], r["exists"], r["remote_sha"])
+                for repo, r in repos.items()]
+    except (OSError, ValueError, KeyError) as e:
+        raise PublishError(f"{path}: no readable Hub plan ({type(e).__name__}); run ./inv push to plan again") from None
+
+
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``hub``: plan the upload (``plan``). Always run: the remote may have changed. Its
+    record is ``hub/plan.json``; the manifest returned lists the staged files."""
+    start = time.perf_counter()
+    found = inputs(spec)
+    plans = plan(spec, progress=progress)
+    outputs = [FileEntry(f"{p.folder.name}/{f.path}", f.size, f.sha256) for p in plans for f in p.files.values()]
+    digests = {k: input_digest(v) for k, v in found.items()}
+    return Manifest(STAGE, spec.release.name, fingerprint(digests, {}, {}), digests, {}, {}, outputs,
+                    {"planned": len(plans), "upload_bytes": sum(p.upload_bytes for p in plans)},
+                    round(time.perf_counter() - start, 3), built=True)
+
+
+def _hash_and_check(spec: Spec, plans: list[RepoPlan], console: Console, progress: bool) -> None:
+    """Hash the staged files and refuse unverified weights; then swap the staging in."""
     try:
         with _progress(console, progress) as bar:
             task = bar.add_task("sha256", total=sum(f.size for p in plans for f in p.files.values()))
@@ -269,24 +355,6 @@ def plan(spec: Spec, *, console: Console | None = None, progress: bool = True) -
         raise
     for p in plans:
         commit_stage(p)
-    url = endpoint(spec)
-    secret = token()
-    if url is None:
-        console.print("hub.endpoint is 'local' and HF_ENDPOINT is not set: compared with an empty remote "
-                      "(nothing was contacted)")
-        for p in plans:
-            p.add, p.change, p.delete, p.unchanged = sorted(p.files), [], [], []
-    else:
-        api = _api(url, secret)
-        plans = [compare(p, api, secret) for p in plans]
-    write_json(stage_dir(spec) / "plan.json", {
-        "release": spec.release.name, "version": spec.release.version, "endpoint": url,
-        "repos": {p.repo: {"folder": p.folder.name, "add": p.add, "change": p.change, "delete": p.delete,
-                           "unchanged": p.unchanged, "upload_bytes": p.upload_bytes,
-                           "files": {f.path: {"size": f.size, "sha256": f.sha256} for f in p.files.values()}}
-                  for p in plans}})
-    console.print(plan_table(spec, plans, url))
-    return plans
 
 
 def plan_table(spec: Spec, plans: list[RepoPlan], url: str | None) -> Table:
@@ -334,7 +402,7 @@ def push(spec: Spec, plans: list[RepoPlan] | None = None, *, console: Console | 
     url = endpoint(spec)
     if url is None:
         raise PublishError(f"{spec.path}: hub.endpoint is 'local' and HF_ENDPOINT is not set; start a local Hub "
-                           "(python tests/hub_server.py --root DIR) and set HF_ENDPOINT to its URL")
+                           "(./inv hub.serve --root DIR) and set HF_ENDPOINT to its URL")
     secret = token()
     if not secret:
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
@@ -406,14 +474,6 @@ def push_table(spec: Spec, results: list[PushResult]) -> Table:
     for r in results:
         t.add_row(r.repo, str(r.files), human_bytes(r.bytes), r.tag, r.commit_url or f"unchanged ({r.oid[:12]})")
     return t
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _progress(console: Console, enabled: bool) -> Progress:

@@ -17,21 +17,11 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, p
 from tokenizers.models import BPE
 
 from release.artifacts import atomic_path, write_json
-from release.spec import Chat, Scaffold
 
-VOCAB_BASE = 128_000  # tiktoken ranks
-VOCAB_SIZE = 128_256  # ranks + 256 special tokens
+# The special-token table lives in the spec module, which checks [chat] against it.
+from release.spec import SPECIAL_TOKENS, VOCAB_BASE, Chat, Scaffold
 
-# Llama 3.1's special tokens, in id order from 128000 (Meta's tokenizer for 3.1).
-_NAMED = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-]
-SPECIAL_TOKENS: dict[str, int] = {
-    tok: VOCAB_BASE + i
-    for i, tok in enumerate(_NAMED + [f"<|reserved_special_token_{3 + i}|>" for i in range(256 - len(_NAMED))])
-}
+VOCAB_SIZE = VOCAB_BASE + len(SPECIAL_TOKENS)  # 128,256: tiktoken ranks + 256 special tokens
 
 # Meta's pre-tokenizer split pattern for Llama 3 (llama_models.llama3.tokenizer.Tokenizer.pat_str).
 SPLIT_PATTERN = (

@@ -2,16 +2,19 @@
 create a repo, upload (preupload, LFS batch, basic and multipart transfers), commit, tag, list and
 download. Repos live on disk under ``--root``; LFS objects are checked against their sha256.
 
-It exists so that the publishing code runs the real client end to end without the network. It
+It exists so that the publishing code runs the real client end to end without the network: the
+demo release is pushed to it, and the tests drive it in a background thread (``HubServer``). It
 counts requests and uploaded bytes (``stats``) so tests can say "nothing was sent the second
 time", and it can stall an upload after some bytes (``faults``) to interrupt a push mid-file.
 
 The xet protocol is not served (``/xet-write-token`` answers 404), as on a Hub without xet:
 clients upload through the LFS batch API. Writes need ``Authorization: Bearer <token>`` with a
-known token. Run it as a script::
+known token. Run it with ``./inv hub.serve`` (token from ``$HF_TOKEN``) or as a module::
 
-    python tests/hub_server.py --port 8999 --root /tmp/hub --token hf_local
+    HF_TOKEN=hf_local ./inv hub.serve --port 8999 --root /tmp/hub
     HF_ENDPOINT=http://127.0.0.1:8999 HF_TOKEN=hf_local ./inv push --spec specs/demo.toml --push
+
+    python -m release.localhub --port 8999 --root /tmp/hub --token hf_local
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from release.errors import LocalHubError
 
 GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in (
     "*.bin", "*.gguf", "*.h5", "*.model", "*.msgpack", "*.onnx", "*.pt", "*.pth", "*.safetensors", "*.zip"))
@@ -43,6 +49,8 @@ def git_blob_sha1(data: bytes) -> str:
 
 
 class HubError(Exception):
+    """An HTTP error answer of the server (status, message, the Hub's ``X-Error-Code``)."""
+
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
                  body: dict | None = None):
         super().__init__(message)
@@ -159,8 +167,7 @@ class HubServer:
         self._release = threading.Event()
         self.stats_lock = threading.Lock()
         self.reset_stats()
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer((host, port), self)
         self._thread: threading.Thread | None = None
 
     @property
@@ -197,442 +204,513 @@ class HubServer:
         self._release.set()
 
 
-def _handler(hub: HubServer):
-    store = hub.store
+class _HTTPServer(ThreadingHTTPServer):
+    """The HTTP server; its handlers reach the repos, tokens and counters through ``hub``."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "LocalHub/1.0"
+    daemon_threads = True
 
-        def log_message(self, format, *args):  # quiet: tests read stats instead
-            pass
+    def __init__(self, address: tuple[str, int], hub: HubServer):
+        self.hub = hub
+        super().__init__(address, Handler)
 
-        # --- plumbing ---------------------------------------------------------------------
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                out = bytearray()
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                    if size == 0:
-                        self.rfile.readline()
-                        return bytes(out)
-                    out += self.rfile.read(size)
-                    self.rfile.readline()
-            n = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(n) if n else b""
 
-        def _send(self, status: int, body: bytes | dict | list | None = None, headers: dict | None = None,
-                  head: bool = False) -> None:
-            if isinstance(body, (dict, list)):
-                data = json.dumps(body).encode()
-                headers = {"Content-Type": "application/json", **(headers or {})}
-            else:
-                data = body or b""
-            self.send_response(status)
-            for k, v in (headers or {}).items():
-                self.send_header(k, str(v))
-            self.send_header("Content-Length", str(len(data)) if not (headers or {}).get("Content-Length") else
-                             headers["Content-Length"])
-            self.end_headers()
-            if not head and data:
-                self.wfile.write(data)
+def _tree_entries(files: dict[str, dict], prefix: str, recursive: bool) -> list[dict]:
+    """The tree API's entries under ``prefix``: files, then the folders implied by their paths."""
+    entries, folders = [], set()
+    for p, e in sorted(files.items()):
+        if not p.startswith(prefix):
+            continue
+        rest = p[len(prefix):]
+        parts = rest.split("/")
+        for i in range(1, len(parts)):
+            folders.add(prefix + "/".join(parts[:i]))
+        if "/" in rest and not recursive:
+            continue
+        item = {"type": "file", "path": p, "size": e["size"], "oid": e["oid"]}
+        if e["lfs"]:
+            item["lfs"] = {"oid": e["lfs"]["oid"], "size": e["lfs"]["size"], "pointerSize": 134}
+        entries.append(item)
+    for f in sorted(folders):
+        if recursive or "/" not in f[len(prefix):]:
+            entries.append({"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()})
+    return entries
 
-        def _error(self, e: HubError) -> None:
-            headers = {"X-Error-Message": e.message, **e.headers}
-            if e.code:
-                headers["X-Error-Code"] = e.code
-            self._send(e.status, {"error": e.message, **e.body}, headers, head=self.command == "HEAD")
 
-        def _token_ok(self) -> bool:
-            auth = self.headers.get("Authorization", "")
-            if not auth.startswith("Bearer ") or not auth[7:]:
-                return False
-            return hub.tokens is None or auth[7:] in hub.tokens
-
-        def _need_write(self) -> None:
-            if not self._token_ok():
-                with hub.stats_lock:
-                    hub.stats["unauthorized"] += 1
-                raise HubError(401, "Invalid credentials in Authorization header")
-
-        def _need_read(self, repo: str) -> None:
-            if store.meta(repo)["private"] and not self._token_ok():
-                raise HubError(401, "Repository not found", "RepoNotFound")
-
-        def _base(self) -> str:
-            return f"http://{self.headers.get('Host')}"
-
-        def _dispatch(self) -> None:
-            url = urlsplit(self.path)
-            path, query = unquote(url.path), parse_qs(url.query)
-            for method, pattern, fn in ROUTES:
-                if method == self.command or (method == "GET" and self.command == "HEAD"):
-                    m = re.fullmatch(pattern, path)
-                    if m:
-                        hub.count(f"{self.command} {fn.__name__}")
-                        try:
-                            if "Authorization" in self.headers and not self._token_ok():
-                                self._body()  # as the Hub: a wrong token is refused on any route
-                                self._need_write()
-                            fn(self, query=query, **m.groupdict())
-                        except HubError as e:
-                            self._error(e)
-                        return
-            hub.count(f"{self.command} unknown")
-            self._body()
-            self._error(HubError(404, f"no route {self.command} {path}"))
-
-        do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
-
-        # --- API --------------------------------------------------------------------------
-        def whoami(self, query):
-            if not self._token_ok():
-                raise HubError(401, "Invalid credentials in Authorization header")
-            self._send(200, {"type": "user", "name": hub.user, "fullname": hub.user, "orgs": [],
-                             "auth": {"accessToken": {"displayName": "local", "role": "write"}}})
-
-        def create_repo(self, query):
-            body = json.loads(self._body() or b"{}")
-            self._need_write()
-            if body.get("type", "model") != "model":
-                raise HubError(400, "only model repos are served here")
-            repo = f"{body.get('organization') or hub.user}/{body['name']}"
-            private = body.get("visibility", "private" if body.get("private") else "public") != "public"
-            if not store.create(repo, private):
-                raise HubError(409, "You already created this model repo", body={"url": f"{self._base()}/{repo}"})
-            self._send(200, {"url": f"{self._base()}/{repo}", "name": repo, "id": repo})
-
-        def validate_yaml(self, query):
-            import yaml
-
-            content = json.loads(self._body())["content"]
-            m = re.match(r"^---\n(.*?)\n---\n", content, re.S)
-            try:
-                if m:
-                    yaml.safe_load(m.group(1))
-            except yaml.YAMLError as e:
-                self._send(400, {"errors": [{"message": str(e).splitlines()[0]}], "warnings": []})
-                return
-            self._send(200, {"errors": [], "warnings": []})
-
-        def repo_info(self, query, repo, rev="main"):
-            self._need_read(repo)
-            sha = store.resolve(repo, rev)
-            meta = store.meta(repo)
-            self._send(200, {"id": repo, "author": repo.split("/")[0], "sha": sha, "private": meta["private"],
-                             "tags": [], "siblings": [{"rfilename": p} for p in sorted(store.files(repo, sha))]})
-
-        def tree(self, query, repo, rev, sub=None):
-            self._need_read(repo)
-            sha = store.resolve(repo, rev)
-            recursive = query.get("recursive", ["false"])[0].lower() == "true"
-            prefix = (sub.strip("/") + "/") if sub else ""
-            entries, folders = [], set()
-            for p, e in sorted(store.files(repo, sha).items()):
-                if not p.startswith(prefix):
-                    continue
-                rest = p[len(prefix):]
-                parts = rest.split("/")
-                for i in range(1, len(parts)):
-                    folders.add(prefix + "/".join(parts[:i]))
-                if "/" in rest and not recursive:
-                    continue
-                item = {"type": "file", "path": p, "size": e["size"], "oid": e["oid"]}
-                if e["lfs"]:
-                    item["lfs"] = {"oid": e["lfs"]["oid"], "size": e["lfs"]["size"], "pointerSize": 134}
-                entries.append(item)
-            for f in sorted(folders):
-                if recursive or "/" not in f[len(prefix):]:
-                    entries.append({"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()})
-            if sub and not entries:
-                raise HubError(404, f"Entry {sub} not found", "EntryNotFound")
-            start = int(query.get("cursor", ["0"])[0])
-            page = entries[start:start + hub.page_size]
-            headers = {}
-            if start + hub.page_size < len(entries):
-                nxt = f"{self._base()}{urlsplit(self.path).path}?recursive={recursive}&cursor={start + hub.page_size}"
-                headers["Link"] = f'<{nxt}>; rel="next"'
-            self._send(200, page, headers)
-
-        def refs(self, query, repo):
-            self._need_read(repo)
-            meta = store.meta(repo)
-            self._send(200, {
-                "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in meta["branches"].items()],
-                "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": s} for t, s in meta["tags"].items()],
-                "converts": [], "pullRequests": []})
-
-        def preupload(self, query, repo, rev):
-            body = json.loads(self._body())
-            self._need_write()
-            try:
-                current = store.files(repo, store.resolve(repo, rev))
-            except HubError as e:
-                if e.code != "RevisionNotFound":
-                    raise
-                current = {}
-            out = []
-            for f in body["files"]:
-                sample = base64.b64decode(f["sample"])
-                lfs = f["path"].endswith(LFS_SUFFIXES) or f["size"] > REGULAR_MAX or b"\0" in sample
-                remote = current.get(f["path"])
-                oid = None
-                if remote is not None:
-                    oid = remote["lfs"]["oid"] if remote["lfs"] else remote["oid"]
-                out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                            "oid": oid})
-            self._send(200, {"files": out, "commitOid": None})
-
-        def lfs_batch(self, query, repo):
-            body = json.loads(self._body())
-            self._need_write()
-            store.meta(repo)
-            objects = []
-            for o in body["objects"]:
-                item = {"oid": o["oid"], "size": o["size"], "authenticated": True}
-                if not store.lfs_path(repo, o["oid"]).is_file():
-                    href = f"{self._base()}/__lfs/{repo}/{o['oid']}"
-                    upload = {"href": href, "header": {}}
-                    if hub.multipart_threshold is not None and o["size"] >= hub.multipart_threshold:
-                        n = -(-o["size"] // hub.multipart_chunk)
-                        upload["header"] = {"chunk_size": str(hub.multipart_chunk),
-                                            **{str(i): f"{href}/part/{i}" for i in range(1, n + 1)}}
-                    item["actions"] = {"upload": upload, "verify": {"href": f"{href}/verify", "header": {}}}
-                objects.append(item)
-            self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                       {"Content-Type": "application/vnd.git-lfs+json"})
-
-        def _receive(self, dest: Path, oid_hint: str | None) -> tuple[int, str]:
-            """Stream the request body into ``dest``, hashing it; honour a stall fault."""
-            n = int(self.headers.get("Content-Length") or 0)
-            fault = hub.faults.get(oid_hint or "")
-            h, got = hashlib.sha256(), 0
-            with open(dest, "wb") as f:
-                while got < n:
-                    want = min(1 << 16, n - got)
-                    if fault is not None and got + want > fault["after"]:
-                        want = fault["after"] - got
-                        if want <= 0:
-                            hub.stalled.set()
-                            hub._release.wait(_FAULT_WAIT_S)
-                            self.close_connection = True
-                            raise ConnectionAbortedError("upload stalled by a fault")
-                    block = self.rfile.read(want)
-                    if not block:
-                        raise ConnectionAbortedError("client went away")
-                    f.write(block)
-                    h.update(block)
-                    got += len(block)
-                    with hub.stats_lock:
-                        hub.stats["lfs_bytes"] += len(block)
-                        if oid_hint:
-                            hub.stats["lfs_uploads"][oid_hint] += len(block)
-            return got, h.hexdigest()
-
-        def lfs_put(self, query, repo, oid):
-            store.meta(repo)
-            target = store.lfs_path(repo, oid)
-            tmp = target.with_name(f".{oid}.{threading.get_ident()}.tmp")
-            try:
-                size, sha = self._receive(tmp, oid)
-            except ConnectionAbortedError:
-                tmp.unlink(missing_ok=True)
-                self.close_connection = True
-                return
-            if sha != oid:
-                tmp.unlink(missing_ok=True)
-                raise HubError(400, f"sha256 mismatch: got {sha}, expected {oid}")
-            os.replace(tmp, target)
-            with hub.stats_lock:
-                hub.stats["lfs_completed"].append(oid)
-            self._send(200, b"", {"ETag": f'"{sha[:32]}"'})
-
-        def lfs_part(self, query, repo, oid, part):
-            folder = store.path(repo) / "parts" / oid
-            folder.mkdir(parents=True, exist_ok=True)
-            try:
-                self._receive(folder / f"{int(part):05d}", oid)
-            except ConnectionAbortedError:
-                self.close_connection = True
-                return
-            etag = hashlib.md5((folder / f"{int(part):05d}").read_bytes()).hexdigest()
-            self._send(200, b"", {"ETag": f'"{etag}"'})
-
-        def lfs_complete(self, query, repo, oid):
-            body = json.loads(self._body())
-            folder = store.path(repo) / "parts" / oid
-            target = store.lfs_path(repo, oid)
-            tmp = target.with_name(f".{oid}.tmp")
-            h = hashlib.sha256()
-            with open(tmp, "wb") as out:
-                for p in body["parts"]:
-                    data = (folder / f"{p['partNumber']:05d}").read_bytes()
-                    if f'"{hashlib.md5(data).hexdigest()}"' != p["etag"] and hashlib.md5(data).hexdigest() != p["etag"]:
-                        raise HubError(400, f"part {p['partNumber']}: etag mismatch")
-                    out.write(data)
-                    h.update(data)
-            if h.hexdigest() != oid:
-                tmp.unlink()
-                raise HubError(400, "sha256 mismatch after completing the multipart upload")
-            os.replace(tmp, target)
-            shutil.rmtree(folder, ignore_errors=True)
-            with hub.stats_lock:
-                hub.stats["lfs_completed"].append(oid)
-            self._send(200, {"success": True})
-
-        def lfs_verify(self, query, repo, oid):
-            body = json.loads(self._body())
-            f = store.lfs_path(repo, oid)
-            if not f.is_file() or f.stat().st_size != body["size"]:
-                raise HubError(404, f"object {oid} not found")
-            self._send(200, {"success": True})
-
-        def commit(self, query, repo, rev):
-            raw = self._body()
-            self._need_write()
-            store.meta(repo)
-            header, added, deleted = None, {}, []
-            for line in raw.decode().splitlines():
-                if not line.strip():
-                    continue
-                item = json.loads(line)
-                key, v = item["key"], item["value"]
-                if key == "header":
-                    header = v
-                elif key == "file":
-                    data = base64.b64decode(v["content"])
-                    store.put_blob(repo, data)
-                    added[v["path"]] = Store.regular_entry(data)
-                elif key == "lfsFile":
-                    f = store.lfs_path(repo, v["oid"])
-                    if not f.is_file():
-                        raise HubError(422, f"LFS object {v['oid']} for {v['path']} was never uploaded")
-                    size = f.stat().st_size
-                    pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{v['oid']}\nsize {size}\n").encode()
-                    added[v["path"]] = {"size": size, "oid": git_blob_sha1(pointer), "lfs": {"oid": v["oid"], "size": size}}
-                elif key in ("deletedFile", "deletedFolder"):
-                    deleted.append((v["path"], key == "deletedFolder"))
-                else:
-                    raise HubError(400, f"unknown commit operation {key!r}")
-            if header is None or not header.get("summary"):
-                raise HubError(400, "commit header with a summary is required")
-            branch = unquote(rev)
-            meta = store.meta(repo)
-            if branch not in meta["branches"]:
-                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
-            sha = store.commit(repo, branch, header["summary"], header.get("description", ""), added, deleted,
-                               header.get("parentCommit"))
-            with hub.stats_lock:
-                hub.stats["commits"].append((repo, header["summary"], sorted(added), [d for d, _ in deleted]))
-            self._send(200, {"success": True, "commitOid": sha, "commitUrl": f"{self._base()}/{repo}/commit/{sha}",
-                             "pullRequestUrl": None})
-
-        def create_tag(self, query, repo, rev):
-            body = json.loads(self._body())
-            self._need_write()
-            with store.lock:
-                sha = store.resolve(repo, rev)
-                meta = store.meta(repo)
-                if body["tag"] in meta["tags"]:
-                    raise HubError(409, f"Tag {body['tag']} already exists")
-                meta["tags"][body["tag"]] = sha
-                store.save_meta(repo, meta)
-            self._send(200, {"success": True})
-
-        def delete_tag(self, query, repo, tag):
-            self._need_write()
-            with store.lock:
-                meta = store.meta(repo)
-                if unquote(tag) not in meta["tags"]:
-                    raise HubError(404, f"Tag {tag} not found", "RevisionNotFound")
-                del meta["tags"][unquote(tag)]
-                store.save_meta(repo, meta)
-            self._send(200, {"success": True})
-
-        def resolve(self, query, repo, rev, file):
-            head = self.command == "HEAD"
-            self._need_read(repo)
-            sha = store.resolve(repo, rev)
-            entry = store.files(repo, sha).get(file)
-            if entry is None:
-                raise HubError(404, f"Entry {file} not found", "EntryNotFound", {"X-Repo-Commit": sha})
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{entry["oid"]}"', "Accept-Ranges": "bytes"}
-            if entry["lfs"]:
-                oid = entry["lfs"]["oid"]
-                # LFS content lives on "another host" (the CDN of the real Hub): the other name of
-                # the loopback address, so the client does not forward the token to it.
-                host, port = self.headers.get("Host", "127.0.0.1").rsplit(":", 1)
-                other = "localhost" if host == "127.0.0.1" else "127.0.0.1"
-                headers.update({"X-Linked-Etag": f'"{oid}"', "X-Linked-Size": entry["lfs"]["size"],
-                                "Location": f"http://{other}:{port}/__lfs-download/{repo}/{oid}"})
-                self._send(302, b"", headers, head=head)
-                return
-            data = (store.path(repo) / "blobs" / entry["oid"]).read_bytes()
-            self._send(200, data, headers, head=head)
-
-        def lfs_download(self, query, repo, oid):
-            f = store.lfs_path(repo, oid)
+def _commit_operations(store: Store, repo: str, raw: bytes) -> tuple[dict | None, dict[str, dict],
+                                                                     list[tuple[str, bool]]]:
+    """An NDJSON commit payload -> (header, added entries by path, deleted (path, is_folder)).
+    Regular files are stored as blobs here; LFS files must have been uploaded before."""
+    header, added, deleted = None, {}, []
+    for line in raw.decode().splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        key, v = item["key"], item["value"]
+        if key == "header":
+            header = v
+        elif key == "file":
+            data = base64.b64decode(v["content"])
+            store.put_blob(repo, data)
+            added[v["path"]] = Store.regular_entry(data)
+        elif key == "lfsFile":
+            f = store.lfs_path(repo, v["oid"])
             if not f.is_file():
-                raise HubError(404, "object not found")
+                raise HubError(422, f"LFS object {v['oid']} for {v['path']} was never uploaded")
             size = f.stat().st_size
-            start, status, headers = 0, 200, {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"}
-            m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-            if m and int(m.group(1)) < size:
-                start, status = int(m.group(1)), 206
-                headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(size - start))
-            self.end_headers()
-            if self.command == "HEAD":
-                return
-            with open(f, "rb") as fh:
-                fh.seek(start)
-                while block := fh.read(1 << 20):
-                    self.wfile.write(block)
-                    with hub.stats_lock:
-                        hub.stats["download_bytes"] += len(block)
+            pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{v['oid']}\nsize {size}\n").encode()
+            added[v["path"]] = {"size": size, "oid": git_blob_sha1(pointer), "lfs": {"oid": v["oid"], "size": size}}
+        elif key in ("deletedFile", "deletedFolder"):
+            deleted.append((v["path"], key == "deletedFolder"))
+        else:
+            raise HubError(400, f"unknown commit operation {key!r}")
+    return header, added, deleted
 
-    R = REPO
-    ROUTES = [
-        ("GET", r"/api/whoami-v2", Handler.whoami),
-        ("POST", r"/api/repos/create", Handler.create_repo),
-        ("POST", r"/api/validate-yaml", Handler.validate_yaml),
-        ("GET", rf"/api/models/{R}", Handler.repo_info),
-        ("GET", rf"/api/models/{R}/revision/(?P<rev>[^/]+)", Handler.repo_info),
-        ("GET", rf"/api/models/{R}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.+))?", Handler.tree),
-        ("GET", rf"/api/models/{R}/refs", Handler.refs),
-        ("POST", rf"/api/models/{R}/preupload/(?P<rev>[^/]+)", Handler.preupload),
-        ("POST", rf"/api/models/{R}/commit/(?P<rev>[^/]+)", Handler.commit),
-        ("POST", rf"/api/models/{R}/tag/(?P<rev>[^/]+)", Handler.create_tag),
-        ("DELETE", rf"/api/models/{R}/tag/(?P<tag>[^/]+)", Handler.delete_tag),
-        ("POST", rf"/{R}\.git/info/lfs/objects/batch", Handler.lfs_batch),
-        ("PUT", rf"/__lfs/{R}/(?P<oid>[0-9a-f]{{64}})", Handler.lfs_put),
-        ("PUT", rf"/__lfs/{R}/(?P<oid>[0-9a-f]{{64}})/part/(?P<part>\d+)", Handler.lfs_part),
-        ("POST", rf"/__lfs/{R}/(?P<oid>[0-9a-f]{{64}})", Handler.lfs_complete),
-        ("POST", rf"/__lfs/{R}/(?P<oid>[0-9a-f]{{64}})/verify", Handler.lfs_verify),
-        ("GET", rf"/__lfs-download/{R}/(?P<oid>[0-9a-f]{{64}})", Handler.lfs_download),
-        ("GET", rf"/{R}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", Handler.resolve),
-    ]
 
-    return Handler
+class Handler(BaseHTTPRequestHandler):
+    """One request: ``ROUTES`` picks the method; the state lives on ``self.server.hub``."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "LocalHub/1.0"
+    server: _HTTPServer
+
+    @property
+    def hub(self) -> HubServer:
+        return self.server.hub
+
+    @property
+    def store(self) -> Store:
+        return self.server.hub.store
+
+    def log_message(self, format, *args):  # quiet: tests read stats instead
+        pass
+
+    # --- plumbing ---------------------------------------------------------------------------
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _send(self, status: int, body: bytes | dict | list | None = None, headers: dict | None = None,
+              head: bool = False) -> None:
+        if isinstance(body, (dict, list)):
+            data = json.dumps(body).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        else:
+            data = body or b""
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, str(v))
+        self.send_header("Content-Length", str(len(data)) if not (headers or {}).get("Content-Length") else
+                         headers["Content-Length"])
+        self.end_headers()
+        if not head and data:
+            self.wfile.write(data)
+
+    def _error(self, e: HubError) -> None:
+        headers = {"X-Error-Message": e.message, **e.headers}
+        if e.code:
+            headers["X-Error-Code"] = e.code
+        self._send(e.status, {"error": e.message, **e.body}, headers, head=self.command == "HEAD")
+
+    def _base(self) -> str:
+        return f"http://{self.headers.get('Host')}"
+
+    def _dispatch(self) -> None:
+        url = urlsplit(self.path)
+        path, query = unquote(url.path), parse_qs(url.query)
+        for method, pattern, fn in ROUTES:
+            if method == self.command or (method == "GET" and self.command == "HEAD"):
+                m = re.fullmatch(pattern, path)
+                if m:
+                    self.hub.count(f"{self.command} {fn.__name__}")
+                    try:
+                        if "Authorization" in self.headers and not self._token_ok():
+                            self._body()  # as the Hub: a wrong token is refused on any route
+                            self._need_write()
+                        fn(self, query=query, **m.groupdict())
+                    except HubError as e:
+                        self._error(e)
+                    return
+        self.hub.count(f"{self.command} unknown")
+        self._body()
+        self._error(HubError(404, f"no route {self.command} {path}"))
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
+
+    # --- auth -------------------------------------------------------------------------------
+    def _token_ok(self) -> bool:
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not auth[7:]:
+            return False
+        return self.hub.tokens is None or auth[7:] in self.hub.tokens
+
+    def _need_write(self) -> None:
+        if not self._token_ok():
+            with self.hub.stats_lock:
+                self.hub.stats["unauthorized"] += 1
+            raise HubError(401, "Invalid credentials in Authorization header")
+
+    def _need_read(self, repo: str) -> None:
+        if self.store.meta(repo)["private"] and not self._token_ok():
+            raise HubError(401, "Repository not found", "RepoNotFound")
+
+    def whoami(self, query):
+        if not self._token_ok():
+            raise HubError(401, "Invalid credentials in Authorization header")
+        user = self.hub.user
+        self._send(200, {"type": "user", "name": user, "fullname": user, "orgs": [],
+                         "auth": {"accessToken": {"displayName": "local", "role": "write"}}})
+
+    # --- repos: create, info, card metadata, tree, refs --------------------------------------
+    def create_repo(self, query):
+        body = json.loads(self._body() or b"{}")
+        self._need_write()
+        if body.get("type", "model") != "model":
+            raise HubError(400, "only model repos are served here")
+        repo = f"{body.get('organization') or self.hub.user}/{body['name']}"
+        private = body.get("visibility", "private" if body.get("private") else "public") != "public"
+        if not self.store.create(repo, private):
+            raise HubError(409, "You already created this model repo", body={"url": f"{self._base()}/{repo}"})
+        self._send(200, {"url": f"{self._base()}/{repo}", "name": repo, "id": repo})
+
+    def validate_yaml(self, query):
+        import yaml
+
+        content = json.loads(self._body())["content"]
+        m = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+        try:
+            if m:
+                yaml.safe_load(m.group(1))
+        except yaml.YAMLError as e:
+            self._send(400, {"errors": [{"message": str(e).splitlines()[0]}], "warnings": []})
+            return
+        self._send(200, {"errors": [], "warnings": []})
+
+    def repo_info(self, query, repo, rev="main"):
+        self._need_read(repo)
+        sha = self.store.resolve(repo, rev)
+        meta = self.store.meta(repo)
+        self._send(200, {"id": repo, "author": repo.split("/")[0], "sha": sha, "private": meta["private"],
+                         "tags": [], "siblings": [{"rfilename": p} for p in sorted(self.store.files(repo, sha))]})
+
+    def tree(self, query, repo, rev, sub=None):
+        """A folder's entries (everything below it with ``recursive=true``), ``page_size`` a page;
+        the next page's URL is in the ``Link`` header, as on the Hub."""
+        self._need_read(repo)
+        sha = self.store.resolve(repo, rev)
+        recursive = query.get("recursive", ["false"])[0].lower() == "true"
+        prefix = (sub.strip("/") + "/") if sub else ""
+        entries = _tree_entries(self.store.files(repo, sha), prefix, recursive)
+        if sub and not entries:
+            raise HubError(404, f"Entry {sub} not found", "EntryNotFound")
+        size = self.hub.page_size
+        start = int(query.get("cursor", ["0"])[0])
+        page = entries[start:start + size]
+        headers = {}
+        if start + size < len(entries):
+            nxt = f"{self._base()}{urlsplit(self.path).path}?recursive={recursive}&cursor={start + size}"
+            headers["Link"] = f'<{nxt}>; rel="next"'
+        self._send(200, page, headers)
+
+    def refs(self, query, repo):
+        self._need_read(repo)
+        meta = self.store.meta(repo)
+        self._send(200, {
+            "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in meta["branches"].items()],
+            "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": s} for t, s in meta["tags"].items()],
+            "converts": [], "pullRequests": []})
+
+    # --- upload: preupload, LFS batch, transfers, verify --------------------------------------
+    def preupload(self, query, repo, rev):
+        body = json.loads(self._body())
+        self._need_write()
+        try:
+            current = self.store.files(repo, self.store.resolve(repo, rev))
+        except HubError as e:
+            if e.code != "RevisionNotFound":
+                raise
+            current = {}
+        out = []
+        for f in body["files"]:
+            sample = base64.b64decode(f["sample"])
+            lfs = f["path"].endswith(LFS_SUFFIXES) or f["size"] > REGULAR_MAX or b"\0" in sample
+            remote = current.get(f["path"])
+            oid = None
+            if remote is not None:
+                oid = remote["lfs"]["oid"] if remote["lfs"] else remote["oid"]
+            out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                        "oid": oid})
+        self._send(200, {"files": out, "commitOid": None})
+
+    def lfs_batch(self, query, repo):
+        body = json.loads(self._body())
+        self._need_write()
+        self.store.meta(repo)
+        hub = self.hub
+        objects = []
+        for o in body["objects"]:
+            item = {"oid": o["oid"], "size": o["size"], "authenticated": True}
+            if not self.store.lfs_path(repo, o["oid"]).is_file():
+                href = f"{self._base()}/__lfs/{repo}/{o['oid']}"
+                upload = {"href": href, "header": {}}
+                if hub.multipart_threshold is not None and o["size"] >= hub.multipart_threshold:
+                    n = -(-o["size"] // hub.multipart_chunk)
+                    upload["header"] = {"chunk_size": str(hub.multipart_chunk),
+                                        **{str(i): f"{href}/part/{i}" for i in range(1, n + 1)}}
+                item["actions"] = {"upload": upload, "verify": {"href": f"{href}/verify", "header": {}}}
+            objects.append(item)
+        self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+                   {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _receive(self, dest: Path, oid_hint: str | None) -> tuple[int, str]:
+        """Stream the request body into ``dest``, hashing it; honour a stall fault."""
+        hub = self.hub
+        n = int(self.headers.get("Content-Length") or 0)
+        fault = hub.faults.get(oid_hint or "")
+        h, got = hashlib.sha256(), 0
+        with open(dest, "wb") as f:
+            while got < n:
+                want = min(1 << 16, n - got)
+                if fault is not None and got + want > fault["after"]:
+                    want = fault["after"] - got
+                    if want <= 0:
+                        hub.stalled.set()
+                        hub._release.wait(_FAULT_WAIT_S)
+                        self.close_connection = True
+                        raise ConnectionAbortedError("upload stalled by a fault")
+                block = self.rfile.read(want)
+                if not block:
+                    raise ConnectionAbortedError("client went away")
+                f.write(block)
+                h.update(block)
+                got += len(block)
+                with hub.stats_lock:
+                    hub.stats["lfs_bytes"] += len(block)
+                    if oid_hint:
+                        hub.stats["lfs_uploads"][oid_hint] += len(block)
+        return got, h.hexdigest()
+
+    def lfs_put(self, query, repo, oid):
+        self.store.meta(repo)
+        target = self.store.lfs_path(repo, oid)
+        tmp = target.with_name(f".{oid}.{threading.get_ident()}.tmp")
+        try:
+            size, sha = self._receive(tmp, oid)
+        except ConnectionAbortedError:
+            tmp.unlink(missing_ok=True)
+            self.close_connection = True
+            return
+        if sha != oid:
+            tmp.unlink(missing_ok=True)
+            raise HubError(400, f"sha256 mismatch: got {sha}, expected {oid}")
+        os.replace(tmp, target)
+        with self.hub.stats_lock:
+            self.hub.stats["lfs_completed"].append(oid)
+        self._send(200, b"", {"ETag": f'"{sha[:32]}"'})
+
+    def lfs_part(self, query, repo, oid, part):
+        folder = self.store.path(repo) / "parts" / oid
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._receive(folder / f"{int(part):05d}", oid)
+        except ConnectionAbortedError:
+            self.close_connection = True
+            return
+        etag = hashlib.md5((folder / f"{int(part):05d}").read_bytes()).hexdigest()
+        self._send(200, b"", {"ETag": f'"{etag}"'})
+
+    def lfs_complete(self, query, repo, oid):
+        body = json.loads(self._body())
+        folder = self.store.path(repo) / "parts" / oid
+        target = self.store.lfs_path(repo, oid)
+        tmp = target.with_name(f".{oid}.tmp")
+        h = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for p in body["parts"]:
+                data = (folder / f"{p['partNumber']:05d}").read_bytes()
+                if f'"{hashlib.md5(data).hexdigest()}"' != p["etag"] and hashlib.md5(data).hexdigest() != p["etag"]:
+                    raise HubError(400, f"part {p['partNumber']}: etag mismatch")
+                out.write(data)
+                h.update(data)
+        if h.hexdigest() != oid:
+            tmp.unlink()
+            raise HubError(400, "sha256 mismatch after completing the multipart upload")
+        os.replace(tmp, target)
+        shutil.rmtree(folder, ignore_errors=True)
+        with self.hub.stats_lock:
+            self.hub.stats["lfs_completed"].append(oid)
+        self._send(200, {"success": True})
+
+    def lfs_verify(self, query, repo, oid):
+        body = json.loads(self._body())
+        f = self.store.lfs_path(repo, oid)
+        if not f.is_file() or f.stat().st_size != body["size"]:
+            raise HubError(404, f"object {oid} not found")
+        self._send(200, {"success": True})
+
+    # --- commits and tags --------------------------------------------------------------------
+    def commit(self, query, repo, rev):
+        raw = self._body()
+        self._need_write()
+        self.store.meta(repo)
+        header, added, deleted = _commit_operations(self.store, repo, raw)
+        if header is None or not header.get("summary"):
+            raise HubError(400, "commit header with a summary is required")
+        branch = unquote(rev)
+        meta = self.store.meta(repo)
+        if branch not in meta["branches"]:
+            raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+        sha = self.store.commit(repo, branch, header["summary"], header.get("description", ""), added, deleted,
+                                header.get("parentCommit"))
+        with self.hub.stats_lock:
+            self.hub.stats["commits"].append((repo, header["summary"], sorted(added), [d for d, _ in deleted]))
+        self._send(200, {"success": True, "commitOid": sha, "commitUrl": f"{self._base()}/{repo}/commit/{sha}",
+                         "pullRequestUrl": None})
+
+    def create_tag(self, query, repo, rev):
+        body = json.loads(self._body())
+        self._need_write()
+        store = self.store
+        with store.lock:
+            sha = store.resolve(repo, rev)
+            meta = store.meta(repo)
+            if body["tag"] in meta["tags"]:
+                raise HubError(409, f"Tag {body['tag']} already exists")
+            meta["tags"][body["tag"]] = sha
+            store.save_meta(repo, meta)
+        self._send(200, {"success": True})
+
+    def delete_tag(self, query, repo, tag):
+        self._need_write()
+        store = self.store
+        with store.lock:
+            meta = store.meta(repo)
+            if unquote(tag) not in meta["tags"]:
+                raise HubError(404, f"Tag {tag} not found", "RevisionNotFound")
+            del meta["tags"][unquote(tag)]
+            store.save_meta(repo, meta)
+        self._send(200, {"success": True})
+
+    # --- downloads: resolve, LFS objects ------------------------------------------------------
+    def resolve(self, query, repo, rev, file):
+        head = self.command == "HEAD"
+        self._need_read(repo)
+        sha = self.store.resolve(repo, rev)
+        entry = self.store.files(repo, sha).get(file)
+        if entry is None:
+            raise HubError(404, f"Entry {file} not found", "EntryNotFound", {"X-Repo-Commit": sha})
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{entry["oid"]}"', "Accept-Ranges": "bytes"}
+        if entry["lfs"]:
+            oid = entry["lfs"]["oid"]
+            # LFS content lives on "another host" (the CDN of the real Hub): the other name of
+            # the loopback address, so the client does not forward the token to it.
+            host, port = self.headers.get("Host", "127.0.0.1").rsplit(":", 1)
+            other = "localhost" if host == "127.0.0.1" else "127.0.0.1"
+            headers.update({"X-Linked-Etag": f'"{oid}"', "X-Linked-Size": entry["lfs"]["size"],
+                            "Location": f"http://{other}:{port}/__lfs-download/{repo}/{oid}"})
+            self._send(302, b"", headers, head=head)
+            return
+        data = (self.store.path(repo) / "blobs" / entry["oid"]).read_bytes()
+        self._send(200, data, headers, head=head)
+
+    def lfs_download(self, query, repo, oid):
+        f = self.store.lfs_path(repo, oid)
+        if not f.is_file():
+            raise HubError(404, "object not found")
+        size = f.stat().st_size
+        start, status, headers = 0, 200, {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"}
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if m and int(m.group(1)) < size:
+            start, status = int(m.group(1)), 206
+            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(size - start))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with open(f, "rb") as fh:
+            fh.seek(start)
+            while block := fh.read(1 << 20):
+                self.wfile.write(block)
+                with self.hub.stats_lock:
+                    self.hub.stats["download_bytes"] += len(block)
+
+
+R = REPO
+OID = r"(?P<oid>[0-9a-f]{64})"
+ROUTES = [
+    ("GET", r"/api/whoami-v2", Handler.whoami),
+    ("POST", r"/api/repos/create", Handler.create_repo),
+    ("POST", r"/api/validate-yaml", Handler.validate_yaml),
+    ("GET", rf"/api/models/{R}", Handler.repo_info),
+    ("GET", rf"/api/models/{R}/revision/(?P<rev>[^/]+)", Handler.repo_info),
+    ("GET", rf"/api/models/{R}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.+))?", Handler.tree),
+    ("GET", rf"/api/models/{R}/refs", Handler.refs),
+    ("POST", rf"/api/models/{R}/preupload/(?P<rev>[^/]+)", Handler.preupload),
+    ("POST", rf"/api/models/{R}/commit/(?P<rev>[^/]+)", Handler.commit),
+    ("POST", rf"/api/models/{R}/tag/(?P<rev>[^/]+)", Handler.create_tag),
+    ("DELETE", rf"/api/models/{R}/tag/(?P<tag>[^/]+)", Handler.delete_tag),
+    ("POST", rf"/{R}\.git/info/lfs/objects/batch", Handler.lfs_batch),
+    ("PUT", rf"/__lfs/{R}/{OID}", Handler.lfs_put),
+    ("PUT", rf"/__lfs/{R}/{OID}/part/(?P<part>\d+)", Handler.lfs_part),
+    ("POST", rf"/__lfs/{R}/{OID}", Handler.lfs_complete),
+    ("POST", rf"/__lfs/{R}/{OID}/verify", Handler.lfs_verify),
+    ("GET", rf"/__lfs-download/{R}/{OID}", Handler.lfs_download),
+    ("GET", rf"/{R}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", Handler.resolve),
+]  # (method, path pattern, handler method); HEAD is served by the GET routes
+
+
+def _listen(root: Path, host: str, port: int, tokens: tuple[str, ...] | None) -> HubServer:
+    """A server bound to ``host:port`` for the repos under ``root``, or one line saying why not."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LocalHubError(f"{root}: cannot create the repos folder ({e.strerror}); choose another --root") from None
+    try:
+        return HubServer(root, tokens=tokens, host=host, port=port)
+    except OSError as e:
+        raise LocalHubError(f"{host}:{port}: cannot listen ({e.strerror}); choose another --port") from None
+
+
+def serve(root: Path, *, port: int = 8999, host: str = "127.0.0.1", tokens: tuple[str, ...] | None = None) -> None:
+    """Serve the repos under ``root`` until Ctrl-C. Prints the URL to use as HF_ENDPOINT, never a
+    token. ``tokens``: the accepted write tokens; None accepts any bearer token."""
+    root, hub = Path(root), None
+    try:  # Ctrl-C at any moment, even before the first line, ends in one line
+        hub = _listen(root, host, port, tokens)
+        writes = "a given token" if tokens else "any bearer token"
+        print(f"local Hub at {hub.url} (repos in {root}; writes need {writes}); set HF_ENDPOINT={hub.url}",
+              flush=True)
+        hub.httpd.serve_forever()
+    except KeyboardInterrupt:
+        print(f"local Hub stopped (repos kept in {root})", flush=True)
+    finally:
+        if hub is not None:
+            hub.httpd.server_close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m release.localhub", description=__doc__.split("\n\n")[0])
     ap.add_argument("--port", type=int, default=8999)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--root", type=Path, required=True, help="folder holding the repos")
     ap.add_argument("--token", action="append", help="accepted write token (repeat); default: any bearer token")
     args = ap.parse_args(argv)
-    args.root.mkdir(parents=True, exist_ok=True)
-    hub = HubServer(args.root, tokens=tuple(args.token) if args.token else None, host=args.host, port=args.port)
-    print(f"local Hub at {hub.url} (repos in {args.root}); set HF_ENDPOINT={hub.url}", flush=True)
     try:
-        hub.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        serve(args.root, port=args.port, host=args.host, tokens=tuple(args.token) if args.token else None)
+    except LocalHubError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

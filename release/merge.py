@@ -21,21 +21,22 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from release.errors import MergeError, StageError
 from release import chat, llama3, shards
 from release.artifacts import Manifest, peak_rss_mb, run_stage, track, write_json
+from release.errors import MergeError
 from release.spec import Spec
 
 STAGE = "merge"
 TOOLS = ("torch", "safetensors")
 PREFIXES = ("base_model.model.",)
 FP16_MAX = 65504.0
-BLOCK_ELEMENTS = 4 * 1024 * 1024  # about 16 MB of float32 per block: see row_blocks
+BLOCK_ELEMENTS = 4 * 1024 * 1024  # about 16 MB of float32 per block: see _blocks
 # adapter_config.json settings that change what the adapter computes and that this merge does
 # not implement; any of them set is refused.
 UNSUPPORTED = ("use_qalora", "use_bdlora", "alora_invocation_tokens", "trainable_token_indices",
@@ -66,6 +67,20 @@ class Adapter:
 def read_adapter(folder: Path, base_shapes: dict[str, tuple[int, ...]], expected_base: str | None = None) -> Adapter:
     """Parse and check one PEFT adapter folder against the base's tensor shapes."""
     folder = Path(folder)
+    file = folder / "adapter_model.safetensors"
+    adapter = Adapter(folder, file, _read_config(folder, expected_base))
+    reader = _open(file)
+    shapes = {k: reader.shape(k) for k in reader.keys()}
+    for module, parts in sorted(_group(adapter, shapes, base_shapes).items()):
+        adapter.lora[f"{module}.weight"] = _lora(adapter, module, parts, shapes, base_shapes)
+    overlap = set(adapter.lora) & set(adapter.replace)
+    if overlap:
+        raise MergeError(f"{file}: {sorted(overlap)[0]} is both a LoRA target and a module to save")
+    return adapter
+
+
+def _read_config(folder: Path, expected_base: str | None) -> dict:
+    """adapter_config.json, refused when it asks for something this merge does not do."""
     cfg_path, file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for p in (cfg_path, file):
         if not p.is_file():
@@ -87,14 +102,15 @@ def read_adapter(folder: Path, base_shapes: dict[str, tuple[int, ...]], expected
             and re.fullmatch(r"[\w.-]+/[\w.-]+", base_id)):
         raise MergeError(f"{cfg_path}: adapter was made for {base_id!r}, not {expected_base!r}; "
                          "merge it into its own base")
+    return cfg
 
-    reader = _open(file)
-    keys = reader.keys()
-    shapes = {k: reader.shape(k) for k in keys}
 
-    adapter = Adapter(folder, file, cfg)
+def _group(adapter: Adapter, shapes: dict[str, tuple[int, ...]],
+           base_shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, str]]:
+    """The adapter's LoRA tensors by module (``a``, ``b``, ``m`` -> tensor name); modules to save
+    go into ``adapter.replace``."""
     groups: dict[str, dict[str, str]] = {}
-    for key in keys:
+    for key in shapes:
         name = key
         for prefix in PREFIXES:
             name = name.removeprefix(prefix)
@@ -102,44 +118,44 @@ def read_adapter(folder: Path, base_shapes: dict[str, tuple[int, ...]], expected
         if m:
             part = {"lora_A.weight": "a", "lora_B.weight": "b"}.get(m.group(2), "m")
             groups.setdefault(m.group(1), {})[part] = key
-        elif name in base_shapes and cfg.get("modules_to_save"):
+        elif name in base_shapes and adapter.config.get("modules_to_save"):
             if shapes[key] != base_shapes[name]:
-                raise MergeError(f"{file}: {key} has shape {list(shapes[key])} but the base's {name} is "
+                raise MergeError(f"{adapter.file}: {key} has shape {list(shapes[key])} but the base's {name} is "
                                  f"{list(base_shapes[name])}; the adapter was made for another base")
             adapter.replace[name] = key
         else:
-            raise MergeError(f"{file}: tensor {key!r} is not a LoRA A/B/magnitude weight nor a module to save "
-                             "of this base; unsupported adapter or another base")
+            raise MergeError(f"{adapter.file}: tensor {key!r} is not a LoRA A/B/magnitude weight nor a module to "
+                             "save of this base; unsupported adapter or another base")
+    return groups
 
-    alpha = cfg.get("lora_alpha", 8)
-    for module, parts in sorted(groups.items()):
-        target = f"{module}.weight"
-        if "a" not in parts or "b" not in parts:
-            raise MergeError(f"{file}: {module} has {'lora_A' if 'a' in parts else 'lora_B'} without its pair")
-        if target not in base_shapes:
-            raise MergeError(f"{file}: targets {module}, which the base model does not have; "
-                             "the adapter was made for another base")
-        (r, n_in), (n_out, r2) = shapes[parts["a"]], shapes[parts["b"]]
-        w = base_shapes[target]
-        if r != r2 or w != (n_out, n_in):
-            raise MergeError(f"{file}: {module}: lora_B @ lora_A is {n_out}x{n_in} (rank {r}/{r2}) but the base "
-                             f"weight is {w[0]}x{w[1]}; the adapter was made for another base")
-        pattern_r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", r))
-        if pattern_r != r:
-            raise MergeError(f"{cfg_path}: {module}: config says rank {pattern_r}, the weights have rank {r}")
-        a = _pattern(cfg.get("alpha_pattern") or {}, module, alpha)
-        scale = a / math.sqrt(r) if cfg.get("use_rslora") else a / r
-        magnitude = parts.get("m")
-        if bool(magnitude) != bool(cfg.get("use_dora")):
-            raise MergeError(f"{file}: {module}: use_dora={cfg.get('use_dora')} but magnitude vector "
-                             f"{'present' if magnitude else 'missing'}")
-        if magnitude and shapes[magnitude] != (n_out,):
-            raise MergeError(f"{file}: {magnitude} has shape {list(shapes[magnitude])}, expected [{n_out}]")
-        adapter.lora[target] = Lora(parts["a"], parts["b"], magnitude, scale, r)
-    overlap = set(adapter.lora) & set(adapter.replace)
-    if overlap:
-        raise MergeError(f"{file}: {sorted(overlap)[0]} is both a LoRA target and a module to save")
-    return adapter
+
+def _lora(adapter: Adapter, module: str, parts: dict[str, str], shapes: dict[str, tuple[int, ...]],
+          base_shapes: dict[str, tuple[int, ...]]) -> Lora:
+    """One module's LoRA, checked against the base weight and the config (rank, alpha, DoRA)."""
+    file, cfg, cfg_path = adapter.file, adapter.config, adapter.folder / "adapter_config.json"
+    target = f"{module}.weight"
+    if "a" not in parts or "b" not in parts:
+        raise MergeError(f"{file}: {module} has {'lora_A' if 'a' in parts else 'lora_B'} without its pair")
+    if target not in base_shapes:
+        raise MergeError(f"{file}: targets {module}, which the base model does not have; "
+                         "the adapter was made for another base")
+    (r, n_in), (n_out, r2) = shapes[parts["a"]], shapes[parts["b"]]
+    w = base_shapes[target]
+    if r != r2 or w != (n_out, n_in):
+        raise MergeError(f"{file}: {module}: lora_B @ lora_A is {n_out}x{n_in} (rank {r}/{r2}) but the base "
+                         f"weight is {w[0]}x{w[1]}; the adapter was made for another base")
+    pattern_r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", r))
+    if pattern_r != r:
+        raise MergeError(f"{cfg_path}: {module}: config says rank {pattern_r}, the weights have rank {r}")
+    a = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+    scale = a / math.sqrt(r) if cfg.get("use_rslora") else a / r
+    magnitude = parts.get("m")
+    if bool(magnitude) != bool(cfg.get("use_dora")):
+        raise MergeError(f"{file}: {module}: use_dora={cfg.get('use_dora')} but magnitude vector "
+                         f"{'present' if magnitude else 'missing'}")
+    if magnitude and shapes[magnitude] != (n_out,):
+        raise MergeError(f"{file}: {magnitude} has shape {list(shapes[magnitude])}, expected [{n_out}]")
+    return Lora(parts["a"], parts["b"], magnitude, scale, r)
 
 
 def _pattern(patterns: dict, module: str, default):
@@ -180,13 +196,13 @@ def _to_bf16(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.bfloat16 else t.to(torch.bfloat16)
 
 
-def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
-    """Even blocks of about BLOCK_ELEMENTS, never fewer than 16 rows (a GEMM of a handful of rows
-    may sum in another order than the whole matrix's)."""
-    step = max(16, BLOCK_ELEMENTS // max(cols, 1))
-    n = max(1, math.ceil(rows / step))
-    edges = [round(i * rows / n) for i in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+def _blocks(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
+    """Row ranges of about BLOCK_ELEMENTS values, split evenly, of at most ``max(16, BLOCK_ELEMENTS
+    // columns)`` rows and so never fewer than 8 unless the tensor is smaller (a GEMM of a handful
+    of rows may sum in another order than the whole matrix's); a scalar is read whole."""
+    if not shape:
+        return [None]
+    return shards.row_blocks(shape[0], math.prod(shape[1:]), BLOCK_ELEMENTS, min_rows=16)
 
 
 # --- the merge --------------------------------------------------------------------------------
@@ -198,60 +214,11 @@ def merge(base_dir: Path, adapter_dirs: list[Path], out_bf16: Path, *, chat_spec
     """Merge ``adapter_dirs`` in order into ``base_dir``; write BF16 (and FP16) model folders.
     Every input is checked before the first byte is written."""
     start = time.perf_counter()
-    for d in (base_dir, *adapter_dirs):
-        if not Path(d).is_dir():
-            raise MergeError(f"{d}: folder not found; give the base model or adapter folder")
+    base, shapes, adapters = _open_inputs(base_dir, adapter_dirs, expected_base)
+    w16 = _writer(out_bf16, torch.bfloat16, shapes, list(base), max_shard_bytes)
+    w_fp16 = None if out_fp16 is None else _writer(out_fp16, torch.float16, shapes, list(base), max_shard_bytes)
     try:
-        files = shards.model_files(base_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise MergeError(f"{base_dir}: not a safetensors model folder ({e})") from None
-    readers = {path: _open(path) for path in sorted(set(files.values()))}
-    shapes = {k: r.shape(k) for r in readers.values() for k in r.keys()}
-    missing = sorted(set(files) - set(shapes))
-    if missing:
-        raise MergeError(f"{base_dir}: index lists {missing[0]} but no shard holds it")
-    adapters = [read_adapter(d, shapes, expected_base) for d in adapter_dirs]
-    adapter_readers = [_open(ad.file) for ad in adapters]
-
-    names = list(files)
-    out_bf16.mkdir(parents=True, exist_ok=True)
-    w16 = shards.ShardedWriter(out_bf16, [shards.Entry(n, torch.bfloat16, shapes[n]) for n in names], max_shard_bytes,
-                               background=True)
-    w_fp16 = None
-    if out_fp16 is not None:
-        out_fp16.mkdir(parents=True, exist_ok=True)
-        w_fp16 = shards.ShardedWriter(out_fp16, [shards.Entry(n, torch.float16, shapes[n]) for n in names],
-                                      max_shard_bytes, background=True)
-    overflow: dict[str, int] = {}
-    merged = replaced = 0
-    try:
-        for name in track(names, progress, "merging tensors"):
-            rows = shapes[name][0] if shapes[name] else 1
-            cols = max(1, math.prod(shapes[name][1:]))
-            # a module to save replaces everything before it: start from the last one
-            first = max([i for i, ad in enumerate(adapters) if name in ad.replace], default=-1)
-            source = adapter_readers[first] if first >= 0 else readers[files[name]]
-            source_name = adapters[first].replace[name] if first >= 0 else name
-            steps = [(ad, rd, ad.lora[name]) for ad, rd in list(zip(adapters, adapter_readers))[first + 1:]
-                     if name in ad.lora]
-            a_full = [rd.read(lo.a) for _, rd, lo in steps]  # rank x in: small
-            for block in (row_blocks(rows, cols) if shapes[name] else [None]):
-                t = _to_bf16(source.read(source_name, block))
-                for (ad, rd, lo), a in zip(steps, a_full):
-                    b = rd.read(lo.b, block)
-                    if lo.magnitude:
-                        t = merge_dora(t, a, b, lo.scale, rd.read(lo.magnitude, block))
-                    else:
-                        t = merge_lora(t, a, b, lo.scale)
-                w16.write(name, t)
-                if w_fp16 is not None:
-                    big = int((t.float().abs() > FP16_MAX).sum())
-                    if big:
-                        overflow[name] = overflow.get(name, 0) + big
-                    w_fp16.write(name, t.to(torch.float16))
-                del t
-            merged += len(steps)
-            replaced += first >= 0
+        merged, replaced, overflow = _merge_tensors(base, shapes, adapters, w16, w_fp16, progress)
     except BaseException:
         for w in (w16, w_fp16):
             if w is not None:
@@ -269,11 +236,86 @@ def merge(base_dir: Path, adapter_dirs: list[Path], out_bf16: Path, *, chat_spec
         if folder is not None:
             write_model_files(base_dir, folder, dtype, chat_spec, inference)
     return {
-        "tensors": len(names), "lora_merged": merged, "replaced": replaced, "adapters": len(adapters),
+        "tensors": len(base), "lora_merged": merged, "replaced": replaced, "adapters": len(adapters),
         "bytes_written": w16.bytes + (w_fp16.bytes if w_fp16 else 0),
         "seconds": round(time.perf_counter() - start, 2),
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _open_inputs(base_dir: Path, adapter_dirs: list[Path], expected_base: str | None) -> tuple[
+        dict[str, shards.SafetensorsReader], dict[str, tuple[int, ...]],
+        list[tuple[Adapter, shards.SafetensorsReader]]]:
+    """The base's tensors (name -> reader, in the model's order), every base shape, and the
+    adapters with their readers; all checked, nothing written."""
+    for d in (base_dir, *adapter_dirs):
+        if not Path(d).is_dir():
+            raise MergeError(f"{d}: folder not found; give the base model or adapter folder")
+    try:
+        files = shards.model_files(base_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise MergeError(f"{base_dir}: not a safetensors model folder ({e})") from None
+    readers = {path: _open(path) for path in sorted(set(files.values()))}
+    shapes = {k: r.shape(k) for r in readers.values() for k in r.keys()}
+    missing = sorted(set(files) - set(shapes))
+    if missing:
+        raise MergeError(f"{base_dir}: index lists {missing[0]} but no shard holds it")
+    adapters = [read_adapter(d, shapes, expected_base) for d in adapter_dirs]
+    return {n: readers[f] for n, f in files.items()}, shapes, [(ad, _open(ad.file)) for ad in adapters]
+
+
+def _writer(folder: Path, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]], names: list[str],
+            max_shard_bytes: int | None) -> shards.ShardedWriter:
+    folder.mkdir(parents=True, exist_ok=True)
+    return shards.ShardedWriter(folder, [shards.Entry(n, dtype, shapes[n]) for n in names], max_shard_bytes,
+                                background=True)
+
+
+def _merge_tensors(base: dict[str, shards.SafetensorsReader], shapes: dict[str, tuple[int, ...]],
+                   adapters: list[tuple[Adapter, shards.SafetensorsReader]], w16: shards.ShardedWriter,
+                   w_fp16: shards.ShardedWriter | None, progress: bool) -> tuple[int, int, dict[str, int]]:
+    """Merge and write every tensor, block by block; returns the LoRAs merged, the tensors
+    replaced by a module to save, and per tensor the values FP16 cannot hold."""
+    overflow: dict[str, int] = {}
+    merged = replaced = 0
+    for name in track(list(base), progress, "merging tensors"):
+        source, steps = _sources(name, base[name], adapters)
+        for t in _merged_blocks(shapes[name], source, steps):
+            w16.write(name, t)
+            if w_fp16 is not None:
+                big = int((t.float().abs() > FP16_MAX).sum())
+                if big:
+                    overflow[name] = overflow.get(name, 0) + big
+                w_fp16.write(name, t.to(torch.float16))
+            del t
+        merged += len(steps)
+        replaced += any(name in ad.replace for ad, _ in adapters)
+    return merged, replaced, overflow
+
+
+def _sources(name: str, base: shards.SafetensorsReader, adapters: list[tuple[Adapter, shards.SafetensorsReader]]
+             ) -> tuple[tuple[shards.SafetensorsReader, str], list[tuple[Lora, shards.SafetensorsReader]]]:
+    """Where tensor ``name`` starts (the base's, or the last module to save that replaces it: it
+    replaces everything before it) and the LoRAs applied after that, in order."""
+    first = max([i for i, (ad, _) in enumerate(adapters) if name in ad.replace], default=-1)
+    source = (adapters[first][1], adapters[first][0].replace[name]) if first >= 0 else (base, name)
+    return source, [(ad.lora[name], rd) for ad, rd in adapters[first + 1:] if name in ad.lora]
+
+
+def _merged_blocks(shape: tuple[int, ...], source: tuple[shards.SafetensorsReader, str],
+                   steps: list[tuple[Lora, shards.SafetensorsReader]]) -> Iterator[torch.Tensor]:
+    """The merged tensor, block of rows after block of rows, in BF16."""
+    reader, name = source
+    a_full = [rd.read(lo.a) for lo, rd in steps]  # rank x in: small
+    for block in _blocks(shape):
+        t = _to_bf16(reader.read(name, block))
+        for (lo, rd), a in zip(steps, a_full):
+            b = rd.read(lo.b, block)
+            if lo.magnitude:
+                t = merge_dora(t, a, b, lo.scale, rd.read(lo.magnitude, block))
+            else:
+                t = merge_lora(t, a, b, lo.scale)
+        yield t
 
 
 def write_model_files(base_dir: Path, out: Path, dtype: str, chat_spec, inference) -> None:
@@ -307,12 +349,31 @@ def write_model_files(base_dir: Path, out: Path, dtype: str, chat_spec, inferenc
 # --- stage ------------------------------------------------------------------------------------
 
 
-def stage_dir(spec: Spec) -> Path:
+def folder(spec: Spec) -> Path:
     return spec.build_dir / STAGE
 
 
+def subfolder(dtype: str) -> str:
+    """The folder inside the stage's that holds the model of ``dtype``."""
+    return {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+
+
+def inputs(spec: Spec) -> dict[str, Path]:
+    """The base model and the adapters, in the order they are merged (from the pipeline)."""
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    return pipeline.upstream(spec, STAGE)
+
+
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``merge``: the base plus the training stages' adapters."""
+    found = inputs(spec)
+    adapters = [found[k] for k in sorted(found) if k.startswith("adapter")]
+    return run_merge(spec, found["base"], adapters, folder(spec), force=force, progress=progress)
+
+
 def run_merge(spec: Spec, base_dir: Path, adapters: list[Path], out: Path, *, force: bool = False,
-              progress: bool = True) -> tuple[Manifest, bool]:
+              progress: bool = True) -> Manifest:
     """Merge into ``out``/bf16 (and ``out``/fp16 when the spec has an FP16 variant), as a stage:
     built aside, manifest last, skipped when nothing changed."""
     for d in (base_dir, *adapters):
@@ -320,11 +381,12 @@ def run_merge(spec: Spec, base_dir: Path, adapters: list[Path], out: Path, *, fo
             raise MergeError(f"{d}: folder not found; give the base model or adapter folder")
     fp16 = any(v.format == "safetensors" and v.dtype == "float16" for v in spec.variants.values())
     sections = {k: spec.section_hash(k) for k in ("chat", "inference", "variants", "build.max_shard_size")}
-    inputs = {"base": Path(base_dir), **{f"adapter{i}": Path(a) for i, a in enumerate(adapters)}}
+    found = {"base": Path(base_dir), **{f"adapter{i}": Path(a) for i, a in enumerate(adapters)}}
 
     def build(tmp: Path) -> dict:
-        return merge(Path(base_dir), [Path(a) for a in adapters], tmp / "bf16", out_fp16=tmp / "fp16" if fp16 else None,
+        return merge(Path(base_dir), [Path(a) for a in adapters], tmp / subfolder("bfloat16"),
+                     out_fp16=tmp / subfolder("float16") if fp16 else None,
                      chat_spec=spec.chat, inference=spec.inference, max_shard_bytes=spec.max_shard_bytes, expected_base=spec.base.model, progress=progress)
 
-    return run_stage(STAGE, Path(out), build, release=spec.release.name, inputs=inputs, spec_sections=sections,
+    return run_stage(STAGE, Path(out), build, release=spec.release.name, inputs=found, spec_sections=sections,
                      tools=TOOLS, force=force)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from release.errors import ModelfileError
 from release import chat
-from release.spec import Spec
+from release.artifacts import Manifest
+from release.errors import ModelfileError
+from release.spec import Spec, printable, unprintable
 
 COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser",
             "parameter", "message", "requires")
@@ -61,11 +61,6 @@ class Modelfile:
 # --- reading ----------------------------------------------------------------------------------
 
 _NIL, _NAME, _VALUE, _PARAMETER, _MESSAGE, _COMMENT = range(6)
-
-
-def _is_print(ch: str) -> bool:
-    """Go's strconv.IsPrint: letters, marks, numbers, punctuation, symbols, ASCII space."""
-    return ch == " " or unicodedata.category(ch)[0] in "LMNPS"
 
 
 def _unquote(s: str) -> tuple[str, bool]:
@@ -153,7 +148,7 @@ def parse(text: str, source: str = "Modelfile") -> list[Command]:
                 commands.append(Command(name, value, start))
             buf = []
             state = nxt
-        if keep and _is_print(keep):
+        if keep and printable(keep):
             buf.append(keep)
 
     if state == _VALUE:
@@ -236,9 +231,9 @@ def check_file(path: Path) -> Modelfile:
 def quote(value: str, what: str, block: bool = False, bare: bool = False) -> str:
     """Quote ``value`` for a Modelfile (a triple-quoted block, ``"``, or ``bare`` for numbers); refuse
     what Ollama's parser would not read back."""
-    bad = [ch for ch in value if not _is_print(ch) and ch not in "\n\t"]
-    if bad:
-        raise ModelfileError(f"{what}: contains U+{ord(bad[0]):04X}, which Ollama's parser drops; remove it")
+    why = unprintable(value)
+    if why:
+        raise ModelfileError(f"{what}: {why}")
     if block:
         candidates = [f'"""{value}"""']
     elif bare and value and not any(c in value for c in '\n"') and value == _go_trim(value):
@@ -351,15 +346,20 @@ def write_all(spec: Spec, out_dir: Path) -> list[Path]:
     return written
 
 
-def stage_dir(spec: Spec) -> Path:
+def folder(spec: Spec) -> Path:
     return spec.build_dir / STAGE
 
 
-def run(spec: Spec, *, force: bool = False, progress: bool = True):
+def inputs(spec: Spec) -> dict[str, Path]:
+    """The licence file: everything else comes from the spec, no other stage feeds this one."""
+    return {"license": spec.resolve(spec.release.license_file)}
+
+
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``modelfiles``: ``write_all`` into the stage's folder."""
     from release.artifacts import run_stage
 
     sections = {k: spec.section_hash(k) for k in ("chat", "inference", "training.sequence_length",
                                                    "ollama", "variants", "release")}
-    return run_stage(STAGE, stage_dir(spec), lambda out: {"files": len(write_all(spec, out))},
-                     release=spec.release.name, spec_sections=sections, force=force,
-                     inputs={"license": spec.resolve(spec.release.license_file)})
+    return run_stage(STAGE, folder(spec), lambda out: {"files": len(write_all(spec, out))},
+                     release=spec.release.name, spec_sections=sections, force=force, inputs=inputs(spec))

@@ -1,68 +1,100 @@
-"""The release pipeline: stage order, skip/resume from manifests, the final summary table.
+"""The release pipeline: stage order, which stage feeds which, skip/resume, the summary tables.
 
     base -> data -> cpt -> sft -> merge (BF16 + FP16) -> bnb4 -> gguf (+ quants) -> verify
          -> modelfiles -> cards -> hub (plan; push with --push)
 
+Every stage has the same face: ``STAGE`` (its name), ``folder(spec)``, ``inputs(spec)`` and
+``run(spec, *, force, progress) -> Manifest``. This module is the only place that knows their
+order and which stage's output feeds which input: a stage asks ``upstream(spec, STAGE)`` for the
+folders it reads, and cards, hub, spec and tasks ask ``variant_dir`` / ``folder`` where a variant
+or stage lives. Adding a stage is one module plus one line in ``STAGES`` (and its line in
+``upstream`` when it reads another stage's output).
+
 Stages run in order; each is skipped when its manifest says its inputs and spec sections are
 unchanged, and an interrupted one is rebuilt from scratch (or, for training, from its last
 checkpoint) on the next run. ``only`` runs one stage, ``start`` resumes from a stage (earlier
-ones must be built). This module is the only place that knows which stage feeds which.
+ones must be built).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from rich.console import Console
 from rich.table import Table
 
 from release import base, card, gguf, hub, merge, modelfile, quant4, verify
+from release.artifacts import Manifest, human_bytes, read_manifest, summary_console
 from release.errors import StageError
-from release.artifacts import Manifest, read_manifest, summary_console
 from release.spec import Spec
-from training import curate, stages
+from training import cpt, curate, sft
 
 
-@dataclass(frozen=True)
-class StageResult:
-    name: str
-    directory: Path
-    manifest: Manifest | None  # None for the hub step (its record is hub/plan.json)
-    ran: bool
+class Stage(Protocol):
+    """What the pipeline needs of a stage module."""
+
+    STAGE: str
+
+    def folder(self, spec: Spec) -> Path: ...
+
+    def inputs(self, spec: Spec) -> dict[str, Path]: ...
+
+    def run(self, spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest: ...
 
 
-Runner = Callable[[Spec, bool, bool], tuple[Manifest, bool]]
+# The stages, in data-flow order.
+STAGES: tuple[Stage, ...] = (base, curate, cpt, sft, merge, quant4, gguf, verify, modelfile, card, hub)
+NAMES = [s.STAGE for s in STAGES]
+
+
+def stage(name: str) -> Stage:
+    return next(s for s in STAGES if s.STAGE == name)
+
+
+def folder(spec: Spec, name: str) -> Path:
+    """Where stage ``name`` writes its files."""
+    return stage(name).folder(spec)
+
+
+def variant_dir(spec: Spec, key: str) -> Path:
+    """The folder variant ``key`` (a ``[variants]`` key) is built in: what is verified and published."""
+    v = spec.variants[key]
+    if v.format == "safetensors":
+        return merge.folder(spec) / merge.subfolder(v.dtype)
+    return {"bnb-4bit": quant4, "gguf": gguf}[v.format].folder(spec)
+
+
+def base_model_dir(spec: Spec) -> Path:
+    """The folder holding the base model's files: the base stage's, or the local or downloaded
+    copy it records."""
+    return base.model_dir(spec)
 
 
 def models(spec: Spec) -> dict[str, Path]:
-    """Variant key -> the folder it is built in (what verification and publishing read)."""
-    return {key: spec.variant_dir(key) for key in spec.variants}
+    """Variant key -> the folder it is built in."""
+    return {key: variant_dir(spec, key) for key in spec.variants}
 
 
-def adapters(spec: Spec) -> list[Path]:
-    """The training stages' adapters, in the order they are merged."""
-    return [stages.stage_dir(spec, s) for s in stages.STAGES]
-
-
-# name -> (runner, folder), in data-flow order
-STAGES: dict[str, tuple[Runner, Callable[[Spec], Path]]] = {
-    base.STAGE: (lambda s, f, p: base.run(s, force=f, progress=p), base.stage_dir),
-    curate.STAGE: (lambda s, f, p: curate.run(s, force=f, progress=p), curate.stage_dir),
-    **{name: ((lambda s, f, p, n=name: stages.run(s, n, force=f, progress=p)),
-              (lambda s, n=name: stages.stage_dir(s, n))) for name in stages.STAGES},
-    merge.STAGE: (lambda s, f, p: merge.run_merge(s, base.model_dir(s), adapters(s), merge.stage_dir(s),
-                                                   force=f, progress=p), merge.stage_dir),
-    quant4.STAGE: (lambda s, f, p: quant4.run(s, s.variant_dir(s.flagship_key), force=f, progress=p),
-                   quant4.stage_dir),
-    gguf.STAGE: (lambda s, f, p: gguf.run(s, s.variant_dir(s.flagship_key), force=f, progress=p), gguf.stage_dir),
-    verify.STAGE: (lambda s, f, p: verify.run(s, models(s), force=f, progress=p), verify.stage_dir),
-    modelfile.STAGE: (lambda s, f, p: modelfile.run(s, force=f, progress=p), modelfile.stage_dir),
-    card.STAGE: (lambda s, f, p: card.run(s, force=f, progress=p), card.stage_dir),
-}
-HUB = hub.STAGE
-NAMES = [*STAGES, HUB]
+def upstream(spec: Spec, name: str) -> dict[str, Path]:
+    """What stage ``name`` reads from other stages: input name -> folder or file."""
+    flagship = variant_dir(spec, spec.flagship_key)
+    trained = {"base": base.folder(spec), "data": curate.folder(spec)}
+    feeds = {
+        curate.STAGE: lambda: {"tokenizer": base_model_dir(spec) / "tokenizer.json"},
+        cpt.STAGE: lambda: trained,
+        sft.STAGE: lambda: {**trained, "cpt": cpt.folder(spec)},
+        # adapters in the order they are merged
+        merge.STAGE: lambda: {"base": base_model_dir(spec), "adapter0": cpt.folder(spec), "adapter1": sft.folder(spec)},
+        quant4.STAGE: lambda: {"model": flagship},
+        gguf.STAGE: lambda: {"model": flagship},
+        verify.STAGE: lambda: models(spec),
+        card.STAGE: lambda: {"verify": verify.folder(spec), "gguf": gguf.folder(spec), "model": flagship},
+        hub.STAGE: lambda: {"verify": verify.folder(spec), "cards": card.folder(spec),
+                            "modelfiles": modelfile.folder(spec), **models(spec)},
+    }
+    return feeds[name]() if name in feeds else {}
 
 
 def applicable(spec: Spec) -> list[str]:
@@ -73,44 +105,56 @@ def applicable(spec: Spec) -> list[str]:
     return [n for n in NAMES if n not in skip]
 
 
-def run(spec: Spec, *, force: bool = False, only: str | None = None, start: str | None = None,
-        until: str | None = None, push: bool = False, progress: bool = True,
-        console: Console | None = None) -> list[StageResult]:
-    """Run the stages in order (``start`` to ``until``, or ``only`` one); returns what each did.
-    Raises ``StageError`` when verification fails (after recording it), so nothing unverified
-    goes on to the cards and the Hub."""
-    console = console or summary_console()
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    directory: Path
+    manifest: Manifest
+
+    @property
+    def ran(self) -> bool:
+        return self.manifest.built
+
+
+def select(spec: Spec, only: str | None = None, start: str | None = None, until: str | None = None) -> list[str]:
+    """The stage names to run: ``only`` one, or ``start`` to ``until`` of the applicable ones."""
     names = applicable(spec)
     for opt, value in (("--only", only), ("--from", start), ("--until", until)):
         if value is not None and value not in names:
             raise StageError(f"{opt} {value}: unknown stage (stages: {', '.join(names)})")
     if only:
-        names = [only]
-    else:
-        names = names[names.index(start) if start else 0:names.index(until) + 1 if until else None]
+        return [only]
+    return names[names.index(start) if start else 0:names.index(until) + 1 if until else None]
+
+
+def run(spec: Spec, *, force: bool = False, only: str | None = None, start: str | None = None,
+        until: str | None = None, push: bool = False, progress: bool = True,
+        console: Console | None = None) -> list[StageResult]:
+    """Run the stages in order (``start`` to ``until``, or ``only`` one); returns what each did.
+    Raises ``StageError`` when verification fails (after recording it), so nothing unverified
+    goes on to the cards and the Hub. ``push`` publishes the Hub plan once it is made."""
+    console = console or summary_console()
     results = []
-    for name in names:
-        if name == HUB:
-            plans = hub.plan(spec, console=console, progress=progress)
-            if push:
-                console.print(hub.push_table(spec, hub.push(spec, plans, console=console, progress=progress)))
-            results.append(StageResult(HUB, hub.stage_dir(spec), None, push))
-            continue
-        runner, folder = STAGES[name]
+    for name in select(spec, only, start, until):
+        s = stage(name)
         if progress:
             console.print(f"[bold]{name}[/bold] …")
-        manifest, ran = runner(spec, force, progress)
-        results.append(StageResult(name, folder(spec), manifest, ran))
+        manifest = s.run(spec, force=force, progress=progress)
+        results.append(StageResult(name, s.folder(spec), manifest))
         if name == verify.STAGE and not manifest.figures.get("passed"):
             console.print(verify_table(manifest.figures))
             raise StageError("verify: release gates failed (recorded in "
-                             f"{verify.stage_dir(spec) / 'verification.json'}):\n"
+                             f"{verify.folder(spec) / 'verification.json'}):\n"
                              + "\n".join(verify.failures(manifest.figures)))
+        if name == hub.STAGE and push:
+            pushed = hub.push(spec, hub.read_plans(spec), console=console, progress=progress)
+            console.print(hub.push_table(spec, pushed))
+            manifest.figures["pushed"] = len(pushed)
     return results
 
 
 def status(spec: Spec) -> list[tuple[str, Manifest | None]]:
-    return [(name, read_manifest(folder(spec))) for name, (_, folder) in STAGES.items()]
+    return [(s.STAGE, read_manifest(s.folder(spec))) for s in STAGES]
 
 
 # --- summary ----------------------------------------------------------------------------------
@@ -123,14 +167,13 @@ def summary(spec: Spec, results: list[StageResult], console: Console | None = No
     for col in ("stage", "status", "files", "size", "seconds", "folder"):
         table.add_column(col, justify="right" if col in ("files", "size", "seconds") else "left")
     for r in results:
-        if r.manifest is None:
-            table.add_row(r.name, "pushed" if r.ran else "planned", "", "", "", _short(r.directory))
-            continue
         size = sum(e.size for e in r.manifest.outputs)
-        table.add_row(r.name, "built" if r.ran else "up to date", str(len(r.manifest.outputs)),
-                      human_bytes(size), f"{r.manifest.seconds:.1f}", _short(r.directory))
+        status = ("pushed" if r.manifest.figures.get("pushed") else "planned") if r.name == hub.STAGE else \
+            "built" if r.ran else "up to date"
+        table.add_row(r.name, status, str(len(r.manifest.outputs)), human_bytes(size),
+                      f"{r.manifest.seconds:.1f}", _short(r.directory))
     console.print(table)
-    vm = read_manifest(verify.stage_dir(spec))
+    vm = read_manifest(verify.folder(spec))
     if vm is not None:
         console.print(artifact_table(spec, vm.figures))
     return table
@@ -160,14 +203,6 @@ def verify_table(figures: dict) -> Table:
     for row in verify.summary_rows(figures):
         t.add_row(*row)
     return t
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 def _short(path: Path) -> str:

@@ -10,7 +10,8 @@ that route, the model is never loaded: one tensor is quantized at a time.
 A shard's safetensors header must precede its data, but the packed quantization state is a JSON
 blob whose length is known only after quantizing (it holds the mean of the block maxima). So the
 states go at the end of each shard's data and its header is rewritten, to the same length, once
-they are known (see ``_Shard``): every byte is written once and memory stays at one tensor.
+they are known (see ``shards.ShardWriter``): every byte is written once and memory stays at one
+tensor.
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ import json
 import math
 import re
 import shutil
-import struct
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from release.errors import Quant4Error, StageError
 from release.artifacts import Manifest, peak_rss_mb, track, write_json
-from release.shards import INDEX, Entry, SafetensorsReader, file_names, header, model_files, plan
+from release.errors import Quant4Error
+from release.shards import Entry, SafetensorsReader, ShardedWriter, model_files, row_blocks
 from release.spec import Spec, Variant
 
 STAGE = "bnb4"
@@ -66,7 +65,8 @@ def quantize_tensor(name: str, weight: torch.Tensor, v: Variant) -> list[tuple[s
 
 
 def _estimate(name: str, shape: tuple[int, ...], dtype: torch.dtype, v: Variant) -> list[Entry]:
-    """Upper bounds of the sizes ``quantize_tensor`` will produce, for planning the shards."""
+    """The tensors ``quantize_tensor`` will produce, for planning the shards: exact sizes, but for
+    the packed quantization state's, which is its longest (a ``variable`` entry)."""
     if not QUANTIZED.fullmatch(name):
         return [Entry(name, dtype, shape)]
     n = math.prod(shape)
@@ -79,156 +79,78 @@ def _estimate(name: str, shape: tuple[int, ...], dtype: torch.dtype, v: Variant)
     else:
         entries.append(Entry(f"{name}.absmax", torch.float32, (blocks,)))
     return entries + [Entry(f"{name}.quant_map", torch.float32, (16,)),
-                      Entry(f"{name}.quant_state.bitsandbytes__{v.dtype}", torch.uint8, (_STATE_MAX,))]
+                      Entry(f"{name}.quant_state.bitsandbytes__{v.dtype}", torch.uint8, (_STATE_MAX,),
+                            variable=True)]
 
 
-def _is_state(name: str) -> bool:
-    return ".quant_state.bitsandbytes__" in name
+def _open_bf16(model_dir: Path) -> dict[str, SafetensorsReader]:
+    """tensor name -> its reader, in name order; refused unless the projections are BF16."""
+    try:
+        sources = model_files(model_dir)
+        files = {p: SafetensorsReader(p) for p in set(sources.values())}
+    except (OSError, ValueError, KeyError) as e:
+        raise Quant4Error(f"{model_dir}: no readable safetensors model ({e}); build the merge stage first") from None
+    if not sources:
+        raise Quant4Error(f"{model_dir}: no safetensors files; build the merge stage first")
+    readers = {n: files[sources[n]] for n in sorted(sources)}
+    if not any(QUANTIZED.fullmatch(n) for n in readers):
+        raise Quant4Error(f"{model_dir}: no Llama projection weights (model.layers.N.*_proj.weight) to quantize")
+    for n, r in readers.items():
+        if QUANTIZED.fullmatch(n) and r.dtype(n) != torch.bfloat16:
+            raise Quant4Error(f"{sources[n]}: {n} is {r.dtype(n)}, expected bfloat16; quantize the BF16 merge")
+    return readers
 
 
-class _Shard:
-    """One output shard, written once, in place.
+def _reads(readers: dict[str, SafetensorsReader]) -> list[tuple[str, tuple[int, int] | None]]:
+    """What to read, in order: projection weights whole (they are quantized whole), other tensors
+    in row blocks of about ROW_BLOCK_BYTES."""
+    out: list[tuple[str, tuple[int, int] | None]] = []
+    for n, r in readers.items():
+        shape = r.shape(n)
+        if QUANTIZED.fullmatch(n) or not shape:
+            out.append((n, None))
+        else:
+            row_bytes = math.prod(shape[1:]) * r.dtype(n).itemsize
+            out += [(n, rows) for rows in row_blocks(shape[0], row_bytes, ROW_BLOCK_BYTES)]
+    return out
 
-    The header must precede the data, and the packed quantization states' lengths are known only
-    after quantizing. So the fixed-size tensors (their sizes follow from the shapes) are laid out
-    first and written at their offsets as they come; the states (a few hundred bytes each) go at
-    the end of the data. The header is written first with every state at its longest possible
-    length, then rewritten once the states are known, padded with spaces to the same length
-    (JSON allows the whitespace; safetensors pads its own headers the same way).
-    """
 
-    def __init__(self, path: Path, entries: list[Entry]):
-        self.path = path
-        self.fixed = [e for e in entries if not _is_state(e.name)]
-        self.states: dict[str, torch.Tensor | None] = {e.name: None for e in entries if _is_state(e.name)}
-        self.offsets: dict[str, tuple[int, Entry]] = {}
-        offset = 0
-        for e in self.fixed:
-            self.offsets[e.name] = (offset, e)
-            offset += e.nbytes
-        blob = self._header({n: _STATE_MAX for n in self.states})
-        self.header_bytes = len(blob)
-        self.done = {e.name: 0 for e in self.fixed}
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(blob)) + blob)
-        # the file is written by a thread while the next tensor is quantized (writes release the GIL)
-        self.writer = ThreadPoolExecutor(max_workers=1)
-        self.pending: Future | None = None
-
-    def _header(self, state_lengths: dict[str, int], pad_to: int = 0) -> bytes:
-        return header([*self.fixed, *(Entry(n, torch.uint8, (length,)) for n, length in state_lengths.items())],
-                      pad_to=pad_to)
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` (a whole one, or the next rows of one) at its place."""
-        if name in self.states:
-            if tensor.dtype != torch.uint8 or tensor.dim() != 1 or tensor.numel() > _STATE_MAX:
-                raise Quant4Error(f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
-                                  f"expected at most {_STATE_MAX} bytes")
-            self.states[name] = tensor.clone()
-            return
-        if name not in self.offsets:
-            raise Quant4Error(f"{self.path.name}: {name} was not planned for this shard")
-        offset, e = self.offsets[name]
-        if tensor.dtype != e.dtype or tuple(tensor.shape[1:]) != e.shape[1:] or \
-                self.done[name] + tensor.numel() * tensor.element_size() > e.nbytes:
-            raise Quant4Error(f"{self.path.name}: {name} is {tensor.dtype} {tuple(tensor.shape)}, "
-                              f"planned {e.dtype} {e.shape}")
-        self._wait()  # at most one block in flight: memory stays at two blocks
-        self.pending = self.writer.submit(self._write, 8 + self.header_bytes + offset + self.done[name],
-                                          tensor.contiguous().view(torch.uint8).numpy())
-        self.done[name] += tensor.numel() * tensor.element_size()
-
-    def _write(self, position: int, data) -> None:
-        self.file.seek(position)
-        self.file.write(data.data)
-
-    def _wait(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None
-
-    def finish(self) -> int:
-        self._wait()
-        self.writer.shutdown()
-        short = [e.name for e in self.fixed if self.done[e.name] != e.nbytes]
-        missing = [n for n, s in self.states.items() if s is None]
-        if short or missing:
-            self.file.close()
-            raise Quant4Error(f"{self.path.name}: incomplete tensors {(short + missing)[:3]}")
-        self.file.seek(8 + self.header_bytes + sum(e.nbytes for e in self.fixed))
-        for s in self.states.values():
-            self.file.write(s.numpy().tobytes())
-        self.file.truncate()
-        blob = self._header({n: s.numel() for n, s in self.states.items()}, pad_to=self.header_bytes)
-        if len(blob) != self.header_bytes:  # cannot happen: every state and offset is at most its placeholder
-            self.file.close()
-            raise Quant4Error(f"{self.path.name}: header grew from {self.header_bytes} to {len(blob)} bytes")
-        self.file.seek(8)
-        self.file.write(blob)
-        self.file.close()  # the stage syncs every output once, before its manifest
-        return sum(e.nbytes for e in self.fixed) + sum(s.numel() for s in self.states.values())
+def _write_tensors(readers: dict[str, SafetensorsReader], writer: ShardedWriter, v: Variant,
+                   progress: bool) -> tuple[int, int]:
+    """Quantize or copy every tensor into ``writer``; returns the quantized parameters and the
+    bytes they take (packed weights and their states)."""
+    params = packed = 0
+    for n, rows in track(_reads(readers), progress, f"bnb 4-bit ({v.dtype})"):
+        tensor = readers[n].read(n, rows)
+        if QUANTIZED.fullmatch(n):
+            for key, q in quantize_tensor(n, tensor, v):
+                writer.write(key, q)
+                packed += q.numel() * q.element_size()
+            params += tensor.numel()
+        else:
+            writer.write(n, tensor)
+        del tensor
+    return params, packed
 
 
 def quantize_model(model_dir: Path, out: Path, v: Variant, max_shard_bytes: int | None,
                    progress: bool = True) -> dict:
-    """Write the 4-bit model of ``model_dir`` (BF16 safetensors) into ``out``; returns figures."""
+    """Write the 4-bit model of ``model_dir`` (BF16 safetensors) into ``out``; returns figures.
+    One tensor is read, quantized and written at a time, the writing in the background."""
     model_dir, out = Path(model_dir), Path(out)
-    sources = model_files(model_dir)
-    if not sources:
-        raise Quant4Error(f"{model_dir}: no safetensors files; build the merge stage first")
-    readers = {p: SafetensorsReader(p) for p in set(sources.values())}
-    names = sorted(sources)
-    shapes = {n: readers[sources[n]].shape(n) for n in names}
-    dtypes = {n: readers[sources[n]].dtype(n) for n in names}
-    if not any(QUANTIZED.fullmatch(n) for n in names):
-        raise Quant4Error(f"{model_dir}: no Llama projection weights (model.layers.N.*_proj.weight) to quantize")
-    for n in names:
-        if QUANTIZED.fullmatch(n) and dtypes[n] != torch.bfloat16:
-            raise Quant4Error(f"{sources[n]}: {n} is {dtypes[n]}, expected bfloat16; quantize the BF16 merge")
-    estimates = [e for n in names for e in _estimate(n, shapes[n], dtypes[n], v)]
-    groups = plan(estimates, max_shard_bytes)
-    files = file_names(len(groups))
-    shard_of = {e.name: i for i, g in enumerate(groups) for e in g}
+    readers = _open_bf16(model_dir)
+    entries = [e for n, r in readers.items() for e in _estimate(n, r.shape(n), r.dtype(n), v)]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    current: tuple[int, _Shard] | None = None
-    weight_map: dict[str, str] = {}
-    total = quantized_params = quantized_bytes = 0
-    # reads: whole projection weights, other tensors in blocks of rows
-    blocks: list[tuple[str, tuple[int, int] | None]] = []
-    for n in names:
-        shape = shapes[n]
-        row_bytes = max(1, math.prod(shape[1:]) * dtypes[n].itemsize) if len(shape) > 1 else 0
-        step = max(1, ROW_BLOCK_BYTES // row_bytes) if row_bytes else 0
-        if QUANTIZED.fullmatch(n) or not step or shape[0] <= step:
-            blocks.append((n, None))
-        else:
-            blocks += [(n, (r, min(r + step, shape[0]))) for r in range(0, shape[0], step)]
-    for n, rows in track(blocks, progress, f"bnb 4-bit ({v.dtype})"):
-        tensor = readers[sources[n]].read(n) if rows is None else readers[sources[n]].read(n, rows)
-        i = shard_of[n]
-        if current is None or current[0] != i:
-            if current is not None:
-                total += current[1].finish()
-            current = (i, _Shard(out / files[i], groups[i]))
-        shard = current[1]
-        if QUANTIZED.fullmatch(n):
-            for key, q in quantize_tensor(n, tensor, v):
-                shard.add(key, q)
-                weight_map[key] = files[i]
-                quantized_bytes += q.numel() * q.element_size()
-            quantized_params += math.prod(shapes[n])
-        else:
-            shard.add(n, tensor)
-            weight_map[n] = files[i]
-        del tensor
-    if current is not None:
-        total += current[1].finish()
-    if len(files) > 1:
-        write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-    return {"bytes": total, "files": len(files), "quantized_parameters": quantized_params,
-            "bits_per_weight": round(8 * quantized_bytes / quantized_params, 3),
+    writer = ShardedWriter(out, entries, max_shard_bytes, background=True)
+    try:
+        params, packed = _write_tensors(readers, writer, v, progress)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return {"bytes": writer.bytes, "files": len(writer.names), "quantized_parameters": params,
+            "bits_per_weight": round(8 * packed / params, 3),
             "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -245,14 +167,22 @@ def write_model_files(model_dir: Path, out: Path, v: Variant) -> None:
 # --- stage ------------------------------------------------------------------------------------
 
 
-def stage_dir(spec: Spec) -> Path:
+def folder(spec: Spec) -> Path:
     return spec.build_dir / STAGE
 
 
-def run(spec: Spec, model_dir: Path, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
-    """The spec's bitsandbytes variant of the BF16 model in ``model_dir``, as a stage."""
+def inputs(spec: Spec) -> dict[str, Path]:
+    """The flagship BF16 model (from the pipeline)."""
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    return pipeline.upstream(spec, STAGE)
+
+
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``bnb4``: the spec's bitsandbytes variant of the flagship BF16 model."""
     from release.artifacts import run_stage
 
+    model_dir = inputs(spec)["model"]
     found = variant(spec)
     if found is None:
         raise Quant4Error(f"{spec.path}: no [variants.*] with format = '{FORMAT}'")
@@ -267,7 +197,7 @@ def run(spec: Spec, model_dir: Path, *, force: bool = False, progress: bool = Tr
         write_model_files(Path(model_dir), tmp, v)
         return figures
 
-    return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name, inputs={"model": Path(model_dir)},
+    return run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs={"model": Path(model_dir)},
                      spec_sections={f"variants.{key}": spec.section_hash(f"variants.{key}"),
                                     "build.max_shard_size": spec.section_hash("build.max_shard_size")},
                      tools=("bitsandbytes", "torch", "transformers"), force=force)

@@ -22,16 +22,66 @@ from typing import Any, Literal
 
 from release.errors import SpecError
 
-__all__ = ["Spec", "SpecError", "load", "GGUF_TYPES"]
+__all__ = ["Spec", "SpecError", "load", "GGUF_TYPES", "CONVERTED", "SPECIAL_TOKENS", "printable", "unprintable", "unwritable"]
 
-# llama.cpp file types the GGUF stage can produce: F16/BF16/Q8_0 by conversion, the rest by
-# llama.cpp's quantizer.
+# llama.cpp file types the GGUF stage can produce: CONVERTED ones by its own converter, the rest
+# by llama.cpp's quantizer (from the F16 file).
+CONVERTED = ("F16", "BF16", "Q8_0")
 GGUF_TYPES = (
-    "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S",
+    *CONVERTED, "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S",
     "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
 )
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULL_MODULES = ("embed_tokens", "lm_head")
+
+# Llama 3.1's special tokens, in id order from VOCAB_BASE (Meta's tokenizer for 3.1): the only
+# values [chat] may name. Defined here so the spec is checked against the table the tokenizer
+# (release/llama3.py) is built from.
+VOCAB_BASE = 128_000  # tiktoken ranks; the special tokens follow them
+_NAMED_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]
+SPECIAL_TOKENS: dict[str, int] = {
+    tok: VOCAB_BASE + i
+    for i, tok in enumerate(_NAMED_TOKENS + [f"<|reserved_special_token_{3 + i}|>"
+                                             for i in range(256 - len(_NAMED_TOKENS))])
+}
+
+# Unicode categories no chat template (Jinja or Go) or Modelfile string may hold, with what to
+# call them; line breaks and tabs are the control characters that are allowed.
+_UNWRITABLE = {"Cc": "control character", "Cs": "surrogate", "Co": "private-use character",
+               "Cn": "unassigned code point", "Cf": "format character", "Zs": "space character",
+               "Zl": "line separator", "Zp": "paragraph separator"}
+
+
+def printable(ch: str) -> bool:
+    """Go's ``strconv.IsPrint``: letters, marks, numbers, punctuation, symbols, the ASCII space."""
+    return ch == " " or unicodedata.category(ch)[0] in "LMNPS"
+
+
+def unprintable(text: str) -> str | None:
+    """Why ``text`` cannot be written into a chat template and a Modelfile (its first character
+    that is not printable), or None. Ollama's Modelfile parser keeps only what Go's
+    ``strconv.IsPrint`` accepts (letters, marks, numbers, punctuation, symbols, the ASCII space)
+    plus line breaks and tabs, and drops the rest (a zero-width non-joiner, a no-break space);
+    control characters cannot be template literals either. release/chat.py and
+    release/modelfile.py refuse such text with this rule for values built in code."""
+    for ch in text:
+        if ch in "\n\t" or printable(ch):
+            continue
+        kind = _UNWRITABLE.get(unicodedata.category(ch), "character")
+        return f"contains the {kind} U+{ord(ch):04X}, which a template or Modelfile cannot hold; remove it"
+    return None
+
+
+def unwritable(text: str) -> str | None:
+    """``unprintable``, and a ``\"\"\"`` that ends a line, which would end a Modelfile's
+    triple-quoted block early. The spec refuses such text at load."""
+    if re.search(r'"""(\n|$)', text):
+        return "has '\"\"\"' at the end of a line, which would end a Modelfile block early; change the text"
+    return unprintable(text)
 
 
 # --- schema -----------------------------------------------------------------------------------
@@ -261,14 +311,6 @@ class Spec:
         """``<build.dir>/<release name>``: every stage writes below it."""
         return self.resolve(self.build.dir) / self.release.name
 
-    def variant_dir(self, key: str) -> Path:
-        """Where variant ``key`` is built: ``merge/bf16``, ``merge/fp16``, ``bnb4`` or ``gguf``
-        (the folder of its GGUF files) below ``build_dir``."""
-        v = self.variants[key]
-        if v.format == "safetensors":
-            return self.build_dir / "merge" / ("bf16" if v.dtype == "bfloat16" else "fp16")
-        return self.build_dir / {"bnb-4bit": "bnb4", "gguf": "gguf"}[v.format]
-
     @property
     def flagship_key(self) -> str:
         return next(k for k, v in self.variants.items() if _is_flagship(v))
@@ -452,153 +494,267 @@ def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
 
+# --- checking ---------------------------------------------------------------------------------
+# Rules that cross fields or need more than a type, one checker per section. Each returns
+# ``key: message`` lines and reads values the type check already vouched for; where a rule needs
+# another section to be valid first (gates and Ollama tags cover the variants), ``_check`` passes
+# that fact in explicitly.
+
+
 def _check(s: Spec) -> list[str]:
-    """Rules that cross fields or need more than a type; each returns ``key: message``."""
+    """Every section's problems, section by section."""
+    variants = _check_variants(s.variants)
+    # gates and tags are matched to the variants only when those are valid, so one wrong
+    # quant type is one problem, not one per section that refers to it
+    gguf_types = None if variants else s.gguf_types()
+    return [
+        *_check_release(s), *_check_base(s.base), *_check_lora(s.lora),
+        *_check_training(s.training), *_check_data(s.data), *_check_chat(s.chat),
+        *_check_inference(s.inference), *_check_evaluation(s.evaluation), *variants,
+        *_check_gates(s, gguf_types), *_check_ollama(s.ollama, gguf_types),
+        *_check_hub(s.hub), *_check_build(s.build),
+    ]
+
+
+def _need(p: list[str], ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        p.append(f"{key}: {msg}")
+
+
+def _check_release(s: Spec) -> list[str]:
+    r = s.release
     p: list[str] = []
+    _need(p, bool(r.name) and "/" not in r.name, "release.name",
+          "expected a repository-style name without '/', e.g. 'Qalb-1.0-8B-Instruct'")
+    for i, lang in enumerate(r.languages):
+        _need(p, re.fullmatch(r"[a-z]{2,3}", lang) is not None, f"release.languages[{i}]",
+              f"expected an ISO 639 code like 'ur', got {lang!r}")
+    _need(p, s.resolve(r.license_file).is_file(), "release.license_file",
+          f"expected a text file relative to the spec, {r.license_file!r} does not exist")
+    return p
 
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            p.append(f"{key}: {msg}")
 
-    need(bool(s.release.name) and "/" not in s.release.name, "release.name",
-         "expected a repository-style name without '/', e.g. 'Qalb-1.0-8B-Instruct'")
-    for i, lang in enumerate(s.release.languages):
-        need(re.fullmatch(r"[a-z]{2,3}", lang) is not None, f"release.languages[{i}]",
-             f"expected an ISO 639 code like 'ur', got {lang!r}")
-    need(s.resolve(s.release.license_file).is_file(), "release.license_file",
-         f"expected a text file relative to the spec, {s.release.license_file!r} does not exist")
-    need(s.base.path is None or s.base.scaffold is None, "base.path",
-         "give either base.path (a local model) or [base.scaffold] (a model built here), not both")
+def _check_base(b: Base) -> list[str]:
+    p: list[str] = []
+    _need(p, b.path is None or b.scaffold is None, "base.path",
+          "give either base.path (a local model) or [base.scaffold] (a model built here), not both")
+    return p + (_check_scaffold(b.scaffold) if b.scaffold else [])
 
-    if s.base.scaffold:
-        sc = s.base.scaffold
-        need(sc.hidden_size % 256 == 0 and sc.hidden_size > 0, "base.scaffold.hidden_size",
-             f"expected a positive multiple of 256 (GGUF k-quant rows), got {sc.hidden_size}")
-        need(sc.intermediate_size % 256 == 0 and sc.intermediate_size > 0,
-             "base.scaffold.intermediate_size",
-             f"expected a positive multiple of 256 (GGUF k-quant rows), got {sc.intermediate_size}")
-        need(sc.num_hidden_layers >= 1, "base.scaffold.num_hidden_layers", "expected at least 1")
-        heads_ok = sc.num_attention_heads > 0 and sc.hidden_size % sc.num_attention_heads == 0
-        need(heads_ok, "base.scaffold.num_attention_heads",
-             f"expected a divisor of hidden_size {sc.hidden_size}, got {sc.num_attention_heads}")
-        need(sc.num_key_value_heads > 0 and sc.num_attention_heads % sc.num_key_value_heads == 0,
-             "base.scaffold.num_key_value_heads",
-             f"expected a divisor of num_attention_heads {sc.num_attention_heads} (GQA), "
-             f"got {sc.num_key_value_heads}")
-        need(sc.init_std > 0, "base.scaffold.init_std", "expected a positive number")
 
-    need(s.lora.r > 0, "lora.r", f"expected a positive integer, got {s.lora.r}")
-    need(s.lora.alpha > 0, "lora.alpha", f"expected a positive integer, got {s.lora.alpha}")
-    need(0.0 <= s.lora.dropout < 1.0, "lora.dropout", f"expected 0 <= dropout < 1, got {s.lora.dropout}")
-    for i, m in enumerate(s.lora.target_modules):
-        need(m in LORA_TARGETS, f"lora.target_modules[{i}]",
-             f"expected one of {', '.join(LORA_TARGETS)}, got {m!r}")
-    need(bool(s.lora.target_modules), "lora.target_modules", "expected at least one module")
+def _check_scaffold(sc: Scaffold) -> list[str]:
+    # llama.cpp's k-quant block size. Imported here, not at the top: the gguf package pulls in
+    # numpy (~0.1 s), which only specs with a scaffold (the demo and tests) pay.
+    from gguf.constants import QK_K
 
-    need(s.training.sequence_length > 0, "training.sequence_length", "expected a positive integer")
-    need(s.training.save_steps > 0, "training.save_steps", f"expected a positive integer, got {s.training.save_steps}")
-    for name in ("cpt", "sft"):
-        st: Stage = getattr(s.training, name)
-        key = f"training.{name}"
-        need(st.learning_rate > 0, f"{key}.learning_rate", f"expected a positive number, got {st.learning_rate}")
-        need(0.0 <= st.warmup_ratio < 1.0, f"{key}.warmup_ratio", f"expected 0 <= ratio < 1, got {st.warmup_ratio}")
-        need(st.per_device_batch_size > 0 and st.effective_batch_size % st.per_device_batch_size == 0,
-             f"{key}.effective_batch_size",
-             f"expected a multiple of per_device_batch_size {st.per_device_batch_size}, "
-             f"got {st.effective_batch_size}")
-        need(st.epochs > 0, f"{key}.epochs", f"expected a positive integer, got {st.epochs}")
-        for i, m in enumerate(st.modules_to_save):
-            need(m in FULL_MODULES, f"{key}.modules_to_save[{i}]",
-                 f"expected one of {', '.join(FULL_MODULES)}, got {m!r}")
+    p: list[str] = []
+    for name in ("hidden_size", "intermediate_size"):
+        size = getattr(sc, name)
+        _need(p, size > 0 and size % QK_K == 0, f"base.scaffold.{name}",
+              f"expected a positive multiple of {QK_K} (GGUF k-quant rows), got {size}")
+    _need(p, sc.num_hidden_layers >= 1, "base.scaffold.num_hidden_layers", "expected at least 1")
+    heads_ok = sc.num_attention_heads > 0 and sc.hidden_size % sc.num_attention_heads == 0
+    _need(p, heads_ok, "base.scaffold.num_attention_heads",
+          f"expected a divisor of hidden_size {sc.hidden_size}, got {sc.num_attention_heads}")
+    _need(p, sc.num_key_value_heads > 0 and sc.num_attention_heads % sc.num_key_value_heads == 0,
+          "base.scaffold.num_key_value_heads",
+          f"expected a divisor of num_attention_heads {sc.num_attention_heads} (GQA), "
+          f"got {sc.num_key_value_heads}")
+    _need(p, sc.init_std > 0, "base.scaffold.init_std", "expected a positive number")
+    return p
 
-    need(0.0 < s.data.retained_fraction <= 1.0, "data.retained_fraction",
-         f"expected a fraction in (0, 1], got {s.data.retained_fraction}")
-    names = [c.name for c in s.data.corpora]
-    need(len(names) == len(set(names)), "data.corpora", "corpus names must be unique")
-    fl = s.data.filters
-    need(fl.min_chars >= 0, "data.filters.min_chars", f"expected a non-negative integer, got {fl.min_chars}")
+
+def _check_lora(lora: Lora) -> list[str]:
+    p: list[str] = []
+    _need(p, lora.r > 0, "lora.r", f"expected a positive integer, got {lora.r}")
+    _need(p, lora.alpha > 0, "lora.alpha", f"expected a positive integer, got {lora.alpha}")
+    _need(p, 0.0 <= lora.dropout < 1.0, "lora.dropout", f"expected 0 <= dropout < 1, got {lora.dropout}")
+    for i, m in enumerate(lora.target_modules):
+        _need(p, m in LORA_TARGETS, f"lora.target_modules[{i}]",
+              f"expected one of {', '.join(LORA_TARGETS)}, got {m!r}")
+    _need(p, bool(lora.target_modules), "lora.target_modules", "expected at least one module")
+    return p
+
+
+def _check_training(t: Training) -> list[str]:
+    p: list[str] = []
+    _need(p, t.sequence_length > 0, "training.sequence_length", "expected a positive integer")
+    _need(p, t.save_steps > 0, "training.save_steps", f"expected a positive integer, got {t.save_steps}")
+    return p + _check_stage(t.cpt, "training.cpt") + _check_stage(t.sft, "training.sft")
+
+
+def _check_stage(st: Stage, key: str) -> list[str]:
+    p: list[str] = []
+    _need(p, st.learning_rate > 0, f"{key}.learning_rate", f"expected a positive number, got {st.learning_rate}")
+    _need(p, 0.0 <= st.warmup_ratio < 1.0, f"{key}.warmup_ratio", f"expected 0 <= ratio < 1, got {st.warmup_ratio}")
+    _need(p, st.per_device_batch_size > 0 and st.effective_batch_size % st.per_device_batch_size == 0,
+          f"{key}.effective_batch_size",
+          f"expected a multiple of per_device_batch_size {st.per_device_batch_size}, "
+          f"got {st.effective_batch_size}")
+    _need(p, st.epochs > 0, f"{key}.epochs", f"expected a positive integer, got {st.epochs}")
+    for i, m in enumerate(st.modules_to_save):
+        _need(p, m in FULL_MODULES, f"{key}.modules_to_save[{i}]",
+              f"expected one of {', '.join(FULL_MODULES)}, got {m!r}")
+    return p
+
+
+def _check_data(d: Data) -> list[str]:
+    p: list[str] = []
+    _need(p, 0.0 < d.retained_fraction <= 1.0, "data.retained_fraction",
+          f"expected a fraction in (0, 1], got {d.retained_fraction}")
+    names = [c.name for c in d.corpora]
+    _need(p, len(names) == len(set(names)), "data.corpora", "corpus names must be unique")
+    p += _check_filters(d.filters)
+    _need(p, d.urdu_tokens > 0 and d.english_tokens >= 0, "data.english_tokens",
+          "expected urdu_tokens > 0 and english_tokens >= 0 (they set the English replay share)")
+    return p
+
+
+def _check_filters(fl: Filters) -> list[str]:
+    p: list[str] = []
+    _need(p, fl.min_chars >= 0, "data.filters.min_chars", f"expected a non-negative integer, got {fl.min_chars}")
     for key in ("min_script_ratio", "max_repetition", "near_duplicate_jaccard"):
-        need(0.0 <= getattr(fl, key) <= 1.0, f"data.filters.{key}", f"expected a fraction in [0, 1], got {getattr(fl, key)}")
-    need(fl.minhash_permutations >= 16, "data.filters.minhash_permutations", "expected at least 16")
+        value = getattr(fl, key)
+        _need(p, 0.0 <= value <= 1.0, f"data.filters.{key}", f"expected a fraction in [0, 1], got {value}")
+    _need(p, fl.minhash_permutations >= 16, "data.filters.minhash_permutations", "expected at least 16")
     for i, pattern in enumerate(fl.boilerplate):
         try:
             re.compile(pattern)
         except re.error as e:
             p.append(f"data.filters.boilerplate[{i}]: not a valid regular expression ({e})")
-    need(s.data.urdu_tokens > 0 and s.data.english_tokens >= 0, "data.english_tokens",
-         "expected urdu_tokens > 0 and english_tokens >= 0 (they set the English replay share)")
-
-    c = s.chat
-    need(unicodedata.is_normalized("NFC", c.system_prompt), "chat.system_prompt",
-         "expected NFC-normalised text (normalise it with unicodedata.normalize('NFC', ...))")
-    need(c.system_prompt.strip() == c.system_prompt and c.system_prompt != "", "chat.system_prompt",
-         "expected non-empty text without leading or trailing whitespace")
-    need(c.eot_token in c.stop_tokens, "chat.stop_tokens",
-         f"expected the end-of-turn token {c.eot_token!r} among the stop tokens")
-    need(c.eos_token in c.stop_tokens, "chat.stop_tokens",
-         f"expected the eos token {c.eos_token!r} among the stop tokens")
-    for i, t in enumerate(c.stop_tokens):
-        need(re.fullmatch(r"<\|[a-z_0-9]+\|>", t) is not None, f"chat.stop_tokens[{i}]",
-             f"expected a special token like '<|eot_id|>', got {t!r}")
-
-    inf = s.inference
-    need(inf.max_new_tokens > 0, "inference.max_new_tokens", "expected a positive integer")
-    need(0.0 <= inf.temperature <= 2.0, "inference.temperature", f"expected 0..2, got {inf.temperature}")
-    need(0.0 < inf.top_p <= 1.0, "inference.top_p", f"expected a number in (0, 1], got {inf.top_p}")
-    need(inf.repetition_penalty > 0, "inference.repetition_penalty", "expected a positive number")
-    need(0.0 <= s.evaluation.min_urdu_purity <= 1.0, "evaluation.min_urdu_purity",
-         f"expected a fraction in [0, 1], got {s.evaluation.min_urdu_purity}")
-    need(s.evaluation.max_new_tokens > 0, "evaluation.max_new_tokens",
-         f"expected a positive integer, got {s.evaluation.max_new_tokens}")
-
-    flagships = [n for n, v in s.variants.items() if _is_flagship(v)]
-    need(len(flagships) == 1, "variants",
-         f"expected exactly one safetensors variant with dtype 'bfloat16' (the flagship), found {len(flagships)}")
-    repos = [v.repo for v in s.variants.values()]
-    need(len(repos) == len(set(repos)), "variants", "each variant needs its own repo")
-    for name, v in s.variants.items():
-        key = f"variants.{name}"
-        need(re.fullmatch(r"[\w.-]+/[\w.-]+", v.repo) is not None, f"{key}.repo",
-             f"expected 'owner/name', got {v.repo!r}")
-        if v.format == "safetensors":
-            need(v.dtype in ("bfloat16", "float16"), f"{key}.dtype",
-                 f"expected 'bfloat16' or 'float16' for safetensors, got {v.dtype!r}")
-        elif v.format == "bnb-4bit":
-            need(v.dtype in ("nf4", "fp4"), f"{key}.dtype", f"expected 'nf4' or 'fp4', got {v.dtype!r}")
-            need(v.compute_dtype in ("bfloat16", "float16", "float32"), f"{key}.compute_dtype",
-                 f"expected 'bfloat16', 'float16' or 'float32', got {v.compute_dtype!r}")
-        elif v.format == "gguf":
-            need(v.dtype in ("F16", "BF16", "Q8_0"), f"{key}.dtype",
-                 f"expected the converted type 'F16', 'BF16' or 'Q8_0', got {v.dtype!r}")
-            for i, q in enumerate(v.quant_types):
-                need(q in GGUF_TYPES, f"{key}.quant_types[{i}]",
-                     f"expected a llama.cpp type ({', '.join(GGUF_TYPES)}), got {q!r}")
-    for name, g in s.gates.items():
-        need(g.max_kld >= 0, f"gates.{name}.max_kld", f"expected a non-negative number, got {g.max_kld}")
-        need(0.0 <= g.min_top1 <= 1.0, f"gates.{name}.min_top1", f"expected a fraction in [0, 1], got {g.min_top1}")
-
-    gguf = s.gguf_types() if not [x for x in p if x.startswith("variants")] else []
-    for q in gguf:
-        need(q in s.ollama.tags, "ollama.tags", f"missing a tag for GGUF type {q!r}")
-        need(q in s.gates, "gates", f"missing a [gates.{q}] fidelity gate for GGUF type {q!r}")
-    if not [x for x in p if x.startswith("variants")]:
-        for key, v in s.variants.items():
-            need(v.format == "gguf" or _is_flagship(v) or key in s.gates, "gates",
-                 f"missing a [gates.{key}] fidelity gate for variant {key!r}")
-    for q in s.ollama.tags:
-        need(q in gguf, f"ollama.tags.{q}", "names a GGUF type that no variant builds")
-    for q, tag in s.ollama.tags.items():
-        need(re.fullmatch(r"[\w][\w.-]{0,127}", tag) is not None, f"ollama.tags.{q}",
-             f"expected an Ollama tag (letters, digits, '_', '.', '-'), got {tag!r}")
-    need(s.ollama.default_tag in s.ollama.tags.values(), "ollama.default_tag",
-         f"expected one of the tags in [ollama.tags], got {s.ollama.default_tag!r}")
-    need(re.fullmatch(r"[a-z0-9][a-z0-9._-]*", s.ollama.model) is not None, "ollama.model",
-         f"expected a lower-case Ollama model name, got {s.ollama.model!r}")
-
-    need(s.hub.endpoint == "local" or re.fullmatch(r"https?://\S+", s.hub.endpoint) is not None,
-         "hub.endpoint", f"expected an http(s) URL or 'local', got {s.hub.endpoint!r}")
-    try:
-        need(parse_size(s.build.max_shard_size) > 0, "build.max_shard_size", "expected a positive size")
-    except ValueError:
-        p.append(f"build.max_shard_size: expected a size like '5GB', got {s.build.max_shard_size!r}")
     return p
+
+
+def _check_chat(c: Chat) -> list[str]:
+    """Tokens must be Llama 3 special tokens (the tokenizer, templates and Modelfiles use them by
+    name and id); the system prompt goes verbatim into templates and Modelfiles."""
+    p: list[str] = []
+    tokens = [(f"chat.{name}", getattr(c, name)) for name in ("bos_token", "eos_token", "eot_token", "pad_token")]
+    tokens += [(f"chat.stop_tokens[{i}]", t) for i, t in enumerate(c.stop_tokens)]
+    for key, token in tokens:
+        if token not in SPECIAL_TOKENS:
+            p.append(f"{key}: expected {_special_tokens_described()}, got {token!r}")
+    _need(p, c.eot_token in c.stop_tokens, "chat.stop_tokens",
+          f"expected the end-of-turn token {c.eot_token!r} among the stop tokens")
+    _need(p, c.eos_token in c.stop_tokens, "chat.stop_tokens",
+          f"expected the eos token {c.eos_token!r} among the stop tokens")
+    prompt = c.system_prompt
+    why = unwritable(prompt)
+    if why:
+        p.append(f"chat.system_prompt: {why}")
+    _need(p, unicodedata.is_normalized("NFC", prompt), "chat.system_prompt",
+          "expected NFC-normalised text (normalise it with unicodedata.normalize('NFC', ...))")
+    _need(p, prompt.strip() == prompt and prompt != "", "chat.system_prompt",
+          "expected non-empty text without leading or trailing whitespace")
+    return p
+
+
+def _special_tokens_described() -> str:
+    named = [t for t in SPECIAL_TOKENS if not t.startswith("<|reserved_special_token_")]
+    last = len(SPECIAL_TOKENS) - len(named) - 1
+    return (f"one of the Llama 3 special tokens ({', '.join(named)}, or <|reserved_special_token_0|> "
+            f"to <|reserved_special_token_{last}|>)")
+
+
+def _check_inference(inf: Inference) -> list[str]:
+    p: list[str] = []
+    _need(p, inf.max_new_tokens > 0, "inference.max_new_tokens", "expected a positive integer")
+    _need(p, 0.0 <= inf.temperature <= 2.0, "inference.temperature", f"expected 0..2, got {inf.temperature}")
+    _need(p, 0.0 < inf.top_p <= 1.0, "inference.top_p", f"expected a number in (0, 1], got {inf.top_p}")
+    _need(p, inf.repetition_penalty > 0, "inference.repetition_penalty", "expected a positive number")
+    return p
+
+
+def _check_evaluation(ev: Evaluation) -> list[str]:
+    p: list[str] = []
+    _need(p, 0.0 <= ev.min_urdu_purity <= 1.0, "evaluation.min_urdu_purity",
+          f"expected a fraction in [0, 1], got {ev.min_urdu_purity}")
+    _need(p, ev.max_new_tokens > 0, "evaluation.max_new_tokens",
+          f"expected a positive integer, got {ev.max_new_tokens}")
+    return p
+
+
+def _check_variants(variants: dict[str, Variant]) -> list[str]:
+    p: list[str] = []
+    flagships = [n for n, v in variants.items() if _is_flagship(v)]
+    _need(p, len(flagships) == 1, "variants",
+          f"expected exactly one safetensors variant with dtype 'bfloat16' (the flagship), found {len(flagships)}")
+    repos = [v.repo for v in variants.values()]
+    _need(p, len(repos) == len(set(repos)), "variants", "each variant needs its own repo")
+    for name, v in variants.items():
+        p += _check_variant(v, f"variants.{name}")
+    return p
+
+
+def _check_variant(v: Variant, key: str) -> list[str]:
+    p: list[str] = []
+    _need(p, re.fullmatch(r"[\w.-]+/[\w.-]+", v.repo) is not None, f"{key}.repo",
+          f"expected 'owner/name', got {v.repo!r}")
+    if v.format == "safetensors":
+        _need(p, v.dtype in ("bfloat16", "float16"), f"{key}.dtype",
+              f"expected 'bfloat16' or 'float16' for safetensors, got {v.dtype!r}")
+    elif v.format == "bnb-4bit":
+        _need(p, v.dtype in ("nf4", "fp4"), f"{key}.dtype", f"expected 'nf4' or 'fp4', got {v.dtype!r}")
+        _need(p, v.compute_dtype in ("bfloat16", "float16", "float32"), f"{key}.compute_dtype",
+              f"expected 'bfloat16', 'float16' or 'float32', got {v.compute_dtype!r}")
+    elif v.format == "gguf":
+        _need(p, v.dtype in CONVERTED, f"{key}.dtype",
+              f"expected the converted type {_alternatives(CONVERTED)}, got {v.dtype!r}")
+        for i, q in enumerate(v.quant_types):
+            _need(p, q in GGUF_TYPES, f"{key}.quant_types[{i}]",
+                  f"expected a llama.cpp type ({', '.join(GGUF_TYPES)}), got {q!r}")
+    return p
+
+
+def _alternatives(values: tuple[str, ...]) -> str:
+    """('F16', 'BF16', 'Q8_0') -> "'F16', 'BF16' or 'Q8_0'"."""
+    quoted = [repr(v) for v in values]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+
+
+def _check_gates(s: Spec, gguf_types: list[str] | None) -> list[str]:
+    """Gate values; with valid variants (``gguf_types`` not None), a gate for every GGUF type
+    and every variant but the flagship."""
+    p: list[str] = []
+    for name, g in s.gates.items():
+        _need(p, g.max_kld >= 0, f"gates.{name}.max_kld", f"expected a non-negative number, got {g.max_kld}")
+        _need(p, 0.0 <= g.min_top1 <= 1.0, f"gates.{name}.min_top1", f"expected a fraction in [0, 1], got {g.min_top1}")
+    if gguf_types is None:
+        return p
+    for q in gguf_types:
+        _need(p, q in s.gates, "gates", f"missing a [gates.{q}] fidelity gate for GGUF type {q!r}")
+    for key, v in s.variants.items():
+        _need(p, v.format == "gguf" or _is_flagship(v) or key in s.gates, "gates",
+              f"missing a [gates.{key}] fidelity gate for variant {key!r}")
+    return p
+
+
+def _check_ollama(o: Ollama, gguf_types: list[str] | None) -> list[str]:
+    """Tag names and model name; with valid variants (``gguf_types`` not None), exactly one tag
+    per GGUF type."""
+    p: list[str] = []
+    for q in gguf_types or []:
+        _need(p, q in o.tags, "ollama.tags", f"missing a tag for GGUF type {q!r}")
+    for q, tag in o.tags.items():
+        _need(p, gguf_types is None or q in gguf_types, f"ollama.tags.{q}", "names a GGUF type that no variant builds")
+        _need(p, re.fullmatch(r"[\w][\w.-]{0,127}", tag) is not None, f"ollama.tags.{q}",
+              f"expected an Ollama tag (letters, digits, '_', '.', '-'), got {tag!r}")
+    _need(p, o.default_tag in o.tags.values(), "ollama.default_tag",
+          f"expected one of the tags in [ollama.tags], got {o.default_tag!r}")
+    _need(p, re.fullmatch(r"[a-z0-9][a-z0-9._-]*", o.model) is not None, "ollama.model",
+          f"expected a lower-case Ollama model name, got {o.model!r}")
+    return p
+
+
+def _check_hub(hub: Hub) -> list[str]:
+    p: list[str] = []
+    _need(p, hub.endpoint == "local" or re.fullmatch(r"https?://\S+", hub.endpoint) is not None,
+          "hub.endpoint", f"expected an http(s) URL or 'local', got {hub.endpoint!r}")
+    return p
+
+
+def _check_build(b: Build) -> list[str]:
+    try:
+        size = parse_size(b.max_shard_size)
+    except ValueError:
+        return [f"build.max_shard_size: expected a size like '5GB', got {b.max_shard_size!r}"]
+    return [] if size > 0 else ["build.max_shard_size: expected a positive size"]

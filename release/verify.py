@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from release.errors import StageError, VerifyError
-
+from release.artifacts import Manifest
+from release.errors import VerifyError
 from release.spec import Gate, Spec
 
 
@@ -158,20 +158,17 @@ def hf_fidelity(model, ref: Reference) -> dict:
 
 # --- Urdu purity ------------------------------------------------------------------------------
 
-# Arabic-script blocks (Urdu is written in them): Arabic, Supplement, Extended-A, Presentation Forms
-_ARABIC_SCRIPT = ((0x0600, 0x06FF), (0x0750, 0x077F), (0x08A0, 0x08FF), (0xFB50, 0xFDFF), (0xFE70, 0xFEFF))
 URDU_PROMPTS = PROMPTS[:4]
 
 
 def urdu_purity(texts: list[str]) -> float:
-    """Share of Urdu-script letters among all letters of ``texts`` (0.0 when there are none)."""
-    import unicodedata
+    """Share of Urdu-script letters (release/urdu.py, as curation's script filter counts them)
+    among all letters of ``texts`` (0.0 when there are none)."""
+    from release import urdu
 
-    letters = [c for t in texts for c in t if unicodedata.category(c).startswith("L")]
-    if not letters:
-        return 0.0
-    urdu = sum(any(lo <= ord(c) <= hi for lo, hi in _ARABIC_SCRIPT) for c in letters)
-    return round(urdu / len(letters), 4)
+    counts = [urdu.count_letters(t) for t in texts]
+    letters = sum(n for _, n in counts)
+    return round(sum(u for u, _ in counts) / letters, 4) if letters else 0.0
 
 
 # --- the verify stage -------------------------------------------------------------------------
@@ -323,11 +320,23 @@ def verify(spec: Spec, models: dict[str, Path], progress: bool = True) -> dict:
                                                    "stop_token": ev.enforce_stop_token}}
 
 
-def stage_dir(spec: Spec) -> Path:
+def folder(spec: Spec) -> Path:
     return spec.build_dir / STAGE
 
 
-def run(spec: Spec, models: dict[str, Path], *, force: bool = False, progress: bool = True):
+def inputs(spec: Spec) -> dict[str, Path]:
+    """Every variant's folder, by ``[variants]`` key (from the pipeline)."""
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    return pipeline.upstream(spec, STAGE)
+
+
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``verify``: every variant the spec publishes."""
+    return run_on(spec, inputs(spec), force=force, progress=progress)
+
+
+def run_on(spec: Spec, models: dict[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
     """Verify every variant in ``models`` (variant key -> folder) as a stage.
 
     The manifest's figures: ``passed`` (every enforced gate of every variant), ``artifacts``
@@ -344,7 +353,7 @@ def run(spec: Spec, models: dict[str, Path], *, force: bool = False, progress: b
         return figures
 
     sections = {k: spec.section_hash(k) for k in ("chat", "inference", "evaluation", "gates", "variants")}
-    return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name,
+    return run_stage(STAGE, folder(spec), build, release=spec.release.name,
                      inputs={k: Path(v) for k, v in sorted(models.items())}, spec_sections=sections,
                      tools=("transformers", "llama-cpp-python", "bitsandbytes", "torch"), force=force)
 

@@ -88,7 +88,7 @@ def demo_release(folder: Path, base_model: Path, text: str | None = None) -> Pat
     shutil.copytree(SPECS / "demo", folder / "specs" / "demo", dirs_exist_ok=True)
     from release import base, spec
 
-    target = base.stage_dir(spec.load(path))
+    target = base.folder(spec.load(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(base_model, target)
     return path

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,8 @@ def _builder(calls: list, payload: bytes = b"weights"):
 
 def _run(stage: Path, calls: list, **kw):
     kw.setdefault("release", "r")
-    return run_stage("demo", stage, _builder(calls, kw.pop("payload", b"weights")), **kw)
+    m = run_stage("demo", stage, _builder(calls, kw.pop("payload", b"weights")), **kw)
+    return m, m.built
 
 
 def test_manifest_records_outputs_and_is_skipped_when_unchanged(tmp_path):

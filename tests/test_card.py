@@ -43,11 +43,11 @@ def test_body_facts_come_from_the_spec(qalb_spec):
 
 def test_variants_table_uses_the_gguf_manifest(qalb_spec):
     figures = {"files": {"Q4_K_M": {"file": "Qalb-1.0-8B-Instruct-Q4_K_M.gguf", "bytes": 4_920_000_000,
-                                    "bits_per_weight": 4.89, "sha256": "ab" * 32, "kld_mean": 0.031, "top1": 0.919}}}
+                                    "bits_per_weight": 4.89, "sha256": "ab" * 32}}}
     m = Manifest("gguf", "Qalb-1.0-8B-Instruct", "f" * 64, {}, {}, {}, [], figures)
     body = str(card.render(qalb_spec, "gguf", m))
     assert "| enstazao/Qalb-1.0-8B-Instruct-GGUF | GGUF Q4_K_M | `Qalb-1.0-8B-Instruct-Q4_K_M.gguf` | 4.92 GB | 4.89 " \
-           "| `abababababababab…` | 0.0310 | 91.9% |" in body
+           "| `abababababababab…` |" in body
 
 
 def test_write_all(demo_spec, tmp_path):
@@ -137,17 +137,19 @@ def test_cards_stage_follows_the_verification_manifest(demo_spec, tmp_path):
     from release.artifacts import run_stage, sha256_file
 
     s = replace(demo_spec, build=replace(demo_spec.build, dir=str(tmp_path)))
-    m, ran = card.run(s, progress=False)
+    m = card.run(s, progress=False)
+    ran = m.built
     assert ran and m.figures == {"cards": 4, "verified": False} and "verify" not in m.inputs
     assert "| qalb-demo/Qalb-Demo-1.0-Tiny-Instruct | safetensors bfloat16 |" in (
-        card.stage_dir(s) / "bf16" / "README.md").read_text(encoding="utf-8")
+        card.folder(s) / "bf16" / "README.md").read_text(encoding="utf-8")
     figures = {"passed": True, "variants": {"gguf:Q4_K_M": {"kld_mean": 0.5, "top1": 0.5, "passed": True}},
                "artifacts": {"gguf/Qalb-Demo-1.0-Tiny-Instruct-Q4_K_M.gguf": {
                    "sha256": "c" * 64, "size": 54_000_000, "variant": "gguf", "quant": "Q4_K_M", "passed": True}}}
     run_stage("verify", s.build_dir / "verify", lambda out: figures, release=s.release.name)
-    m, ran = card.run(s, progress=False)
+    m = card.run(s, progress=False)
+    ran = m.built
     assert ran and m.figures["verified"] and m.inputs["verify"] == sha256_file(s.build_dir / "verify" / "manifest.json")
-    gguf = (card.stage_dir(s) / "gguf" / "README.md").read_text(encoding="utf-8")
+    gguf = (card.folder(s) / "gguf" / "README.md").read_text(encoding="utf-8")
     assert ("| qalb-demo/Qalb-Demo-1.0-Tiny-Instruct-GGUF | `Qalb-Demo-1.0-Tiny-Instruct-Q4_K_M.gguf` | Q4_K_M "
             "| 54.0 MB |  | `cccccccccccccccc…` | 0.5000 | 50.0% |") in gguf
-    assert card.run(s, progress=False)[1] is False  # unchanged: skipped
+    assert card.run(s, progress=False).built is False  # unchanged: skipped

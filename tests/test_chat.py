@@ -151,3 +151,19 @@ def test_system_prompt_with_control_characters_is_refused(demo_spec):
     bad = replace(demo_spec.chat, system_prompt="hello\x07world")
     with pytest.raises(chat.TemplateError, match="U\\+0007"):
         chat.jinja_template(bad)
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_render_is_what_transformers_renders(demo_spec, rendered, name):
+    """``chat.render`` (what the cards show) against transformers' ``apply_chat_template``."""
+    assert chat.render(demo_spec.chat, CONVERSATIONS[name]) == rendered[name][0]
+
+
+def test_the_card_shows_the_rendered_prompt(qalb_spec):
+    from release import card
+
+    body = str(card.render(qalb_spec, "bf16"))
+    expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + qalb_spec.chat.system_prompt
+                + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{user_message}<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert f"```\n{expected}\n```" in body

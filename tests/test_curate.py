@@ -123,14 +123,15 @@ def demo_data(tmp_path_factory, tiny_model):
     from release import spec
 
     s = spec.load(demo_release(tmp_path_factory.mktemp("curate"), tiny_model))
-    manifest, ran = curate.run(s, progress=False)
+    manifest = curate.run(s, progress=False)
+    ran = manifest.built
     assert ran
     return s, manifest
 
 
 def test_demo_stage_outputs_and_report_arithmetic(demo_data):
     s, manifest = demo_data
-    out = curate.stage_dir(s)
+    out = curate.folder(s)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     for name, corpus in [*report["corpora"].items(), ("instruct", report["instruct"])]:
         steps = corpus["filters"]
@@ -172,13 +173,14 @@ def test_tokens_are_llama3_tokens(demo_data, tiny_model):
 
     s, manifest = demo_data
     tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
-    lines = [json.loads(x)["text"] for x in (curate.stage_dir(s) / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [json.loads(x)["text"] for x in (curate.folder(s) / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sum(len(tok.encode(t, add_special_tokens=False).ids) for t in lines) == manifest.figures["cpt_tokens"]
 
 
 def test_stage_is_skipped_when_unchanged(demo_data):
     s, manifest = demo_data
-    again, ran = curate.run(s, progress=False)
+    again = curate.run(s, progress=False)
+    ran = again.built
     assert not ran and again.fingerprint == manifest.fingerprint
 
 
@@ -209,7 +211,7 @@ def test_missing_corpus_stops_the_stage_before_building(tmp_path, tiny_model):
     s = spec.load(demo_release(tmp_path, tiny_model, text))
     with pytest.raises(CurationError, match=r"gone\.jsonl: no such corpus file or folder; fix data corpus 'english'"):
         curate.run(s, progress=False)
-    assert not curate.stage_dir(s).exists()
+    assert not curate.folder(s).exists()
 
 
 def test_parquet_and_text_formats(tmp_path):

@@ -107,9 +107,9 @@ def test_metadata_from_the_spec(demo_spec, merged, tmp_path):
     assert out.name == "Qalb-Demo-1.0-Tiny-Instruct-F16.gguf"
 
 
-def test_stage_writes_every_type_with_figures(demo_spec, merged, tmp_path):
+def test_stage_writes_every_type_with_sizes(demo_spec, merged, tmp_path):
     spec = replace(demo_spec, build=replace(demo_spec.build, dir=str(tmp_path)))
-    manifest, ran = G.run(spec, merged, progress=False)  # the fixed Urdu/English prompts, ~590 positions
+    manifest = G.run_from(spec, merged, progress=False)
     files = manifest.figures["files"]
     assert list(files) == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
     d = {q: G.describe(tmp_path / "Qalb-Demo-1.0-Tiny-Instruct" / "gguf" / f["file"]) for q, f in files.items()}
@@ -120,16 +120,9 @@ def test_stage_writes_every_type_with_figures(demo_spec, merged, tmp_path):
     assert d["Q6_K"]["tensor_types"].get("Q6_K", 0) >= 14
     bpw = [files[q]["bits_per_weight"] for q in files]
     assert bpw == sorted(bpw, reverse=True) and bpw[0] == 16.0
-    # F16 holds the BF16 weights exactly; what remains is llama.cpp's arithmetic (f16 activations in
-    # its F16 matmuls; the KV cache is float32 here) against transformers' float32: on the random
-    # demo model (logits std ~1.8, a sensitive random network) mean KL <= 1e-3, >= 97% equal
-    # top-1 tokens, and no logit more than 2.0 away (measured: 0.0003, 98.8%, 0.74; the mean
-    # logit difference is ~0.007).
-    f16 = files["F16"]
-    assert f16["kld_mean"] <= 1e-3 and f16["top1"] >= 0.97 and f16["max_abs_dlogit"] <= 2.0
-    klds = [files[q]["kld_mean"] for q in files]
-    assert klds[0] < klds[1] and klds[1] < klds[-1]  # F16 < Q8_0 < Q4_K_M
     assert all(len(f["sha256"]) == 64 for f in files.values())
+    # fidelity is the verify stage's to measure (tests/test_verify.py), not this stage's
+    assert not any("kld_mean" in f or "top1" in f for f in files.values())
 
 
 def test_truncated_shard_gives_one_line_error_and_no_file(demo_spec, merged, tmp_path):
@@ -139,7 +132,7 @@ def test_truncated_shard_gives_one_line_error_and_no_file(demo_spec, merged, tmp
     shard.write_bytes(shard.read_bytes()[:-4096])
     spec = replace(demo_spec, build=replace(demo_spec.build, dir=str(tmp_path / "out")))
     with pytest.raises(G.GGUFError) as err:
-        G.run(spec, broken, progress=False)
+        G.run_from(spec, broken, progress=False)
     assert "\n" not in str(err.value) and "truncated" in str(err.value)
     assert not any((tmp_path / "out").rglob("*.gguf"))
 

@@ -217,10 +217,11 @@ def test_fp16_overflow_fails_with_tensor_names_and_writes_nothing(demo_spec, tin
 
 def test_stage_writes_bf16_and_fp16_folders_with_a_manifest(demo_spec, tiny_model, tmp_path):
     adapter = make_adapter(tiny_model, tmp_path / "adapter", seed=10)
-    m, ran = merger.run_merge(demo_spec, tiny_model, [adapter], tmp_path / "merge", progress=False)
+    m = merger.run_merge(demo_spec, tiny_model, [adapter], tmp_path / "merge", progress=False)
+    ran = m.built
     assert ran and {e.path.split("/")[0] for e in m.outputs} == {"bf16", "fp16"}
     assert m.figures["lora_merged"] == 14 and m.figures["peak_rss_mb"] > 0
-    _, ran = merger.run_merge(demo_spec, tiny_model, [adapter], tmp_path / "merge", progress=False)
+    ran = merger.run_merge(demo_spec, tiny_model, [adapter], tmp_path / "merge", progress=False).built
     assert not ran
 
 

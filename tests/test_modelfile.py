@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from release import chat, llama3, modelfile, verify
+from release import modelfile, verify
 from release import gguf as G
 from release.modelfile import ModelfileError
 
@@ -38,14 +38,16 @@ def test_every_generated_modelfile_reads_back_to_the_spec(qalb_spec, demo_spec):
             assert mf.license == [spec.license_text]
 
 
-def test_committed_modelfiles_are_current(qalb_spec):
-    folder = ROOT / "modelfiles"
-    expected = {modelfile.modelfile_name(qalb_spec, q): modelfile.render(qalb_spec, q) for q in qalb_spec.gguf_types()}
-    on_disk = {p.name: p.read_text(encoding="utf-8") for p in folder.glob("*.Modelfile")}
+def test_committed_modelfiles_are_current(qalb_spec, tmp_path):
+    """modelfiles/ holds exactly what the modelfiles stage writes (`./inv modelfiles` calls the
+    stage's writer): the Modelfiles, the hf.co template/system/params files and the LICENSE."""
+    written = modelfile.write_all(qalb_spec, tmp_path)
+    expected = {p.name: p.read_bytes() for p in written}
+    on_disk = {p.name: p.read_bytes() for p in (ROOT / "modelfiles").iterdir() if p.is_file()}
     assert set(on_disk) == set(expected), "modelfiles/ is stale: run ./inv modelfiles"
-    for name, text in expected.items():
-        assert on_disk[name] == text, f"modelfiles/{name} is stale: run ./inv modelfiles"
-    assert sorted(expected)[0] == "8b-instruct-fp16.Modelfile"
+    for name, data in expected.items():
+        assert on_disk[name] == data, f"modelfiles/{name} is stale: run ./inv modelfiles"
+    assert {"template", "system", "params", "LICENSE", "8b-instruct-fp16.Modelfile"} <= set(expected)
 
 
 def test_hf_co_files_match_the_modelfile(qalb_spec):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SPECS, write_spec
-from release import pipeline
+from release import hub, pipeline
 from release.artifacts import MANIFEST, check_outputs, read_manifest, sha256_file
 from release.spec import load
 
@@ -66,8 +66,8 @@ def test_demo_release_runs_end_to_end(uninterrupted):
     assert done.returncode == 0, done.stderr[-3000:]
     spec = load(spec_path)
     for name in pipeline.applicable(spec):
-        if name != pipeline.HUB:
-            assert (pipeline.STAGES[name][1](spec) / MANIFEST).is_file(), name
+        if name != hub.STAGE:  # the hub step's record is its plan, made afresh every run
+            assert (pipeline.folder(spec, name) / MANIFEST).is_file(), name
     vm = read_manifest(spec.build_dir / "verify").figures
     assert vm["passed"] and set(vm["variants"]) == {"bf16", "fp16", "bnb4", *(f"gguf:{q}" for q in spec.gguf_types())}
     # the hub plan staged every repo (nothing was contacted: no HF_ENDPOINT)
@@ -85,7 +85,8 @@ def test_a_second_run_builds_nothing(uninterrupted):
     before = artifacts(load(spec_path).build_dir)
     again = subprocess.run(release_cmd(spec_path), cwd=spec_path.parent, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert " built " not in again.stdout and again.stdout.count("up to date") == len(pipeline.STAGES)
+    built = [n for n in pipeline.applicable(load(spec_path)) if n != hub.STAGE]
+    assert " built " not in again.stdout and again.stdout.count("up to date") == len(built)
     assert artifacts(load(spec_path).build_dir) == before
 
 
@@ -103,7 +104,7 @@ def test_killed_inside_each_stage_then_resumed_gives_the_same_artifacts(uninterr
     spec = demo_copy(tmp_path)
     build = load(spec).build_dir
     killed = []
-    for stage in [n for n in pipeline.applicable(load(spec)) if n != pipeline.HUB]:
+    for stage in [n for n in pipeline.applicable(load(spec)) if n != hub.STAGE]:
         proc = subprocess.Popen(release_cmd(spec), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
         while proc.poll() is None and not _started(build, stage):
@@ -163,3 +164,53 @@ def test_verify_task_reports_gates_and_a_failed_gate_stops_publishing(uninterrup
     plan = _task("push", strict)
     assert plan.returncode == 2 and "Q8_0.gguf: failed verification" in plan.stderr, plan.stderr[-2000:]
     assert "Traceback" not in plan.stderr
+
+
+# --- the shape: one stage interface, wired only here -------------------------------------------
+
+
+def test_every_stage_has_the_same_face():
+    import inspect
+
+    for s in pipeline.STAGES:
+        assert isinstance(s.STAGE, str) and s.STAGE, s
+        for fn in (s.folder, s.inputs):
+            assert list(inspect.signature(fn).parameters) == ["spec"], (s.STAGE, fn)
+        params = inspect.signature(s.run).parameters
+        assert list(params) == ["spec", "force", "progress"], s.STAGE
+        assert params["force"].kind is params["progress"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert (params["force"].default, params["progress"].default) == (False, True)
+    assert len(set(pipeline.NAMES)) == len(pipeline.NAMES)
+
+
+def test_stage_folders_and_variant_folders_come_from_the_pipeline():
+    spec = load(SPECS / "demo.toml")
+    for s in pipeline.STAGES:
+        assert pipeline.folder(spec, s.STAGE) == s.folder(spec) == spec.build_dir / s.STAGE
+    dirs = pipeline.models(spec)
+    assert {k: p.relative_to(spec.build_dir).as_posix() for k, p in dirs.items()} == {
+        "bf16": "merge/bf16", "fp16": "merge/fp16", "bnb4": "bnb4", "gguf": "gguf"}
+    # what each stage reads from another is named by the pipeline alone
+    assert set(pipeline.upstream(spec, "verify")) == set(spec.variants)
+    assert pipeline.upstream(spec, "bnb4") == pipeline.upstream(spec, "gguf") == {"model": dirs["bf16"]}
+    assert list(pipeline.upstream(spec, "merge"))[1:] == ["adapter0", "adapter1"]
+
+
+def test_no_stage_module_imports_another_stage_or_the_pipeline_at_load():
+    """Arrows point down: stages talk through files and ask the pipeline (imported when called,
+    since the pipeline imports them) for the folders they read."""
+    import ast
+    import inspect
+
+    from training import stages
+
+    modules = {inspect.getmodule(s).__name__ for s in pipeline.STAGES} | {"release.pipeline"}
+    for mod in [*map(inspect.getmodule, pipeline.STAGES), stages]:  # and the loop cpt and sft share
+        tree = ast.parse(inspect.getsource(mod))
+        names = set()
+        for node in tree.body:  # module level only
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        assert not (names & (modules - {mod.__name__})), (mod.__name__, names & modules)

@@ -109,8 +109,11 @@ def test_loads_and_generates_close_to_bf16(demo_spec, tiny_model, ours):
 
 
 def test_stage_refuses_non_bf16_and_missing_model(demo_spec, tiny_model, tmp_path, variant):
-    with pytest.raises(quant4.Quant4Error, match="no config.json"):
-        quant4.run(demo_spec, tmp_path / "missing", progress=False)
+    from dataclasses import replace
+
+    empty = replace(demo_spec, build=replace(demo_spec.build, dir=str(tmp_path / "empty")))
+    with pytest.raises(quant4.Quant4Error, match="no config.json; build the merge stage first"):
+        quant4.run(empty, progress=False)
     f16 = tmp_path / "f16"
     f16.mkdir()
     from safetensors.torch import save_file

@@ -97,6 +97,25 @@ BAD = [
     ('format = "jsonl"', 'format = "csv"', "data.corpora[0].format: expected one of 'jsonl', 'parquet', 'text'"),
     ("[data.instruct]", "[data.instruct_set]", "data.instruct_set: unknown key"),
     ('license_file = "licenses/llama3.1.txt"', 'license_file = "LICENSE.txt"', "release.license_file: expected a text file relative to the spec"),
+    # one more per section checker, so each still reports what it did
+    ('languages = ["ur", "en"]', 'languages = ["urdu", "en"]', "release.languages[0]: expected an ISO 639 code like 'ur', got 'urdu'"),
+    ("init_std = ", "init_std = -1 #", "base.scaffold.init_std: expected a positive number"),
+    ('target_modules = [', 'target_modules = ["mlp", ', "lora.target_modules[0]: expected one of q_proj"),
+    ("save_steps = ", "save_steps = 0 #", "training.save_steps: expected a positive integer, got 0"),
+    ('modules_to_save = ["embed_tokens"', 'modules_to_save = ["norm"', "training.cpt.modules_to_save[0]: expected one of embed_tokens, lm_head, got 'norm'"),
+    ("min_chars = ", "min_chars = -1 #", "data.filters.min_chars: expected a non-negative integer, got -1"),
+    ("boilerplate = [", 'boilerplate = ["(unclosed", ', "data.filters.boilerplate[0]: not a valid regular expression"),
+    ('pad_token = "<|finetune_right_pad_id|>"', 'pad_token = "<|pad|>"', "chat.pad_token: expected one of the Llama 3 special tokens ("),
+    ('stop_tokens = ["<|eot_id|>", "<|end_of_text|>"]', 'stop_tokens = ["<|eot_id|>"]', "chat.stop_tokens: expected the eos token '<|end_of_text|>'"),
+    ("temperature = 0.1", "temperature = 3.0", "inference.temperature: expected 0..2, got 3.0"),
+    ("min_urdu_purity = ", "min_urdu_purity = 1.5 #", "evaluation.min_urdu_purity: expected a fraction in [0, 1], got 1.5"),
+    ('[variants.gguf]\nformat = "gguf"\ndtype = "F16"', '[variants.gguf]\nformat = "gguf"\ndtype = "F32"', "variants.gguf.dtype: expected the converted type 'F16', 'BF16' or 'Q8_0', got 'F32'"),
+    ("[gates.bnb4]\nmax_kld = ", "[gates.bnb4]\nmax_kld = -1 #", "gates.bnb4.max_kld: expected a non-negative number, got -1"),
+    ("[gates.bnb4]", "[gates.bnb4_old]", "gates: missing a [gates.bnb4] fidelity gate for variant 'bnb4'"),
+    ("[gates.Q6_K]", "[gates.Q6_K_old]", "gates: missing a [gates.Q6_K] fidelity gate for GGUF type 'Q6_K'"),
+    ('Q4_K_M = "tiny-instruct-q4_K_M"\n', 'Q4_K_M = "tiny-instruct-q4_K_M"\nQ2_K = "tiny-instruct-q2_K"\n', "ollama.tags.Q2_K: names a GGUF type that no variant builds"),
+    ('model = "qalb-demo"\n', 'model = "Qalb-Demo"\n', "ollama.model: expected a lower-case Ollama model name, got 'Qalb-Demo'"),
+    ('max_shard_size = "100MB"', 'max_shard_size = "0MB"', "build.max_shard_size: expected a positive size"),
 ]
 
 
@@ -118,6 +137,80 @@ def test_bad_spec_gives_one_line_per_problem(tmp_path, old, new, expected):
     lines = str(err.value).splitlines()
     assert all(line.startswith(f"{bad}: ") for line in lines), lines
     assert any(expected in line for line in lines), lines
+
+
+def _load_error(tmp_path, old: str, new: str) -> tuple[Path, list[str]]:
+    text = (SPECS / "demo.toml").read_text(encoding="utf-8")
+    assert old in text, f"test setup: {old!r} not in demo.toml"
+    bad = write_spec(tmp_path, text.replace(old, new, 1), "bad.toml")
+    with pytest.raises(SpecError) as err:
+        specmod.load(bad)
+    return bad, err.value.problems
+
+
+def test_pad_token_outside_the_llama3_table_is_refused_at_load(tmp_path):
+    # used to load, then fail in the merge stage with a KeyError traceback
+    bad, problems = _load_error(tmp_path, 'pad_token = "<|finetune_right_pad_id|>"', 'pad_token = "<|pad|>"')
+    assert problems == [
+        f"{bad}: chat.pad_token: expected one of the Llama 3 special tokens (<|begin_of_text|>, "
+        "<|end_of_text|>, <|finetune_right_pad_id|>, <|start_header_id|>, <|end_header_id|>, <|eom_id|>, "
+        "<|eot_id|>, <|python_tag|>, or <|reserved_special_token_0|> to <|reserved_special_token_247|>), "
+        "got '<|pad|>'"]
+
+
+def test_control_character_in_the_system_prompt_is_refused_at_load(tmp_path):
+    # used to load, then fail when the chat template was rendered
+    bad, problems = _load_error(tmp_path, 'system_prompt = "', 'system_prompt = "\\u0007')
+    assert problems == [f"{bad}: chat.system_prompt: contains the control character U+0007, "
+                        "which a template or Modelfile cannot hold; remove it"]
+
+
+@pytest.mark.parametrize("old,new", [
+    ('"Q4_K_M"]', '"Q4_K_XL"]'),
+    ('repo = "qalb-demo/Qalb-Demo-1.0-Tiny-Instruct-FP16"', 'repo = "qalb-demo/Qalb-Demo-1.0-Tiny-Instruct"'),
+], ids=["quant-type", "repo"])
+def test_a_variant_problem_is_one_line_not_one_per_section_that_refers_to_it(tmp_path, old, new):
+    # gates and Ollama tags are matched to the variants only once those are valid
+    _, problems = _load_error(tmp_path, old, new)
+    assert len(problems) == 1 and ": variants" in problems[0], problems
+
+
+@pytest.mark.parametrize("text,why", [
+    ("hello\x07world", "the control character U+0007"),
+    ("\x7f", "the control character U+007F"),
+    ("\ud800", "the surrogate U+D800"),
+    ("\ue000", "the private-use character U+E000"),
+    ("\u0378", "the unassigned code point U+0378"),
+])
+def test_unwritable_names_the_first_character_a_template_cannot_hold(text, why):
+    assert specmod.unwritable(text) == f"contains {why}, which a template or Modelfile cannot hold; remove it"
+
+
+@pytest.mark.parametrize("text,why", [
+    ("zero\u200cwidth", "the format character U+200C"),  # Ollama's parser drops it
+    ("no\u00a0break", "the space character U+00A0"),
+])
+def test_what_a_modelfile_drops_is_unwritable_too(text, why):
+    assert specmod.unwritable(text) == f"contains {why}, which a template or Modelfile cannot hold; remove it"
+
+
+def test_a_triple_quote_ending_a_line_is_unwritable():
+    assert "end of a line" in specmod.unwritable('say """\nhi')
+    assert specmod.unwritable('""" inside a line is fine') is None
+
+
+def test_line_breaks_tabs_and_urdu_are_writable(qalb_spec):
+    assert specmod.unwritable("line\n\tindented") is None
+    assert specmod.unwritable(qalb_spec.chat.system_prompt) is None
+
+
+def test_the_special_token_table_is_the_tokenizers(qalb_spec):
+    from release import llama3
+
+    assert llama3.SPECIAL_TOKENS is specmod.SPECIAL_TOKENS and llama3.VOCAB_SIZE == 128_256
+    assert specmod.SPECIAL_TOKENS["<|eot_id|>"] == 128_009 and len(specmod.SPECIAL_TOKENS) == 256
+    c = qalb_spec.chat
+    assert {c.bos_token, c.eos_token, c.eot_token, c.pad_token, *c.stop_tokens} <= set(specmod.SPECIAL_TOKENS)
 
 
 def test_several_problems_are_all_reported(tmp_path):

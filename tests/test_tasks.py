@@ -16,7 +16,7 @@ def inv(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
 def test_list_shows_the_tasks_with_help():
     out = inv("--list")
     assert out.returncode == 0, out.stderr
-    for name in ("modelfiles", "release", "scaffold", "spec", "test"):
+    for name in ("modelfiles", "release", "scaffold", "spec", "test", "docker.build", "hub.serve"):
         assert f"  {name} " in out.stdout
     assert "Run the release pipeline" in out.stdout
 
@@ -65,3 +65,33 @@ def test_standalone_scaffold_is_built_aside_with_a_manifest(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "error: --layers two --seed 0: expected a positive layer count and a seed >= 0"
     assert not (tmp_path / "other").exists()
+
+
+def test_specs_that_used_to_fail_later_are_refused_by_the_spec_task(tmp_path):
+    """A pad token outside the Llama 3 table and a control character in the system prompt both
+    passed `./inv spec` and then failed with a traceback; now they are refused at load."""
+    text = (SPECS / "demo.toml").read_text(encoding="utf-8")
+    for name, old, new, key in [
+        ("pad.toml", 'pad_token = "<|finetune_right_pad_id|>"', 'pad_token = "<|pad|>"', "chat.pad_token"),
+        ("bell.toml", 'system_prompt = "', 'system_prompt = "\\u0007', "chat.system_prompt"),
+    ]:
+        assert old in text, old
+        bad = write_spec(tmp_path, text.replace(old, new, 1), name)
+        out = inv("spec", "--spec", str(bad))
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert [line.split(": ")[1:3] for line in out.stderr.splitlines()] == [[str(bad), key]], out.stderr
+
+
+def test_every_user_error_is_one_family():
+    from release import errors
+
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.ReleaseError), name
+
+
+def test_a_bad_modelfile_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "Modelfile"
+    bad.write_text("FROM x\nPARAMETER temperature hot\n", encoding="utf-8")
+    out = inv("modelfiles", "--check", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(f"error: {bad}:2:"), out.stderr

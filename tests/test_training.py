@@ -46,8 +46,10 @@ def _release(folder: Path, tiny_model: Path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
     s = _release(tmp_path_factory.mktemp("train-a"), tiny_model)
-    cpt, ran_cpt = stages.run(s, "cpt", progress=False)
-    sft, ran_sft = stages.run(s, "sft", progress=False)
+    cpt = stages.run(s, "cpt", progress=False)
+    ran_cpt = cpt.built
+    sft = stages.run(s, "sft", progress=False)
+    ran_sft = sft.built
     assert ran_cpt and ran_sft
     return s, cpt, sft
 
@@ -85,11 +87,12 @@ def test_stage_outputs_and_manifest(trained):
     from release import base
 
     tok = Tokenizer.from_file(str(base.model_dir(s) / "tokenizer.json"))
-    chats = [json.loads(x)["messages"] for x in (curate.stage_dir(s) / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    chats = [json.loads(x)["messages"] for x in (curate.folder(s) / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
     answers = sum(len(tok.encode(c[-1]["content"], add_special_tokens=False).ids) + 1 for c in chats)
     assert sft.figures["label_tokens"] == answers < sft.figures["tokens"] / 2
     assert cpt.figures["label_tokens"] == cpt.figures["tokens"] == cpt.figures["examples"] * s.training.sequence_length
-    again, ran = stages.run(s, "cpt", progress=False)
+    again = stages.run(s, "cpt", progress=False)
+    ran = again.built
     assert not ran and again.fingerprint == cpt.fingerprint
 
 
@@ -107,7 +110,7 @@ def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
     s, cpt, _ = trained
     base_dir = base.model_dir(s)
     tok = AutoTokenizer.from_pretrained(str(base_dir))
-    texts = [json.loads(x)["text"] for x in (curate.stage_dir(s) / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
+    texts = [json.loads(x)["text"] for x in (curate.folder(s) / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
     blocks, _ = stages.pack_blocks(texts, tok, s.training.sequence_length)
     ids = torch.tensor(blocks)
 
@@ -130,7 +133,7 @@ def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
     from release import chat
 
     tok.chat_template = chat.jinja_template(s.chat)
-    chats = [json.loads(x)["messages"] for x in (curate.stage_dir(s) / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    chats = [json.loads(x)["messages"] for x in (curate.folder(s) / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
     examples = []
     for messages in chats:
         prompt = tok(tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False),
@@ -227,7 +230,8 @@ def test_resumed_after_sigkill_gives_the_same_adapter(trained, tmp_path_factory,
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before its second checkpoint"
     assert not (stages.stage_dir(killed, "cpt") / "manifest.json").exists()
-    resumed, ran = stages.run(killed, "cpt", progress=False)
+    resumed = stages.run(killed, "cpt", progress=False)
+    ran = resumed.built
     assert ran and resumed.figures["resumed_from"] == "checkpoint-2"
     log = (stages.stage_dir(killed, "cpt") / "train.log").read_text(encoding="utf-8")
     assert log.count("--- start") == 2 and "step 2: loss" in log and "resuming from checkpoint-2" in log

@@ -43,7 +43,8 @@ def built(tiny_model, tmp_path_factory):
     quant4.write_model_files(b / "merge" / "bf16", b / "bnb4", v)
     gguf_figures = G.build(spec, b / "merge" / "bf16", b / "gguf", progress=False)
     models = {"bf16": b / "merge" / "bf16", "fp16": b / "merge" / "fp16", "bnb4": b / "bnb4", "gguf": b / "gguf"}
-    manifest, ran = verify.run(spec, models, progress=False)
+    manifest = verify.run_on(spec, models, progress=False)
+    ran = manifest.built
     return spec, models, manifest, gguf_figures
 
 
@@ -82,21 +83,24 @@ def test_pass_or_fail_follows_the_spec_gates(built):
         [k.split(":")[0] for k, r in rows.items() if not r["passed"]]
 
 
-def test_gguf_fidelity_matches_the_gguf_stage(built):
-    """The same measurement through two stages gives the same numbers (deterministic llama.cpp
-    on a float32 KV cache); F16 of BF16 weights is nearly lossless."""
-    _, _, manifest, gguf_figures = built
-    for q in ("F16", "Q8_0"):
-        row, g = manifest.figures["variants"][f"gguf:{q}"], gguf_figures["files"][q]
-        assert (row["kld_mean"], row["top1"]) == (g["kld_mean"], g["top1"])
-    assert manifest.figures["variants"]["gguf:F16"]["kld_mean"] < 1e-3
+def test_gguf_fidelity(built):
+    """F16 holds the BF16 weights exactly; what remains is llama.cpp's arithmetic (f16 activations
+    in its F16 matmuls; the KV cache is float32 here) against transformers' float32: on the random
+    demo model (logits std ~1.8, a sensitive random network) mean KL <= 1e-3, >= 97% equal top-1
+    tokens, and no logit more than 2.0 away (measured: 0.0003, 98.8%, 0.74; the mean logit
+    difference is ~0.007). Q8_0 loses more than F16."""
+    _, _, manifest, _ = built
+    f16, q8 = (manifest.figures["variants"][f"gguf:{q}"] for q in ("F16", "Q8_0"))
+    assert f16["kld_mean"] <= 1e-3 and f16["top1"] >= 0.97 and f16["max_abs_dlogit"] <= 2.0
+    assert f16["kld_mean"] < q8["kld_mean"]
     # FP16 safetensors are the float32 merge rounded to float16; measured in float32
     assert manifest.figures["variants"]["fp16"]["kld_mean"] < 0.05
 
 
 def test_stage_is_skipped_when_nothing_changed(built):
     spec, models, manifest, _ = built
-    again, ran = verify.run(spec, models, progress=False)
+    again = verify.run_on(spec, models, progress=False)
+    ran = again.built
     assert not ran and again.fingerprint == manifest.fingerprint
 
 

@@ -43,9 +43,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from release.errors import CurationError, StageError
-from release import base
+from release import urdu
 from release.artifacts import Manifest, atomic_path, run_stage, summary_console, write_json
+from release.errors import CurationError
 from release.spec import Corpus, Filters, Spec
 
 STAGE = "data"
@@ -136,18 +136,19 @@ _JUNK = _junk_class()
 
 # --- filters ----------------------------------------------------------------------------------
 
-_URDU_SCRIPT = re.compile(r"[\u0600-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufefc]")
 _LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
-_LETTER = re.compile(r"[^\W\d_]")
 
 
 def script_ratio(text: str, language: str | None) -> float:
-    """Share of the letters that are in the language's script (Urdu: Arabic script; English: Latin)."""
-    letters = len(_LETTER.findall(text))
-    if not letters or language is None:
-        return 1.0 if language is None else 0.0
-    script = _URDU_SCRIPT if language == "ur" else _LATIN
-    return len(script.findall(text)) / letters
+    """Share of the letters (Unicode category L*) that are in the language's script. Urdu: the
+    script of release/urdu.py, the one verify's Urdu purity measures; English: Latin."""
+    if language is None:
+        return 1.0
+    if language == "ur":
+        script, letters = urdu.count_letters(text)
+    else:
+        script, letters = sum(map(str.isalpha, _LATIN.findall(text))), sum(map(str.isalpha, text))
+    return script / letters if letters else 0.0
 
 
 def repetition(text: str) -> float:
@@ -383,10 +384,6 @@ def _check_record(record: object, where: str, fields: tuple[str, ...]) -> dict:
 # --- the stage --------------------------------------------------------------------------------
 
 
-def tokenizer_file(spec: Spec) -> Path:
-    return base.model_dir(spec) / "tokenizer.json"
-
-
 def load_counter(path: Path) -> Callable[[str], int]:
     """Token counter with the real Llama 3 tokenizer (no special tokens)."""
     from tokenizers import Tokenizer
@@ -536,34 +533,42 @@ class _Progress:
             self.bar.advance(task)
 
 
-def stage_dir(spec: Spec) -> Path:
+def folder(spec: Spec) -> Path:
     return spec.build_dir / STAGE
 
 
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
-    """Stage ``data``: skipped when the corpora, the tokenizer and the spec's data/chat facts are
-    unchanged."""
-    inputs: dict[str, Path] = {"tokenizer": tokenizer_file(spec)}
+def inputs(spec: Spec) -> dict[str, Path]:
+    """The base's tokenizer (from the pipeline) and every corpus the spec names."""
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    found = dict(pipeline.upstream(spec, STAGE))
     for c in (*spec.data.corpora, spec.data.instruct):
         path = spec.resolve(c.path)
         if not path.exists():
             raise CurationError(f"{path}: no such corpus file or folder; fix data corpus {c.name!r} path in {spec.path}")
-        inputs[f"corpus:{c.name}"] = path
+        found[f"corpus:{c.name}"] = path
+    return found
+
+
+def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``data``: skipped when the corpora, the tokenizer and the spec's data/chat facts are
+    unchanged."""
+    found = inputs(spec)
     sections = {k: spec.section_hash(k) for k in ("data", "chat.system_prompt")}
 
     def build(out: Path) -> dict:
-        return curate(spec, out, count_tokens=load_counter(tokenizer_file(spec)), progress=progress)
+        return curate(spec, out, count_tokens=load_counter(found["tokenizer"]), progress=progress)
 
-    return run_stage(STAGE, stage_dir(spec), build, release=spec.release.name, inputs=inputs,
+    return run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs=found,
                      spec_sections=sections, tools=TOOLS, force=force)
 
 
-def summary(spec: Spec, manifest: Manifest, ran: bool, console=None) -> None:
+def summary(spec: Spec, manifest: Manifest, console=None) -> None:
     """The retention table: documents and tokens in and out per corpus, and the kept share."""
     from rich.table import Table
 
-    report = json.loads((stage_dir(spec) / REPORT_FILE).read_text(encoding="utf-8"))
-    table = Table(title=f"data: {spec.release.name} ({'built' if ran else 'up to date'})")
+    report = json.loads((folder(spec) / REPORT_FILE).read_text(encoding="utf-8"))
+    table = Table(title=f"data: {spec.release.name} ({'built' if manifest.built else 'up to date'})")
     for col in ("corpus", "docs in", "docs out", "tokens in", "tokens out", "kept tokens", "dropped most by"):
         table.add_column(col, justify="left" if col in ("corpus", "dropped most by") else "right")
     rows = [*report["corpora"].items(), (report["instruct"]["name"], report["instruct"])]
@@ -577,4 +582,4 @@ def summary(spec: Spec, manifest: Manifest, ran: bool, console=None) -> None:
         f"CPT set: {f['cpt_documents']:,} documents, {f['cpt_tokens']:,} tokens ({100 * f['replay_share']:.1f}% English "
         f"replay, target {100 * spec.data.replay_share:.1f}%); kept {100 * f['kept_tokens']:.1f}% of the raw tokens "
         f"(card: {100 * spec.data.retained_fraction:.1f}%). SFT set: {f['sft_examples']:,} chats. "
-        f"Report: {stage_dir(spec) / REPORT_FILE}")
+        f"Report: {folder(spec) / REPORT_FILE}")

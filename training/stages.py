@@ -32,14 +32,21 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from release import base, chat, llama3
-from release.errors import StageError
+from release import chat, llama3
 from release.artifacts import (
-    Manifest, fingerprint, input_digest, run_stage, summary_console, tool_versions, write_json,
+    Manifest,
+    fingerprint,
+    input_digest,
+    run_stage,
+    summary_console,
+    tool_versions,
+    write_json,
     write_text,
 )
+from release.errors import StageError
 from release.spec import Spec
 
 STAGES = ("cpt", "sft")
@@ -59,15 +66,38 @@ def stage_dir(spec: Spec, stage: str) -> Path:
     return spec.build_dir / stage
 
 
+def face(stage: str) -> tuple[str, Callable[[Spec], Path], Callable[[Spec], dict[str, Path]], Callable[..., Manifest]]:
+    """``STAGE, folder, inputs, run`` of training stage ``stage``: what training/cpt.py and
+    training/sft.py expose, so each training stage has the face of every other stage."""
+
+    def folder(spec: Spec) -> Path:
+        return stage_dir(spec, stage)
+
+    def inputs(spec: Spec) -> dict[str, Path]:
+        """The base, the curated data and, for SFT, the CPT adapter (from the pipeline)."""
+        return _inputs(spec, stage)
+
+    def run_stage_(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+        return run(spec, stage, force=force, progress=progress)
+
+    return stage, folder, inputs, run_stage_
+
+
 def checkpoints_root(spec: Spec) -> Path:
     return spec.build_dir / ".checkpoints"
 
 
+def _base_model(spec: Spec) -> Path:
+    """The folder holding the base model's files (the pipeline knows where the base stage put them)."""
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    return pipeline.base_model_dir(spec)
+
+
 def _inputs(spec: Spec, stage: str) -> dict[str, Path]:
-    inputs = {"base": base.stage_dir(spec), "data": spec.build_dir / DATA}
-    if stage == "sft":
-        inputs["cpt"] = stage_dir(spec, "cpt")
-    return inputs
+    from release import pipeline  # imported here: the pipeline imports the stages
+
+    return pipeline.upstream(spec, stage)
 
 
 def _sections(spec: Spec, stage: str) -> dict[str, str]:
@@ -172,16 +202,7 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     log = _Log(work / "train.log", progress)
     log(f"--- start {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     start = time.perf_counter()
-    # Unsloth patches transformers/TRL/PEFT when imported first, and writes its compiled-code
-    # cache into the working directory: keep that in the work folder.
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(checkpoints_root(spec) / "unsloth_compiled_cache"))
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        import unsloth  # noqa: F401  (must come before transformers, trl, peft)
-        from unsloth import FastLanguageModel
-    finally:
-        os.chdir(cwd)
+    fast_model = _import_unsloth(spec, work)
     import torch
 
     st = getattr(spec.training, stage)
@@ -189,100 +210,15 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     log(f"stage {stage}: {st.description}")
     for note in notes:
         log(f"adaptation: {note}")
-
-    model_dir = base.model_dir(spec) if stage == "cpt" else _merged_cpt_model(spec, work, log)
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(model_dir), max_seq_length=spec.training.sequence_length,
-        dtype=getattr(torch, settings["load_dtype"]), load_in_4bit=False,
-        use_gradient_checkpointing=settings["gradient_checkpointing"])
-    targets = list(spec.lora.target_modules) + list(st.modules_to_save)
-    model = FastLanguageModel.get_peft_model(
-        model, r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-        target_modules=targets, use_rslora=spec.lora.use_rslora, bias="none",
-        use_gradient_checkpointing=settings["gradient_checkpointing"], random_state=spec.training.seed)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-        + (f"; the spec says about {spec.lora.trainable_parameters:,}" if spec.lora.trainable_parameters else ""))
-
-    from datasets import Dataset
-
-    rows = _read_jsonl(spec.build_dir / DATA / ("cpt.jsonl" if stage == "cpt" else "sft.jsonl"))
-    dropped = 0
-    if stage == "cpt":
-        if st.packing:
-            blocks, dropped = pack_blocks([r["text"] for r in rows], tokenizer, spec.training.sequence_length)
-        else:
-            blocks = [([tokenizer.bos_token_id, *tokenizer(r["text"], add_special_tokens=False)["input_ids"],
-                        tokenizer.eos_token_id])[:spec.training.sequence_length] for r in rows]
-        if not blocks:
-            raise StageError(f"{spec.build_dir / DATA / 'cpt.jsonl'}: fewer than {spec.training.sequence_length} "
-                             "tokens of text; add data or lower training.sequence_length")
-        dataset = Dataset.from_dict({"input_ids": blocks})
-        tokens = sum(len(b) for b in blocks)
-    else:
-        tokenizer.chat_template = chat.jinja_template(spec.chat)
-        dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
-        tokens = None
-    label_tokens = tokens
-    log(f"examples: {len(dataset)}" + (f" blocks of {spec.training.sequence_length} tokens ({dropped} tokens "
-                                         "past the last full block dropped)" if stage == "cpt" and st.packing else ""))
-
-    accumulation = st.effective_batch_size // st.per_device_batch_size
-    steps_per_epoch = math.ceil(math.ceil(len(dataset) / st.per_device_batch_size) / accumulation)
-    args = _arguments(spec, stage, settings, work / "trainer", accumulation, progress)
-    log(f"batch {st.per_device_batch_size} x {accumulation} accumulation = {st.effective_batch_size}; "
-        f"{st.epochs} epoch(s), {steps_per_epoch} step(s) per epoch; lr {st.learning_rate} {st.lr_scheduler}, "
-        f"warmup {st.warmup_ratio}; optimizer {args.optim}; bf16 {args.bf16}; seed {spec.training.seed}")
-
-    from transformers import TrainerCallback
-
-    class LogLines(TrainerCallback):
-        def on_log(self, _args, state, _control, logs=None, **kwargs):
-            if logs:
-                log(f"step {state.global_step}: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
-                                                              for k, v in logs.items()))
-
-    if stage == "cpt":
-        from unsloth import UnslothTrainer
-
-        trainer = UnslothTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args,
-                                 callbacks=[LogLines()])
-    else:
-        from trl import SFTTrainer
-        from unsloth.chat_templates import train_on_responses_only
-
-        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args,
-                             callbacks=[LogLines()])
-        if st.train_on_responses_only:
-            trainer = train_on_responses_only(trainer, instruction_part=USER_HEADER, response_part=ASSISTANT_HEADER)
-            labels = trainer.train_dataset["labels"]
-            tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-            label_tokens = sum(1 for row in labels for t in row if t != -100)
-            log(f"loss on assistant turns only: {label_tokens} of {tokens} tokens carry labels")
-        else:
-            tokens = label_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-
+    model, tokenizer, trainable = _peft_model(fast_model, spec, stage, settings, work, log)
+    dataset, tokens = _dataset(spec, stage, tokenizer, log)
+    args = _plan(spec, stage, settings, work, len(dataset), progress, log)
+    trainer, tokens, label_tokens = _trainer(spec, stage, model, tokenizer, dataset, args, tokens, log)
     resume = _last_checkpoint(work / "trainer")
     if resume:
         log(f"resuming from {resume.name}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-
-    trainer.model.save_pretrained(str(out))
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card; cards come from release/card.py
-    cfg_path = out / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg["base_model_name_or_path"] = spec.base.model  # the Hub id, not this machine's folder
-    # PEFT keeps these as sets, written in hash order (PYTHONHASHSEED): sort, so the file is reproducible
-    for key in ("target_modules", "modules_to_save"):
-        if isinstance(cfg.get(key), list):
-            cfg[key] = sorted(cfg[key])
-    write_json(cfg_path, cfg)
-    history = [{k: v for k, v in e.items() if k not in VOLATILE_KEYS} for e in trainer.state.log_history]
-    trainer.state.save_to_json(str(work / "trainer_state.json"))
-    state = json.loads((work / "trainer_state.json").read_text(encoding="utf-8"))
-    state["log_history"] = history
-    write_text(out / "trainer_state.json", json.dumps(state, indent=2, sort_keys=True) + "\n")
+    history = _save(spec, trainer, out, work)
 
     losses = [e["loss"] for e in history if "loss" in e]
     seconds = round(time.perf_counter() - start, 2)
@@ -309,6 +245,144 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     log(f"done: {figures['steps']} steps, loss {figures['first_loss']} -> {figures['last_loss']}, {seconds} s")
     shutil.copyfile(work / "train.log", out / "train.log")
     return figures
+
+
+def _import_unsloth(spec: Spec, work: Path):
+    """Unsloth's ``FastLanguageModel``. Unsloth patches transformers/TRL/PEFT when imported first,
+    and writes its compiled-code cache into the working directory: keep that in the work folder."""
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(checkpoints_root(spec) / "unsloth_compiled_cache"))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        import unsloth  # noqa: F401  (must come before transformers, trl, peft)
+        from unsloth import FastLanguageModel
+    finally:
+        os.chdir(cwd)
+    return FastLanguageModel
+
+
+def _peft_model(fast_model, spec: Spec, stage: str, settings: dict, work: Path, log) -> tuple:
+    """``(model, tokenizer, trainable parameters)``: the stage's starting model (the base for CPT,
+    base + CPT adapter for SFT) with fresh LoRA adapters from the spec."""
+    import torch
+
+    st = getattr(spec.training, stage)
+    model_dir = _base_model(spec) if stage == "cpt" else _merged_cpt_model(spec, work, log)
+    model, tokenizer = fast_model.from_pretrained(
+        model_name=str(model_dir), max_seq_length=spec.training.sequence_length,
+        dtype=getattr(torch, settings["load_dtype"]), load_in_4bit=False,
+        use_gradient_checkpointing=settings["gradient_checkpointing"])
+    targets = list(spec.lora.target_modules) + list(st.modules_to_save)
+    model = fast_model.get_peft_model(
+        model, r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+        target_modules=targets, use_rslora=spec.lora.use_rslora, bias="none",
+        use_gradient_checkpointing=settings["gradient_checkpointing"], random_state=spec.training.seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+        + (f"; the spec says about {spec.lora.trainable_parameters:,}" if spec.lora.trainable_parameters else ""))
+    return model, tokenizer, trainable
+
+
+def _dataset(spec: Spec, stage: str, tokenizer, log) -> tuple:
+    """``(dataset, tokens)``: CPT's blocks of token ids (and their token count), or SFT's chats
+    with the release's chat template set on ``tokenizer`` (tokens counted once tokenized)."""
+    from datasets import Dataset
+
+    st = getattr(spec.training, stage)
+    length = spec.training.sequence_length
+    rows = _read_jsonl(spec.build_dir / DATA / ("cpt.jsonl" if stage == "cpt" else "sft.jsonl"))
+    if stage == "sft":
+        tokenizer.chat_template = chat.jinja_template(spec.chat)
+        dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+        log(f"examples: {len(dataset)}")
+        return dataset, None
+    dropped = 0
+    if st.packing:
+        blocks, dropped = pack_blocks([r["text"] for r in rows], tokenizer, length)
+    else:
+        blocks = [([tokenizer.bos_token_id, *tokenizer(r["text"], add_special_tokens=False)["input_ids"],
+                    tokenizer.eos_token_id])[:length] for r in rows]
+    if not blocks:
+        raise StageError(f"{spec.build_dir / DATA / 'cpt.jsonl'}: fewer than {length} "
+                         "tokens of text; add data or lower training.sequence_length")
+    dataset = Dataset.from_dict({"input_ids": blocks})
+    log(f"examples: {len(dataset)}" + (f" blocks of {length} tokens ({dropped} tokens "
+                                         "past the last full block dropped)" if st.packing else ""))
+    return dataset, sum(len(b) for b in blocks)
+
+
+def _plan(spec: Spec, stage: str, settings: dict, work: Path, examples: int, progress: bool, log):
+    """The trainer arguments, with the batch and schedule they give written to the log."""
+    st = getattr(spec.training, stage)
+    accumulation = st.effective_batch_size // st.per_device_batch_size
+    steps_per_epoch = math.ceil(math.ceil(examples / st.per_device_batch_size) / accumulation)
+    args = _arguments(spec, stage, settings, work / "trainer", accumulation, progress)
+    log(f"batch {st.per_device_batch_size} x {accumulation} accumulation = {st.effective_batch_size}; "
+        f"{st.epochs} epoch(s), {steps_per_epoch} step(s) per epoch; lr {st.learning_rate} {st.lr_scheduler}, "
+        f"warmup {st.warmup_ratio}; optimizer {args.optim}; bf16 {args.bf16}; seed {spec.training.seed}")
+    return args
+
+
+def _trainer(spec: Spec, stage: str, model, tokenizer, dataset, args, tokens: int | None, log) -> tuple:
+    """``(trainer, tokens, label_tokens)``: UnslothTrainer for CPT (every token is a label), TRL's
+    SFTTrainer for SFT, with the loss on assistant turns only when the spec says so."""
+    st = getattr(spec.training, stage)
+    callbacks = [_log_lines(log)]
+    if stage == "cpt":
+        from unsloth import UnslothTrainer
+
+        trainer = UnslothTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args,
+                                 callbacks=callbacks)
+        return trainer, tokens, tokens
+    from trl import SFTTrainer
+    from unsloth.chat_templates import train_on_responses_only
+
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args,
+                         callbacks=callbacks)
+    if not st.train_on_responses_only:
+        tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+        return trainer, tokens, tokens
+    trainer = train_on_responses_only(trainer, instruction_part=USER_HEADER, response_part=ASSISTANT_HEADER)
+    labels = trainer.train_dataset["labels"]
+    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    label_tokens = sum(1 for row in labels for t in row if t != -100)
+    log(f"loss on assistant turns only: {label_tokens} of {tokens} tokens carry labels")
+    return trainer, tokens, label_tokens
+
+
+def _log_lines(log):
+    """A trainer callback that writes each logged step to the run log."""
+    from transformers import TrainerCallback
+
+    class LogLines(TrainerCallback):
+        def on_log(self, _args, state, _control, logs=None, **kwargs):
+            if logs:
+                log(f"step {state.global_step}: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                                                              for k, v in logs.items()))
+
+    return LogLines()
+
+
+def _save(spec: Spec, trainer, out: Path, work: Path) -> list[dict]:
+    """Write the adapter and the trainer state into ``out``, reproducibly; returns the log
+    history kept (``VOLATILE_KEYS`` left out)."""
+    trainer.model.save_pretrained(str(out))
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card; cards come from release/card.py
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = spec.base.model  # the Hub id, not this machine's folder
+    # PEFT keeps these as sets, written in hash order (PYTHONHASHSEED): sort, so the file is reproducible
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    write_json(cfg_path, cfg)
+    history = [{k: v for k, v in e.items() if k not in VOLATILE_KEYS} for e in trainer.state.log_history]
+    trainer.state.save_to_json(str(work / "trainer_state.json"))
+    state = json.loads((work / "trainer_state.json").read_text(encoding="utf-8"))
+    state["log_history"] = history
+    write_text(out / "trainer_state.json", json.dumps(state, indent=2, sort_keys=True) + "\n")
+    return history
 
 
 def _arguments(spec: Spec, stage: str, settings: dict, output_dir: Path, accumulation: int, progress: bool):
@@ -376,7 +450,7 @@ def _merged_cpt_model(spec: Spec, work: Path, log) -> Path:
     missing = [f for f in ADAPTER_FILES if not (cpt / f).is_file()]
     if missing:
         raise StageError(f"{cpt / missing[0]}: missing; run the cpt stage first (./inv train --stage cpt)")
-    src = base.model_dir(spec)
+    src = _base_model(spec)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, device_map="cpu")
     model = PeftModel.from_pretrained(model, str(cpt)).merge_and_unload()
     model = model.to(torch.bfloat16)
@@ -394,7 +468,7 @@ def _merged_cpt_model(spec: Spec, work: Path, log) -> Path:
 # --- the stage --------------------------------------------------------------------------------
 
 
-def run(spec: Spec, stage: str, *, force: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
+def run(spec: Spec, stage: str, *, force: bool = False, progress: bool = True) -> Manifest:
     """Stage ``cpt`` or ``sft``; skipped when the base, the data (and for SFT the CPT adapter)
     and the spec's training facts are unchanged; resumes an interrupted run."""
     if stage not in STAGES:
@@ -410,19 +484,19 @@ def run(spec: Spec, stage: str, *, force: bool = False, progress: bool = True) -
     def build(out: Path) -> dict:
         return train(spec, stage, out, work, progress=progress)
 
-    manifest, ran = run_stage(stage, stage_dir(spec, stage), build, release=spec.release.name, inputs=inputs,
+    manifest = run_stage(stage, stage_dir(spec, stage), build, release=spec.release.name, inputs=inputs,
                               spec_sections=sections, tools=TOOLS, force=force)
-    if ran:
+    if manifest.built:
         shutil.rmtree(work, ignore_errors=True)
-    return manifest, ran
+    return manifest
 
 
-def summary(spec: Spec, stage: str, manifest: Manifest, ran: bool, console=None) -> None:
+def summary(spec: Spec, stage: str, manifest: Manifest, console=None) -> None:
     """One table row for the stage's run, then the hardware adaptations it made."""
     from rich.table import Table
 
     f = manifest.figures
-    table = Table(title=f"{stage}: {spec.release.name} ({'built' if ran else 'up to date'})")
+    table = Table(title=f"{stage}: {spec.release.name} ({'built' if manifest.built else 'up to date'})")
     for col in ("steps", "examples", "tokens", "first loss", "last loss", "seconds", "optimizer", "bf16"):
         table.add_column(col, justify="left" if col == "optimizer" else "right")
     loss = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"  # noqa: E731

@@ -1,0 +1,113 @@
+"""The local Hub (release/localhub.py) itself: the parts of the Hub API the demo release does not
+reach, and `./inv hub.serve` / `python -m release.localhub` as a user runs them: the real client
+talks to it, the token is never printed, Ctrl-C stops it in one line."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
+
+from conftest import ROOT
+from release.localhub import HubServer
+from test_tasks import inv
+
+TOKEN = "hf_" + secrets.token_hex(16)  # made per run, recognisable: scanned for in the output
+
+
+def test_local_hub_multipart_pagination_and_write_auth(tmp_path, monkeypatch):
+    """The parts of the server the demo release does not reach: multipart LFS transfers,
+    paginated trees, nested folders, writes without a token."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the local Hub has no xet
+    data = os.urandom(2_500_000)
+    with HubServer(tmp_path / "hub", tokens=(TOKEN,), page_size=2, multipart_threshold=1_000_000,
+                   multipart_chunk=1_000_000) as server:
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo("org/m")
+        api.upload_file(path_or_fileobj=data, path_in_repo="w/x.safetensors", repo_id="org/m")
+        api.upload_file(path_or_fileobj=b"{}", path_in_repo="w/c.json", repo_id="org/m")
+        assert server.stats["requests"]["PUT lfs_part"] == 3 and server.stats["requests"]["POST lfs_complete"] == 1
+        tree = list(api.list_repo_tree("org/m", recursive=True))  # 4 entries, 2 per page
+        assert server.stats["requests"]["GET tree"] == 2
+        assert sorted(f.path for f in tree) == [".gitattributes", "w", "w/c.json", "w/x.safetensors"]
+        path = hf_hub_download("org/m", "w/x.safetensors", endpoint=server.url, cache_dir=tmp_path / "c")
+        assert Path(path).read_bytes() == data
+        anonymous = HfApi(endpoint=server.url, token=False)
+        with pytest.raises(HfHubHTTPError) as e:
+            anonymous.upload_file(path_or_fileobj=b"x", path_in_repo="y.txt", repo_id="org/m")
+        assert e.value.response.status_code == 401 and server.stats["unauthorized"] >= 1
+        assert [f.path for f in api.list_repo_tree("org/m")] == [".gitattributes", "w"]
+
+
+# --- run as a tool ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ctrl_c_reaches() -> None:
+    """In the child: take SIGINT even where this run ignores it (a background job of a script)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _first_line(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The server's first line (its URL), or a failure with what it printed."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        proc.kill()
+        pytest.fail(f"the local Hub printed nothing: {proc.communicate()}")
+    return line
+
+
+@pytest.mark.parametrize("form", ["task", "module"])
+def test_serve_answers_the_client_and_stops_on_ctrl_c(form, tmp_path, monkeypatch):
+    """`./inv hub.serve` with the token from $HF_TOKEN, `python -m release.localhub` with --token."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    port, root = _free_port(), tmp_path / "hub"
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    if form == "task":
+        cmd = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "hub.serve", "--port", str(port),
+               "--root", str(root)]
+        env["HF_TOKEN"] = TOKEN
+    else:
+        cmd = [sys.executable, "-m", "release.localhub", "--port", str(port), "--root", str(root), "--token", TOKEN]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_reaches)
+    first = ""
+    try:
+        first = _first_line(proc)
+        url = f"http://127.0.0.1:{port}"
+        assert first.rstrip("\n") == (f"local Hub at {url} (repos in {root}; writes need a given token); "
+                                      f"set HF_ENDPOINT={url}")
+        api = HfApi(endpoint=url, token=TOKEN)
+        api.create_repo("org/m")
+        info = api.model_info("org/m")
+        assert info.id == "org/m" and [s.rfilename for s in info.siblings] == [".gitattributes"]
+        with pytest.raises(HfHubHTTPError) as e:
+            HfApi(endpoint=url, token="hf_not_the_token").create_repo("org/n")
+        assert e.value.response.status_code == 401
+        if form == "task":  # a taken port is one line, no traceback
+            taken = inv("hub.serve", "--port", str(port), "--root", str(tmp_path / "other"))
+            assert taken.returncode == 2 and taken.stderr.splitlines() == [
+                f"error: 127.0.0.1:{port}: cannot listen (Address already in use); choose another --port"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == ""
+    assert out.splitlines() == [f"local Hub stopped (repos kept in {root})"]
+    assert TOKEN not in first + out + err
+    assert (root / "repos" / "org" / "m" / "repo.json").is_file()
