@@ -13,11 +13,14 @@ RUNNER_HELP = "docker: run in the task's container image; local: here (default: 
 
 
 def _guarded(fn: Callable[[], object]) -> object:
-    """Run ``fn``; turn the toolchain's own errors into one line each on stderr and exit 2."""
+    """Run ``fn`` (with the libraries' known-harmless notices dropped: release/quiet.py); turn the
+    toolchain's own errors into one line each on stderr and exit 2."""
     from release.errors import ReleaseError
+    from release.quiet import known_notices
 
     try:
-        return fn()
+        with known_notices():
+            return fn()
     except ReleaseError as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
@@ -58,8 +61,9 @@ def test(c, slow=False, k="", args=""):
 
 @task(help={"spec": "release spec to check (default: both bundled specs)"})
 def spec(c, spec=None):
-    """Validate release specs and show the release they describe."""
-    from release.spec import SpecError, load
+    """Validate release specs and show the release they describe; warn (without failing) about
+    what the owner may want to change, such as a model name the base's licence asks for."""
+    from release.spec import SpecError, load, owner_warnings
 
     failed = False
     for path in [spec] if spec else ["specs/qalb.toml", DEMO]:
@@ -74,8 +78,34 @@ def spec(c, spec=None):
         print(f"{path}: ok: {s.release.name} {s.release.version} from {s.base.model}; "
               f"{len(s.variants)} variants ({', '.join(v.repo for v in s.variants.values())}); "
               f"GGUF {', '.join(s.gguf_types())}; Ollama {tags}")
+        for line in owner_warnings(s):
+            print(f"warning: {path}: {line}", file=sys.stderr)
+        _disk_estimate(s)
     if failed:
         raise Exit(code=2)
+
+
+def _disk_estimate(s) -> None:
+    """The spec's disk estimate per stage and variant (release/preflight.py), with the free space."""
+    from rich.table import Table
+
+    from release import preflight
+    from release.artifacts import human_bytes, summary_console
+
+    config = _guarded(lambda: preflight.base_config(s, online=False))
+    if config is None:
+        print(f"  disk estimate: needs {s.base.model}'s config.json (not cached; `./inv release --only base` "
+              "fetches the base)")
+        return
+    needs = preflight.estimate(s, config)
+    table = Table(title=f"disk estimate: {s.release.name}")
+    for col in ("stage", "what", "size", "kept"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for n in needs:
+        table.add_row(n.stage, n.what, human_bytes(n.bytes), "while the stage runs" if n.transient else n.where)
+    summary_console().print(table)
+    print(f"  peak in {s.build_dir}: {human_bytes(preflight.total(needs))} "
+          f"({human_bytes(preflight.free_bytes(s.build_dir))} free there now)")
 
 
 @task(help={
@@ -145,7 +175,7 @@ def release(c, spec=DEMO, force=False, only=None, from_=None, push=False):
     s = _spec(spec)
     start = time.perf_counter()
     results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_, push=push))
-    pipeline.summary(s, results)
+    pipeline.summary(s, results, artifacts=True)
     print(f"{s.release.name} {s.release.version}: {len(results)} stages in {time.perf_counter() - start:.0f} s"
           + ("" if push else "; nothing left this machine (add --push to publish)"))
 
@@ -219,7 +249,7 @@ def verify(c, spec=DEMO, force=False):
     stage = pipeline.verify.STAGE
     before = names[names.index(stage) - 1]
     results = _guarded(lambda: pipeline.run(s, until=before) + pipeline.run(s, only=stage, force=force))
-    pipeline.summary(s, results)
+    pipeline.summary(s, results, artifacts=True)
     summary_console().print(pipeline.verify_table(read_manifest(pipeline.folder(s, stage)).figures))
     print(f"{s.release.name} {s.release.version}: every release gate passed")
 

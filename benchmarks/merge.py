@@ -64,9 +64,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_gb": hwm()}))
 
 
 def build_inputs(work: Path, layers: int, adapter: bool = True) -> tuple[Path, Path | None]:
-    import torch
-
-    from release import scaffold, shards, spec
+    from release import scaffold, spec
 
     demo = spec.load(ROOT / "specs" / "demo.toml")
     base = work / f"base-8b-{layers}l"
@@ -79,7 +77,17 @@ def build_inputs(work: Path, layers: int, adapter: bool = True) -> tuple[Path, P
         tmp.rename(base)
     if not adapter:
         return base, None
-    adapter = work / f"adapter-r128-{layers}l"
+    return base, build_adapter(work, layers, f"adapter-r128-{layers}l", ["embed_tokens", "lm_head"], base)
+
+
+def build_adapter(work: Path, layers: int, name: str, modules_to_save: list[str], base: Path) -> Path:
+    """A rank-128 PEFT adapter (alpha 32) on the seven projections of the 8B-shaped model, with
+    ``modules_to_save`` (embed_tokens, lm_head) stored in full as Unsloth's CPT saves them."""
+    import torch
+
+    from release import scaffold, shards
+
+    adapter = work / name
     if not (adapter / "adapter_config.json").is_file():
         print(f"building the rank-128 adapter in {adapter} ...", flush=True)
         tmp = adapter.with_name(adapter.name + ".partial")
@@ -99,7 +107,7 @@ def build_inputs(work: Path, layers: int, adapter: bool = True) -> tuple[Path, P
                             shards.Entry(f"{key}.lora_B.weight", torch.float32, (out_f, r))]
                 makers[f"{key}.lora_A.weight"] = lambda s=(r, in_f): torch.randn(s, generator=gen) / math.sqrt(s[1])
                 makers[f"{key}.lora_B.weight"] = lambda s=(out_f, r): torch.randn(s, generator=gen) * 0.01
-            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            elif name in ("model.embed_tokens.weight", "lm_head.weight") and name.split(".")[-2] in modules_to_save:
                 entries.append(shards.Entry(key + ".weight", torch.bfloat16, shape))
                 makers[key + ".weight"] = lambda n=name, s=shape: (
                     scaffold.make_tensor(sc, n, s, torch.float32) + 0.01 * torch.randn(s, generator=gen)).to(torch.bfloat16)
@@ -111,11 +119,11 @@ def build_inputs(work: Path, layers: int, adapter: bool = True) -> tuple[Path, P
         (tmp / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "r": r, "lora_alpha": 32, "lora_dropout": 0.0, "bias": "none",
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            "modules_to_save": ["embed_tokens", "lm_head"], "use_rslora": False, "use_dora": False,
+            "modules_to_save": modules_to_save or None, "use_rslora": False, "use_dora": False,
             "fan_in_fan_out": False, "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM",
             "init_lora_weights": True, "inference_mode": True}, indent=2))
         tmp.rename(adapter)
-    return base, adapter
+    return adapter
 
 
 def run(code: str, *args: str) -> dict:

@@ -27,12 +27,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     CMAKE_ARGS=${CMAKE_ARGS} \
     PATH=/opt/venv/bin:${PATH}
 
-# a compiler for sdists (llama-cpp-python); not in the final image
+# a compiler for sdists (llama-cpp-python) and cmake for llama.cpp's tools; not in the final image
 # (apt packages are not version-pinned: the pinned base image fixes the release, and exact
 # Debian/Ubuntu versions disappear from the mirrors with each point release)
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential ca-certificates \
+ && apt-get install -y --no-install-recommends build-essential ca-certificates cmake \
  && rm -rf /var/lib/apt/lists/*
 
 COPY ${PIP_CERT} /etc/pip-ca.pem
@@ -58,6 +58,12 @@ RUN : > README.md \
  && pip install -c constraints.txt . \
  && pip check \
  && echo /app > "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/qalb-release.pth"
+
+# llama.cpp's llama-imatrix and llama-quantize into /opt/venv/bin, built from the same
+# llama-cpp-python sdist against its installed libraries, as ./inv does (release/llamatools.py)
+COPY release/__init__.py release/errors.py release/llamatools.py /tmp/llamatools/release/
+RUN PYTHONPATH=/tmp/llamatools python -m release.llamatools \
+ && rm -rf /tmp/llamatools
 
 # --- final: the environment, the project files, a non-root user --------------------------------
 FROM ${BASE_IMAGE}

@@ -2,18 +2,22 @@
 
 The flagship BF16 repo is a ``finetune`` of the base model; the FP16, bitsandbytes 4-bit and GGUF
 repos are ``quantized`` versions of the flagship. Everything in a card comes from the spec and,
-where a stage has run, from its manifest (file sizes, sha256, fidelity figures).
+where a stage has run, from its manifest (file sizes, sha256, fidelity figures). A value the
+model's own card does not state (``[provenance.not_on_card]``) is marked as such wherever it is
+printed. Next to each card the stage writes the licence's NOTICE and, for the GGUF repo, the
+size/fidelity chart (release/chart.py); the hub stage publishes the whole folder.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from release import chat, shards
+from release import chart, chat, llama3, shards
 from release.artifacts import MANIFEST, Manifest, read_manifest, run_stage
-from release.spec import Spec, Variant
+from release.spec import Corpus, Spec, Variant
 
 STAGE = "cards"
 
@@ -26,6 +30,8 @@ def card_data(spec: Spec, name: str) -> ModelCardData:
     flagship = v is spec.flagship
     r = spec.release
     tags = list(r.tags) + {"bnb-4bit": ["bitsandbytes", "4-bit", "nf4"], "gguf": ["gguf", "llama.cpp", "ollama"]}.get(v.format, [])
+    # the authors' scores are of the flagship: a quantized repo's own fidelity is in its body
+    results = eval_results(spec) if flagship else []
     return ModelCardData(
         language=list(r.languages),
         license=r.license,
@@ -34,10 +40,31 @@ def card_data(spec: Spec, name: str) -> ModelCardData:
         library_name=LIBRARY[v.format],
         pipeline_tag="text-generation",
         tags=tags,
-        datasets=[d for d in r.datasets if "/" in d] or None,
+        datasets=spec.datasets or None,
         base_model=spec.base.model if flagship else spec.flagship.repo,
         base_model_relation="finetune" if flagship else "quantized",
+        model_name=r.name if results else None,
+        eval_results=results or None,
     )
+
+
+def eval_results(spec: Spec) -> list[EvalResult]:
+    """The model-index entries: the scores the authors report (``[evaluation]``), not verified
+    by the Hub, with their source (``[provenance]``)."""
+    ev, src = spec.evaluation, spec.provenance
+    scores = [("overall_score", "Overall score", ev.overall_score),
+              ("urdu_purity", "Urdu purity (%)", None if ev.urdu_purity is None else round(100 * ev.urdu_purity, 2))]
+    return [EvalResult(task_type="text-generation", task_name="Text generation", dataset_type=ev.benchmark,
+                       dataset_name=ev.benchmark, metric_type=key, metric_name=label, metric_value=value,
+                       verified=False, source_name=src.source_name, source_url=src.source_url)
+            for key, label, value in scores if value is not None]
+
+
+def stated(spec: Spec, key: str, text: str) -> str:
+    """``text`` (the printed value of spec key ``key``), marked when the model's card does not
+    state that value."""
+    why = spec.not_on_card(key)
+    return text if why is None else f"{text} (not stated by the authors; {why})"
 
 
 def render(spec: Spec, name: str, gguf_manifest: Manifest | None = None,
@@ -53,13 +80,40 @@ def render(spec: Spec, name: str, gguf_manifest: Manifest | None = None,
 
 def _body(spec: Spec, name: str, v: Variant, gguf_manifest: Manifest | None,
           verify_manifest: Manifest | None = None, parameters: int | None = None) -> str:
+    lines = [*_intro(spec, v), *_evaluation(spec, v), *_training_data(spec), *_training(spec), *_prompt(spec)]
+    if verify_manifest is not None:
+        lines += _verified_variants(spec, verify_manifest, gguf_manifest, parameters)
+        if v.format == "gguf" and chart.points(spec, verify_manifest):
+            lines += [f"![File size against mean KL divergence from BF16, per quant type]({chart.FILE})", "",
+                      "Each quantized file's size against its mean KL divergence from BF16 (the table above): "
+                      "further down is closer to BF16, further left is smaller.", ""]
+    else:
+        lines += _variants(spec, gguf_manifest)
+    return "\n".join(lines + _imatrix(spec, v, gguf_manifest) + _usage(spec, v) + _license(spec) + _citation(spec))
+
+
+def _imatrix(spec: Spec, v: Variant, gguf_manifest: Manifest | None) -> list[str]:
+    """Which GGUF files an importance matrix guided, and on what text (the gguf stage's figures)."""
+    figures = gguf_manifest.figures if gguf_manifest else {}
+    im, files = figures.get("imatrix"), figures.get("files", {})
+    if v.format != "gguf" or im is None:
+        return []
+    used = [q for q, f in files.items() if f.get("imatrix")]
+    plain = [q for q, f in files.items() if not f.get("imatrix")]
+    about = v.imatrix.description if v.imatrix and v.imatrix.description else "calibration text"
+    return ["## Importance matrix", "",
+            f"{', '.join(used)} were quantized with an importance matrix (`{im['file']}`), computed by llama.cpp's "
+            f"`llama-imatrix` from the F16 file over `{im['calibration']}` of the release toolchain: {about}; "
+            f"{im['chunks']} chunks of {im['chunk_tokens']} tokens ({im['tokens']:,} tokens)."
+            + (f" {', '.join(plain)} did not use it." if plain else ""), ""]
+
+
+def _intro(spec: Spec, v: Variant) -> list[str]:
+    """Title, what the repo holds, and the model and LoRA table."""
     r, lora, t = spec.release, spec.lora, spec.training
-    inf = spec.inference
-    stops = ", ".join(f"`{s}`" for s in spec.chat.stop_tokens)
-    eos = chat.eos_token_ids(spec.chat)
     what = {"safetensors": f"{v.dtype} safetensors", "bnb-4bit": f"bitsandbytes 4-bit ({v.dtype}, double quantization: "
             f"{v.double_quant}, compute {v.compute_dtype})", "gguf": "GGUF files for llama.cpp and Ollama"}[v.format]
-    lines = [
+    return [
         f"# {v.repo.split('/')[-1]}",
         "",
         f"{r.name} is an Urdu-first chat model: {spec.base.model} ({spec.base.parameters}) with continued "
@@ -74,32 +128,92 @@ def _body(spec: Spec, name: str, v: Variant, gguf_manifest: Manifest | None,
         f"| base model | [{spec.base.model}](https://huggingface.co/{spec.base.model}) |",
         f"| architecture | {spec.base.architecture} |",
         f"| languages | {', '.join(r.languages)} |",
-        f"| sequence length | {t.sequence_length} |",
-        f"| LoRA | r = {lora.r}, alpha = {lora.alpha}, dropout {lora.dropout}, rsLoRA {lora.use_rslora} |",
-        f"| LoRA targets | {', '.join(lora.target_modules)} |",
+        f"| sequence length | {stated(spec, 'training.sequence_length', str(t.sequence_length))} |",
+        f"| LoRA | r = {stated(spec, 'lora.r', str(lora.r))}, alpha = {stated(spec, 'lora.alpha', str(lora.alpha))}, "
+        f"dropout {stated(spec, 'lora.dropout', str(lora.dropout))}, "
+        f"rsLoRA {stated(spec, 'lora.use_rslora', str(lora.use_rslora))} |",
+        f"| LoRA targets | {stated(spec, 'lora.target_modules', ', '.join(lora.target_modules))} |",
         f"| license | {r.license_name} ({r.license_link}) |",
         "",
-        "## Training",
-        "",
-        "| | continued pre-training | instruction fine-tuning |",
-        "|---|---|---|",
     ]
-    cpt, sft = t.cpt, t.sft
-    for label, a, b in [
-        ("data", cpt.description, sft.description),
-        ("optimizer", cpt.optimizer, sft.optimizer),
-        ("learning rate", f"{cpt.learning_rate:g} ({cpt.lr_scheduler}, warmup {cpt.warmup_ratio:g})",
-         f"{sft.learning_rate:g} ({sft.lr_scheduler}, warmup {sft.warmup_ratio:g})"),
-        ("effective batch size", cpt.effective_batch_size, sft.effective_batch_size),
-        ("epochs", cpt.epochs, sft.epochs),
-        ("trained in full", ", ".join(cpt.modules_to_save) or "-", ", ".join(sft.modules_to_save) or "-"),
-        ("format", cpt.format, sft.format),
-    ]:
-        lines.append(f"| {label} | {a} | {b} |")
-    lines += [
-        "",
-        f"Precision {t.precision}, gradient checkpointing {t.gradient_checkpointing}, on {t.hardware}.",
-        "",
+
+
+def _evaluation(spec: Spec, v: Variant) -> list[str]:
+    """The authors' reported scores, kept apart from this release's own measurements."""
+    ev, src = spec.evaluation, spec.provenance
+    rows = [(label, stated(spec, f"evaluation.{key}", text)) for key, label, text in (
+        ("overall_score", "overall score", None if ev.overall_score is None else f"{ev.overall_score:g}"),
+        ("urdu_purity", "Urdu purity", None if ev.urdu_purity is None else f"{100 * ev.urdu_purity:.2f}%"),
+    ) if text is not None]
+    if not rows:
+        return []
+    of = "this model" if v is spec.flagship else f"the BF16 model ({spec.flagship.repo})"
+    return ["## Evaluation", "",
+            f"Reported by the authors for {of} ([{src.source_name}]({src.source_url})); not measured by this "
+            "release:", "", "| metric | reported score |", "|---|---|",
+            *(f"| {label} | {value} |" for label, value in rows), "",
+            "This release's own measurements, each file against the BF16 model, are in the variants table below.", ""]
+
+
+def _tokens(n: int) -> str:
+    """1_840_000_000 -> '1.84B', 140_000_000 -> '140M'."""
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n:,}"
+
+
+def _dataset(c: Corpus) -> str:
+    """A dataset's name, linked to the Hub where the spec gives its id."""
+    return f"[{c.name}](https://huggingface.co/datasets/{c.hub_id})" if c.hub_id else c.name
+
+
+def _sources(names: list[str]) -> str:
+    return f": {', '.join(names)}" if names else ""
+
+
+def _training_data(spec: Spec) -> list[str]:
+    """What each training stage read, from ``[data]``."""
+    d = spec.data
+    urdu = f"{stated(spec, 'data.urdu_tokens', _tokens(d.urdu_tokens))} tokens" + _sources(d.urdu_sources)
+    english = (f"{stated(spec, 'data.english_tokens', _tokens(d.english_tokens))} tokens ("
+               f"{100 * d.replay_share:.1f}% of the total)" + _sources(d.english_sources))
+    linked = [_dataset(c) for c in d.corpora if c.hub_id]
+    return ["## Training data", "", "| | |", "|---|---|",
+            f"| continued pre-training, Urdu | {urdu} |",
+            f"| continued pre-training, English | {english} |",
+            *([f"| continued pre-training datasets | {', '.join(linked)} |"] if linked else []),
+            f"| cleaning | {stated(spec, 'data.retained_fraction', f'{100 * d.retained_fraction:.1f}%')} of the raw "
+            "corpus kept |",
+            f"| instruction fine-tuning | {_dataset(d.instruct)} |", ""]
+
+
+def _training(spec: Spec) -> list[str]:
+    """Both training stages side by side; each value marked where the model's card does not state it."""
+    t = spec.training
+    lines = ["## Training", "", "| | continued pre-training | instruction fine-tuning |", "|---|---|---|"]
+
+    def row(label: str, field: str, show=str) -> str:
+        a, b = (stated(spec, f"training.{s}.{field}", show(getattr(getattr(t, s), field))) for s in ("cpt", "sft"))
+        return f"| {label} | {a} | {b} |"
+
+    def schedule(s: str) -> str:
+        st = getattr(t, s)
+        return (f"{stated(spec, f'training.{s}.lr_scheduler', st.lr_scheduler)}, warmup ratio "
+                f"{stated(spec, f'training.{s}.warmup_ratio', f'{st.warmup_ratio:g}')}")
+
+    lines += [row("data", "description"), row("optimizer", "optimizer"),
+              row("learning rate", "learning_rate", lambda x: f"{x:g}"),
+              f"| schedule | {schedule('cpt')} | {schedule('sft')} |",
+              row("effective batch size", "effective_batch_size"), row("epochs", "epochs"),
+              row("trained in full", "modules_to_save", lambda x: ", ".join(x) or "-"), row("format", "format")]
+    return lines + ["", f"Precision {t.precision}, gradient checkpointing {t.gradient_checkpointing}, "
+                    f"on {t.hardware}.", ""]
+
+
+def _prompt(spec: Spec) -> list[str]:
+    """The exact prompt format, the recommended sampling and the context window."""
+    inf = spec.inference
+    stops = ", ".join(f"`{s}`" for s in spec.chat.stop_tokens)
+    num_ctx = stated(spec, "ollama.num_ctx", f"{spec.ollama.num_ctx} tokens")
+    return [
         "## Prompt format",
         "",
         "Llama 3 chat format. Without a system message the default Urdu system prompt is used:",
@@ -112,17 +226,22 @@ def _body(spec: Spec, name: str, v: Variant, gguf_manifest: Manifest | None,
         "",
         f"max_new_tokens {inf.max_new_tokens}, temperature {inf.temperature}, top_p {inf.top_p}, "
         f"repetition_penalty {inf.repetition_penalty}, do_sample {str(inf.do_sample).lower()}. Stop at {stops} "
-        f"(eos ids {eos}).",
+        f"(eos ids {chat.eos_token_ids(spec.chat)}).",
+        "",
+        f"Context window of the Ollama Modelfiles and the llama.cpp commands below: {num_ctx}. Fine-tuning used "
+        f"{spec.training.sequence_length}-token sequences; a longer window costs more memory for the KV cache.",
         "",
     ]
-    if verify_manifest is not None:
-        lines += _verified_variants(spec, verify_manifest, gguf_manifest, parameters)
-    else:
-        lines += _variants(spec, gguf_manifest)
-    lines += _usage(spec, v)
-    lines += ["## License", "", f"{r.license_name}: {r.license_link}. Built with Llama.", ""]
-    lines += _citation(spec)
-    return "\n".join(lines)
+
+
+def _license(spec: Spec) -> list[str]:
+    """The base's licence and its duties, from the spec: link, attribution, use policy, NOTICE."""
+    r, terms = spec.release, spec.license_terms
+    lines = ["## License", "", f"{r.license_name}: {r.license_link}."
+             + (f" {terms.attribution}." if terms.attribution else "") + " The text is in the LICENSE file.", ""]
+    if terms.use_policy:
+        lines += [f"Use of this model must follow the Acceptable Use Policy: {terms.use_policy}", ""]
+    return lines + [f"The NOTICE file carries the licence's attribution notice: \"{terms.notice}\"", ""]
 
 
 def _citation(spec: Spec) -> list[str]:
@@ -201,56 +320,108 @@ def _variants(spec: Spec, gguf_manifest: Manifest | None) -> list[str]:
     return out + [""]
 
 
+QUESTION = "پاکستان کا دارالحکومت کون سا شہر ہے؟"  # "Which city is the capital of Pakistan?"
+
+
+def default_quant(spec: Spec) -> str:
+    """The GGUF type of the Ollama default tag: the one the usage examples name."""
+    return next(q for q, tag in spec.ollama.tags.items() if tag == spec.ollama.default_tag)
+
+
 def _usage(spec: Spec, v: Variant) -> list[str]:
-    inf = spec.inference
-    eos = chat.eos_token_ids(spec.chat)
     if v.format == "gguf":
-        q = v.quant_types[-1] if v.quant_types else v.dtype
-        tag = spec.ollama.tags[q]
-        return [
-            "## Usage", "",
-            "llama.cpp:", "", "```bash",
-            f"llama-cli -hf {v.repo}:{q} -cnv --temp {inf.temperature} --top-p {inf.top_p} "
-            f"--repeat-penalty {inf.repetition_penalty} -n {inf.max_new_tokens}",
-            "```", "",
-            "Ollama, from the Hub (uses this repo's `template`, `system` and `params`):", "", "```bash",
-            f"ollama run hf.co/{v.repo}:{q}", "```", "",
-            "Ollama, with the Modelfile next to the downloaded GGUF file:", "", "```bash",
-            f"ollama create {spec.ollama.model}:{tag} -f {tag}.Modelfile", f"ollama run {spec.ollama.model}:{tag}",
-            "```", "",
-        ]
-    extra = ""
-    if v.format == "bnb-4bit":
-        extra = "  # bitsandbytes 4-bit: needs `pip install bitsandbytes`"
+        return ["## Usage", "", *_usage_llama_cpp(spec, v), *_usage_ollama(spec, v)]
+    inf = spec.inference
+    extra = ", bitsandbytes" if v.format == "bnb-4bit" else ""
     return [
-        "## Usage", "", "```python",
-        "import torch",
+        "## Usage", "",
+        f"Needs transformers {llama3.COMPATIBLE_TRANSFORMERS} or later (Llama 3.1's rope scaling) and accelerate "
+        f"(for `device_map`): `pip install \"transformers>={llama3.COMPATIBLE_TRANSFORMERS}\" accelerate{extra}`.",
+        "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model_id = "{v.repo}"{extra}',
+        f'model_id = "{v.repo}"',
         "tokenizer = AutoTokenizer.from_pretrained(model_id)",
-        'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")',
-        'messages = [{"role": "user", "content": "پاکستان کا دارالحکومت کون سا شہر ہے؟"}]',
+        'model = AutoModelForCausalLM.from_pretrained(model_id, torch_dtype="auto", device_map="auto")',
+        f'messages = [{{"role": "user", "content": "{QUESTION}"}}]',
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
         "                                       return_dict=True).to(model.device)",
         f"out = model.generate(**inputs, max_new_tokens={inf.max_new_tokens}, do_sample={inf.do_sample}, "
         f"temperature={inf.temperature},",
-        f"                     top_p={inf.top_p}, repetition_penalty={inf.repetition_penalty}, eos_token_id={eos})",
+        f"                     top_p={inf.top_p}, repetition_penalty={inf.repetition_penalty}, "
+        f"eos_token_id={chat.eos_token_ids(spec.chat)})",
         'print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```", "",
     ]
 
 
+def _usage_llama_cpp(spec: Spec, v: Variant) -> list[str]:
+    """llama-cli, llama-server and llama-cpp-python, all formatting with the GGUF's own template."""
+    inf, q, n_ctx = spec.inference, default_quant(spec), spec.ollama.num_ctx
+    sampling = f"--temp {inf.temperature} --top-p {inf.top_p} --repeat-penalty {inf.repetition_penalty}"
+    request = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": inf.max_new_tokens,
+                          "temperature": inf.temperature, "top_p": inf.top_p,
+                          "repeat_penalty": inf.repetition_penalty}, ensure_ascii=False)
+    return [
+        "llama.cpp. `--jinja` formats the chat with the template stored in the GGUF file, which adds the default "
+        "Urdu system prompt; without it llama.cpp uses its built-in Llama 3 format and the system prompt is lost:",
+        "", "```bash",
+        f"llama-cli -hf {v.repo}:{q} --jinja -cnv -c {n_ctx} -n {inf.max_new_tokens} {sampling}",
+        "```", "",
+        "As an OpenAI-compatible server:", "", "```bash",
+        f"llama-server -hf {v.repo}:{q} --jinja -c {n_ctx} --port 8080",
+        f"curl http://localhost:8080/v1/chat/completions -H \"Content-Type: application/json\" -d '{request}'",
+        "```", "",
+        "From Python with llama-cpp-python (`pip install llama-cpp-python huggingface_hub`), which also formats "
+        "with the GGUF file's template:", "", "```python",
+        "from llama_cpp import Llama",
+        "",
+        f'llm = Llama.from_pretrained("{v.repo}", filename="{spec.gguf_file_name(q)}", n_ctx={n_ctx}, verbose=False)',
+        f'out = llm.create_chat_completion([{{"role": "user", "content": "{QUESTION}"}}], '
+        f"max_tokens={inf.max_new_tokens},",
+        f"                                 temperature={inf.temperature}, top_p={inf.top_p}, "
+        f"repeat_penalty={inf.repetition_penalty})",
+        'print(out["choices"][0]["message"]["content"])',
+        "```", "",
+    ]
+
+
+def _usage_ollama(spec: Spec, v: Variant) -> list[str]:
+    """``ollama run hf.co/...`` and a local ``ollama create`` from the repo's Modelfile."""
+    q, model = default_quant(spec), spec.ollama.model
+    tag = spec.ollama.tags[q]
+    return [
+        "Ollama, from the Hub (uses this repo's `template`, `system` and `params`):", "", "```bash",
+        f"ollama run hf.co/{v.repo}:{q}", "```", "",
+        "Ollama, from a local copy: download the GGUF file with its Modelfile, then create the model:", "", "```bash",
+        f"hf download {v.repo} {spec.gguf_file_name(q)} {spec.modelfile_name(q)} --local-dir {model}",
+        f"cd {model}",
+        f"ollama create {model}:{tag} -f {spec.modelfile_name(q)}", f"ollama run {model}:{tag}",
+        "```", "",
+        "Every quant type has its Modelfile in this repo: "
+        + ", ".join(f"`{spec.modelfile_name(t)}`" for t in spec.gguf_types()) + ".",
+        "",
+    ]
+
+
 def write_all(spec: Spec, out_dir: Path, gguf_manifest: Manifest | None = None,
               verify_manifest: Manifest | None = None, parameters: int | None = None) -> list[Path]:
-    """``<out_dir>/<variant>/README.md`` for every variant."""
-    from release.artifacts import write_text
+    """Each variant's repo documents in ``<out_dir>/<variant>/``: README.md (the card), NOTICE
+    (the licence's attribution notice) and, for the GGUF repo with a verification, the chart the
+    card links. Returns every file written."""
+    from release.artifacts import atomic_path, write_text
 
     written = []
-    for name in spec.variants:
-        path = Path(out_dir) / name / "README.md"
-        write_text(path, str(render(spec, name, gguf_manifest, verify_manifest, parameters)))
-        written.append(path)
+    for name, v in spec.variants.items():
+        folder = Path(out_dir) / name
+        write_text(folder / "README.md", str(render(spec, name, gguf_manifest, verify_manifest, parameters)))
+        write_text(folder / "NOTICE", spec.license_terms.notice + "\n")
+        written += [folder / "README.md", folder / "NOTICE"]
+        png = chart.chart(spec, verify_manifest) if v.format == "gguf" else None
+        if png is not None:
+            with atomic_path(folder / chart.FILE) as tmp:
+                tmp.write_bytes(png)
+            written.append(folder / chart.FILE)
     return written
 
 
@@ -268,19 +439,19 @@ def inputs(spec: Spec) -> dict[str, Path]:
 
 
 def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``cards``: ``cards/<variant>/README.md`` from the spec and the manifests it finds."""
+    """Stage ``cards``: ``cards/<variant>/`` (README.md, NOTICE, the GGUF chart) from the spec and
+    the manifests it finds."""
     from release import pipeline  # imported here: the pipeline imports the stages
 
     found = inputs(spec)
     model = pipeline.upstream(spec, STAGE)["model"]
-    sections = {k: spec.section_hash(k) for k in ("release", "base", "lora", "training", "chat", "inference",
-                                                   "variants", "ollama")}
+    sections = {k: spec.section_hash(k) for k in ("release", "base", "lora", "training", "data", "chat", "inference",
+                                                   "evaluation", "variants", "ollama", "license_terms", "provenance")}
 
     def build(out: Path) -> dict:
         manifests = {k: read_manifest(p.parent) for k, p in found.items()}
-        written = write_all(spec, out, manifests.get("gguf"), manifests.get("verify"),
-                            shards.count_parameters(model))
-        return {"cards": len(written), "verified": "verify" in found}
+        write_all(spec, out, manifests.get("gguf"), manifests.get("verify"), shards.count_parameters(model))
+        return {"cards": len(spec.variants), "verified": "verify" in found}
 
     return run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs=found,
-                     spec_sections=sections, tools=("huggingface_hub",), force=force)
+                     spec_sections=sections, tools=("huggingface_hub", "matplotlib"), force=force)

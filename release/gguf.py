@@ -7,14 +7,22 @@ The converter writes what llama.cpp's own ``convert_hf_to_gguf.py`` writes for a
 
 It streams: the header, metadata and tensor index go first, then every tensor is converted and
 written in blocks of rows, so memory holds a few blocks, not the model. Quant types other than
-F16/BF16/Q8_0 come from llama.cpp's quantizer itself (``llama_model_quantize`` through
-llama-cpp-python), applied to the F16 file.
+F16/BF16/Q8_0 come from llama.cpp's quantizer itself, applied to the F16 file. When the spec names
+a calibration text (``[variants.gguf.imatrix]``), the K- and IQ-quants are guided by an importance
+matrix: llama.cpp's ``llama-imatrix`` runs the F16 file over that text, and ``llama-quantize
+--imatrix`` quantizes (both built at install time, release/llamatools.py); other types go through
+``llama_model_quantize`` in llama-cpp-python. Both paths call the same function of the same
+libllama, so without an importance matrix they write the same bytes (the tests check).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +37,11 @@ from release.spec import CONVERTED, Spec
 
 STAGE = "gguf"
 K_QUANTS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+IQ_QUANTS = ("IQ4_XS",)
+# types whose blocks are 256 weights of a row (QK_K): rows must be multiples of 256
+BLOCK_256 = (*K_QUANTS, *IQ_QUANTS)
+# types quantized with the importance matrix when the spec has one
+IMATRIX_TYPES = BLOCK_256
 BLOCK_ELEMENTS = 4 * 1024 * 1024
 
 
@@ -39,6 +52,7 @@ class Written:
     bytes: int
     bits_per_weight: float
     seconds: float
+    imatrix: bool = False  # an importance matrix guided the quantization
 
 
 # --- metadata ---------------------------------------------------------------------------------
@@ -346,27 +360,84 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 """
 
 
-def quantize(src: Path, dst: Path, qtype: str, threads: int = 0) -> None:
-    """llama.cpp's own quantizer (``llama_model_quantize``) on a converted GGUF file. It runs in a
-    child process: llama.cpp logs every tensor to stderr, and its state stays out of ours."""
-    import subprocess
-    import sys
-
+def quantize(src: Path, dst: Path, qtype: str, threads: int = 0, imatrix: Path | None = None) -> None:
+    """llama.cpp's own quantizer on a converted GGUF file: ``llama-quantize --imatrix`` when an
+    importance matrix is given, else ``llama_model_quantize`` through llama-cpp-python. Either runs
+    in a child process: llama.cpp logs every tensor, and its state stays out of ours."""
     import gguf
 
     ftype = int(gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     with atomic_path(Path(dst)) as tmp:
-        out = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(tmp), str(ftype), str(threads)],
-                             capture_output=True, text=True)
+        if imatrix is None:
+            cmd, cwd = [sys.executable, "-c", _QUANTIZE, str(src), str(tmp), str(ftype), str(threads)], None
+        else:
+            from release import llamatools
+
+            # run beside the matrix and name it bare: the file records the name it was given
+            cmd = [str(llamatools.tool("llama-quantize")), "--imatrix", Path(imatrix).name,
+                   str(Path(src).resolve()), str(tmp.resolve()), qtype, *([str(threads)] if threads > 0 else [])]
+            cwd = Path(imatrix).parent
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
         if out.returncode != 0:
-            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            last = ((out.stderr or out.stdout).strip().splitlines() or ["no output"])[-1]
             raise GGUFError(f"{dst}: llama.cpp's quantizer failed for {qtype} (exit {out.returncode}: {last})")
 
 
+def compute_imatrix(spec: Spec, source: Path, out: Path, progress: bool = True) -> dict:
+    """llama.cpp's importance matrix of ``source`` (the F16/BF16 GGUF) over the spec's
+    calibration text, written as ``<Name>-imatrix.gguf`` in ``out``; its figures.
+
+    The tool runs in the spec's folder and is given the text's spec-relative path, which the
+    matrix (and every file quantized with it) records as its dataset; one sequence per batch, so
+    the sums, and the bytes, do not depend on the machine."""
+    from gguf import GGUFReader
+
+    from release import llamatools
+
+    im = spec.gguf_imatrix()
+    exe = llamatools.tool("llama-imatrix")
+    dest = Path(out) / spec.imatrix_file_name()
+    start = time.perf_counter()
+    with atomic_path(dest) as tmp:
+        cmd = [str(exe), "-m", str(Path(source).resolve()), "-f", im.calibration, "-o", str(tmp.resolve()),
+               "-c", str(im.chunk_tokens), "-b", str(im.chunk_tokens), "--chunks", str(im.chunks or -1),
+               "--no-ppl", "--no-repack", "-t", str(len(os.sched_getaffinity(0)))]
+        _run_tool(cmd, spec.path.parent, f"importance matrix over {im.calibration}", progress)
+    fields = GGUFReader(dest).fields
+    chunks = int(fields["imatrix.chunk_count"].contents())
+    return {"file": dest.name, "calibration": im.calibration, "chunk_tokens": im.chunk_tokens, "chunks": chunks,
+            "tokens": chunks * im.chunk_tokens, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _run_tool(cmd: list[str], cwd: Path, what: str, progress: bool) -> None:
+    """Run a llama.cpp tool with its log kept out of the terminal: a spinner showing the tool's own
+    estimate of the time left when ``progress``; a failure is one line, the tool's last words."""
+    import collections
+    import contextlib
+
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    status = contextlib.nullcontext()
+    if progress:
+        from rich.console import Console
+
+        status = Console(stderr=True).status(what)
+    with status as shown, subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True, errors="replace") as proc:
+        for line in proc.stdout:
+            if line.strip():
+                tail.append(re.sub(r"^[\d.]+ [A-Z] ", "", line.strip()))  # without the log's time and level
+            if shown is not None and "ETA" in line:  # "compute_imatrix: 41.2 seconds per pass - ETA 25.4 minutes"
+                shown.update(f"{what}: {line.split('compute_imatrix:')[-1].strip()}")
+    if proc.returncode != 0:
+        raise GGUFError(f"{Path(cmd[0]).name} failed for the {what} (exit {proc.returncode}: "
+                        f"{tail[-1] if tail else 'no output'})")
+
+
 def check_quantizable(model_dir: Path, qtypes: list[str]) -> None:
-    """Refuse k-quants a model's shapes would silently replace: llama.cpp falls back to another
-    type for any weight whose rows are not a multiple of 256, and the file still says Q4_K_M."""
-    ks = [q for q in qtypes if q in K_QUANTS]
+    """Refuse K- and IQ-quants a model's shapes would silently replace: llama.cpp falls back to
+    another type for any weight whose rows are not a multiple of 256, and the file still says
+    Q4_K_M (or IQ4_XS)."""
+    ks = [q for q in qtypes if q in BLOCK_256]
     if not ks:
         return
     hp = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
@@ -377,7 +448,12 @@ def check_quantizable(model_dir: Path, qtypes: list[str]) -> None:
 
 
 def tensor_infos(path: Path) -> list[tuple[str, tuple[int, ...], str, int]]:
-    """(name, shape, ggml type, bytes) of every tensor, read from the header alone.
+    """(name, shape, ggml type, bytes) of every tensor, read from the header alone."""
+    return _header(path)[1]
+
+
+def _header(path: Path) -> tuple[list[str], list[tuple[str, tuple[int, ...], str, int]]]:
+    """The metadata keys and the tensor infos of a GGUF file.
 
     gguf's GGUFReader parses every metadata value into numpy objects, which takes seconds for a
     Llama 3 vocabulary; this skips over the values."""
@@ -408,8 +484,10 @@ def tensor_infos(path: Path) -> list[tuple[str, tuple[int, ...], str, int]]:
         else:
             pos += scalar[vtype]
 
+    keys = []
     for _ in range(n_kv):
         (n,) = struct.unpack_from("<Q", data, pos)
+        keys.append(data[pos + 8:pos + 8 + n].decode())
         pos += 8 + n
         (vtype,) = struct.unpack_from("<I", data, pos)
         pos += 4
@@ -426,20 +504,22 @@ def tensor_infos(path: Path) -> list[tuple[str, tuple[int, ...], str, int]]:
         qtype = gguf.GGMLQuantizationType(ttype)
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         out.append((name, tuple(reversed(dims)), qtype.name, math.prod(dims) // block * size))
-    return out
+    return keys, out
 
 
 def describe(path: Path) -> dict:
     """Size, real bits per weight and tensor types of a GGUF file (a quant whose rows fell back to
-    other types shows it here, whatever its name says)."""
-    infos = tensor_infos(path)
+    other types shows it here, whatever its name says), and whether an importance matrix guided
+    it (llama-quantize records ``quantize.imatrix.*``)."""
+    keys, infos = _header(path)
     params = sum(math.prod(shape) for _, shape, _, _ in infos)
     data = sum(n for *_, n in infos)
     types: dict[str, int] = {}
     for _, _, t, _ in infos:
         types[t] = types.get(t, 0) + 1
     return {"bytes": Path(path).stat().st_size, "parameters": params,
-            "bits_per_weight": round(8 * data / params, 3), "tensor_types": types}
+            "bits_per_weight": round(8 * data / params, 3), "tensor_types": types,
+            "imatrix": "quantize.imatrix.file" in keys}
 
 
 # --- stage ------------------------------------------------------------------------------------
@@ -467,17 +547,27 @@ def build(spec: Spec, model_dir: Path, out: Path, progress: bool = True) -> dict
         raise GGUFError(f"{spec.path}: llama.cpp quant types need an F16 or BF16 GGUF to start from; "
                         "set variants.gguf.dtype to 'F16'")
     files: dict[str, Written] = {}
+    figures: dict = {}
+    imatrix = None  # computed before the first type that uses it
     for qtype in types:
         path = Path(out) / spec.gguf_file_name(qtype)
         start = time.perf_counter()
         if qtype in CONVERTED:
             convert(model_dir, path, spec, qtype, progress=progress)
         else:
-            quantize(Path(out) / spec.gguf_file_name(source), path, qtype)
+            if imatrix is None and qtype in IMATRIX_TYPES and spec.gguf_imatrix() is not None:
+                figures["imatrix"] = compute_imatrix(spec, Path(out) / spec.gguf_file_name(source), out, progress)
+                imatrix = Path(out) / figures["imatrix"]["file"]
+                start = time.perf_counter()  # the matrix has its own seconds
+            quantize(Path(out) / spec.gguf_file_name(source), path, qtype,
+                     imatrix=imatrix if qtype in IMATRIX_TYPES else None)
         d = describe(path)
-        files[qtype] = Written(qtype, path, d["bytes"], d["bits_per_weight"], round(time.perf_counter() - start, 2))
-    return {"files": {q: {"file": wr.path.name, "bytes": wr.bytes, "bits_per_weight": wr.bits_per_weight,
-                          "seconds": wr.seconds, "sha256": sha256_file(wr.path)} for q, wr in files.items()}}
+        files[qtype] = Written(qtype, path, d["bytes"], d["bits_per_weight"], round(time.perf_counter() - start, 2),
+                               d["imatrix"])
+    figures["files"] = {q: {"file": wr.path.name, "bytes": wr.bytes, "bits_per_weight": wr.bits_per_weight,
+                            "seconds": wr.seconds, "sha256": sha256_file(wr.path), "imatrix": wr.imatrix}
+                        for q, wr in files.items()}
+    return figures
 
 
 def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
@@ -492,8 +582,10 @@ def run_from(spec: Spec, model_dir: Path, *, force: bool = False, progress: bool
     if not (Path(model_dir) / "config.json").is_file():
         raise GGUFError(f"{model_dir}: no config.json; build the merge stage first or give --model")
     sections = {k: spec.section_hash(k) for k in ("release", "base.model", "chat", "variants")}
+    im = spec.gguf_imatrix()
+    feeds = {"model": Path(model_dir), **({"calibration": spec.resolve(im.calibration)} if im else {})}
     return run_stage(STAGE, folder(spec), lambda out: build(spec, Path(model_dir), out, progress),
-                     release=spec.release.name, inputs={"model": Path(model_dir)}, spec_sections=sections,
+                     release=spec.release.name, inputs=feeds, spec_sections=sections,
                      tools=("gguf", "llama-cpp-python", "torch", "transformers"), force=force)
 
 

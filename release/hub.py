@@ -125,12 +125,18 @@ def sources(spec: Spec, name: str) -> dict[str, Path]:
         mf = read_manifest(modelfiles)
         if mf is None:
             raise PublishError(f"{modelfiles}: no modelfiles manifest; run ./inv release (stage modelfiles) first")
-        out.update({e.path: modelfiles / e.path for e in mf.outputs if e.path != "LICENSE"})
-    out["README.md"] = feeds["cards"] / name / "README.md"
+        # every repo gets its LICENSE and NOTICE from the same place, below
+        out.update({e.path: modelfiles / e.path for e in mf.outputs if e.path not in ("LICENSE", "NOTICE")})
+    # the cards stage's documents of this repo: README.md, the licence's NOTICE, the GGUF chart
+    docs = feeds["cards"] / name
+    out.update({p.name: p for p in sorted(docs.iterdir()) if p.is_file() and not p.name.startswith(".")}
+               if docs.is_dir() else {})
+    for path in ("README.md", "NOTICE"):
+        out.setdefault(path, docs / path)  # missing: refused below, with the fix
     out["LICENSE"] = spec.resolve(spec.release.license_file)
     for path, src in out.items():
         if not src.is_file():
-            fix = "run ./inv cards" if path == "README.md" else "build it first (./inv release)"
+            fix = "run ./inv cards" if src.parent == docs else "build it first (./inv release)"
             raise PublishError(f"{src}: missing (needed as {path} in {v.repo}); {fix}")
     return out
 

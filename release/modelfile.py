@@ -261,8 +261,8 @@ def parameters(spec: Spec) -> dict[str, object]:
         "top_p": inf.top_p,
         "repeat_penalty": inf.repetition_penalty,
         "num_predict": inf.max_new_tokens,
-        # Ollama's default context is not the training length: set it explicitly.
-        "num_ctx": spec.training.sequence_length,
+        # the spec's context window (a memory/quality trade-off; Ollama's default differs by version)
+        "num_ctx": spec.ollama.num_ctx,
     }
 
 
@@ -295,9 +295,15 @@ def hf_files(spec: Spec) -> dict[str, str]:
     }
 
 
+def license_files(spec: Spec) -> dict[str, str]:
+    """What the base's licence asks every copy to carry: its text (LICENSE) and its attribution
+    notice (NOTICE, Llama 3.1 licence §1.b.iii), both from the spec."""
+    return {"LICENSE": spec.license_text, "NOTICE": spec.license_terms.notice + "\n"}
+
+
 def modelfile_name(spec: Spec, qtype: str) -> str:
     """Modelfiles are named after their Ollama tag, e.g. ``8b-instruct-q4_K_M.Modelfile``."""
-    return f"{spec.ollama.tags[qtype]}.Modelfile"
+    return spec.modelfile_name(qtype)
 
 
 def expected(spec: Spec, qtype: str) -> Modelfile:
@@ -328,7 +334,8 @@ STAGE = "modelfiles"
 
 
 def write_all(spec: Spec, out_dir: Path) -> list[Path]:
-    """One Modelfile per GGUF type, the hf.co files and the LICENSE, each parsed back first."""
+    """One Modelfile per GGUF type, the hf.co files, the LICENSE and the licence's NOTICE, each
+    Modelfile parsed back first."""
     from release.artifacts import write_text
 
     out_dir = Path(out_dir)
@@ -340,7 +347,7 @@ def write_all(spec: Spec, out_dir: Path) -> list[Path]:
             raise ModelfileError(f"{name}: does not read back to the spec's values")
         write_text(out_dir / name, text)
         written.append(out_dir / name)
-    for name, text in {**hf_files(spec), "LICENSE": spec.license_text}.items():
+    for name, text in {**hf_files(spec), **license_files(spec)}.items():
         write_text(out_dir / name, text)
         written.append(out_dir / name)
     return written
@@ -359,7 +366,7 @@ def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
     """Stage ``modelfiles``: ``write_all`` into the stage's folder."""
     from release.artifacts import run_stage
 
-    sections = {k: spec.section_hash(k) for k in ("chat", "inference", "training.sequence_length",
-                                                   "ollama", "variants", "release")}
+    sections = {k: spec.section_hash(k) for k in ("chat", "inference", "ollama", "variants", "release",
+                                                   "license_terms")}
     return run_stage(STAGE, folder(spec), lambda out: {"files": len(write_all(spec, out))},
                      release=spec.release.name, spec_sections=sections, force=force, inputs=inputs(spec))

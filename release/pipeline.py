@@ -25,7 +25,7 @@ from typing import Protocol
 from rich.console import Console
 from rich.table import Table
 
-from release import base, card, gguf, hub, merge, modelfile, quant4, verify
+from release import base, card, gguf, hub, merge, modelfile, preflight, quant4, verify
 from release.artifacts import Manifest, human_bytes, read_manifest, summary_console
 from release.errors import StageError
 from release.spec import Spec
@@ -134,8 +134,11 @@ def run(spec: Spec, *, force: bool = False, only: str | None = None, start: str 
     Raises ``StageError`` when verification fails (after recording it), so nothing unverified
     goes on to the cards and the Hub. ``push`` publishes the Hub plan once it is made."""
     console = console or summary_console()
+    names = select(spec, only, start, until)
+    # before anything is built: refuse in one line when the disk cannot hold what will be written
+    preflight.check(spec, names, force=force, built={n for n in names if read_manifest(folder(spec, n))})
     results = []
-    for name in select(spec, only, start, until):
+    for name in names:
         s = stage(name)
         if progress:
             console.print(f"[bold]{name}[/bold] …")
@@ -160,8 +163,10 @@ def status(spec: Spec) -> list[tuple[str, Manifest | None]]:
 # --- summary ----------------------------------------------------------------------------------
 
 
-def summary(spec: Spec, results: list[StageResult], console: Console | None = None) -> Table:
-    """Stages table, then (once verified) every artifact with its gates and destination."""
+def summary(spec: Spec, results: list[StageResult], console: Console | None = None, *,
+            artifacts: bool = False) -> Table:
+    """The stages table of ``results``; with ``artifacts`` (a release or verify run, which covers
+    every artifact) and once verified, every artifact with its gates and destination too."""
     console = console or summary_console()
     table = Table(title=f"{spec.release.name} {spec.release.version}: stages")
     for col in ("stage", "status", "files", "size", "seconds", "folder"):
@@ -173,15 +178,16 @@ def summary(spec: Spec, results: list[StageResult], console: Console | None = No
         table.add_row(r.name, status, str(len(r.manifest.outputs)), human_bytes(size),
                       f"{r.manifest.seconds:.1f}", _short(r.directory))
     console.print(table)
-    vm = read_manifest(verify.folder(spec))
+    vm = read_manifest(verify.folder(spec)) if artifacts else None
     if vm is not None:
         console.print(artifact_table(spec, vm.figures))
     return table
 
 
 def artifact_table(spec: Spec, figures: dict) -> Table:
-    """Every verified weight file: size, sha256, its gates, and the repo it goes to."""
-    t = Table(title="artifacts")
+    """Every verified weight file: size, sha256, its gates, and the repo it goes to. A gate the
+    spec does not enforce shows its figure as "(info)", explained in the caption."""
+    t = Table(title="artifacts", caption=verify.info_note(figures), caption_justify="left")
     for col in ("file", "size", "sha256", "KLD", "top-1", "Urdu", "stop", "gates", "goes to"):
         t.add_column(col, justify="right" if col in ("size", "KLD", "top-1", "Urdu") else "left",
                      overflow="fold", no_wrap=col not in ("file", "goes to"))
@@ -191,13 +197,14 @@ def artifact_table(spec: Spec, figures: dict) -> Table:
         t.add_row(rel, human_bytes(a["size"]), a["sha256"][:16],
                   "-" if r.get("kld_mean") is None else f"{r['kld_mean']:.5f}",
                   "-" if r.get("top1") is None else f"{r['top1']:.1%}",
-                  f"{r.get('urdu_purity', 0):.0%}", "yes" if r.get("stopped") else "no",
+                  verify.gate_cell(f"{r.get('urdu_purity', 0):.0%}", "urdu_purity", figures),
+                  verify.gate_cell("yes" if r.get("stopped") else "no", "stop_token", figures),
                   "pass" if r["passed"] else "FAIL", spec.variants[a["variant"]].repo)
     return t
 
 
 def verify_table(figures: dict) -> Table:
-    t = Table(title="verification")
+    t = Table(title="verification", caption=verify.info_note(figures), caption_justify="left")
     for col in ("variant", "runtime", "KLD", "top-1", "max KLD", "Urdu", "stopped", "result"):
         t.add_column(col)
     for row in verify.summary_rows(figures):

@@ -22,14 +22,14 @@ from typing import Any, Literal
 
 from release.errors import SpecError
 
-__all__ = ["Spec", "SpecError", "load", "GGUF_TYPES", "CONVERTED", "SPECIAL_TOKENS", "printable", "unprintable", "unwritable"]
+__all__ = ["Spec", "SpecError", "load", "owner_warnings", "GGUF_TYPES", "CONVERTED", "SPECIAL_TOKENS", "printable", "unprintable", "unwritable"]
 
 # llama.cpp file types the GGUF stage can produce: CONVERTED ones by its own converter, the rest
 # by llama.cpp's quantizer (from the F16 file).
 CONVERTED = ("F16", "BF16", "Q8_0")
 GGUF_TYPES = (
     *CONVERTED, "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S",
-    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
+    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
 )
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULL_MODULES = ("embed_tokens", "lm_head")
@@ -103,7 +103,6 @@ class Release:
     license_link: str
     license_file: str
     tags: list[str] = field(default_factory=list)
-    datasets: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -179,6 +178,9 @@ class Corpus:
     format: Literal["jsonl", "parquet", "text"]
     language: Literal["ur", "en"] | None = None
     text_field: str = "text"
+    # the dataset's Hub id ('owner/name'): listed in the cards' `datasets` metadata; without one
+    # the cards name the dataset in their text only
+    hub_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,10 @@ class Data:
     urdu_sources: list[str] = field(default_factory=list)
     english_sources: list[str] = field(default_factory=list)
     filters: Filters = field(default_factory=Filters)
+    # bad input (a record that is not JSON or not UTF-8, without its text field, a corrupt shard):
+    # "refuse" stops the data stage at the first, naming file and line; "skip" skips and counts
+    # each, and the report names them all (training/curate.py)
+    on_bad_data: Literal["refuse", "skip"] = "refuse"
 
     @property
     def replay_share(self) -> float:
@@ -238,8 +244,27 @@ class Evaluation:
     # every verification answer must end at a stop token (a trained chat model does; random weights do not)
     enforce_stop_token: bool
     max_new_tokens: int  # per verification answer (greedy)
+    generation_prompts: int  # how many of verify's fixed Urdu prompts each variant answers
+    # fidelity vs BF16: a fixed text (relative to the spec) cut into `fidelity_chunks` sequences of
+    # `fidelity_chunk_tokens` tokens (BOS first), each run alone and scored at every position
+    fidelity_text: str
+    fidelity_chunks: int
+    fidelity_chunk_tokens: int
+    # scores reported by the model's authors (the source is [provenance]); the cards' model-index
     overall_score: float | None = None
     urdu_purity: float | None = None
+    benchmark: str | None = None  # what the reported scores were measured on, as the model-index names it
+
+
+@dataclass(frozen=True)
+class Imatrix:
+    """llama.cpp's importance matrix for a GGUF variant's K- and IQ-quants: ``llama-imatrix``
+    over a calibration text, cut into chunks of ``chunk_tokens`` tokens (BOS first)."""
+
+    calibration: str  # a UTF-8 text file relative to the spec (not the evaluation text)
+    chunk_tokens: int = 512  # llama-imatrix --ctx-size
+    chunks: int | None = None  # at most this many chunks (default: every whole chunk of the text)
+    description: str = ""  # what the text is, for the GGUF card
 
 
 @dataclass(frozen=True)
@@ -250,6 +275,7 @@ class Variant:
     compute_dtype: str | None = None
     double_quant: bool = False
     quant_types: list[str] = field(default_factory=list)
+    imatrix: Imatrix | None = None  # GGUF only: [variants.<name>.imatrix]
 
 
 @dataclass(frozen=True)
@@ -263,6 +289,27 @@ class Ollama:
     model: str
     default_tag: str
     tags: dict[str, str]
+    num_ctx: int  # context window of the Modelfiles, the hf.co params and the llama.cpp commands
+
+
+@dataclass(frozen=True)
+class LicenseTerms:
+    """What the base model's licence (``release.license``) asks of a release built from it."""
+
+    notice: str  # the attribution line of the NOTICE file in every repo
+    attribution: str = ""  # shown in every card (Llama's "Built with Llama")
+    use_policy: str | None = None  # the acceptable use policy the cards link to
+    name_prefix: str = ""  # a derived model's name should begin with it (a warning at spec check)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the spec's facts come from: the model's own card, except the keys of ``not_on_card``
+    (dotted key -> where its value comes from), which the cards mark as not stated by the authors."""
+
+    source_name: str
+    source_url: str
+    not_on_card: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -291,6 +338,8 @@ class Spec:
     variants: dict[str, Variant]
     gates: dict[str, Gate]
     ollama: Ollama
+    license_terms: LicenseTerms
+    provenance: Provenance
     hub: Hub
     build: Build
     # Set by load(), not read from the file.
@@ -332,9 +381,36 @@ class Spec:
                 out += [v.dtype, *v.quant_types]
         return out
 
+    def gguf_imatrix(self) -> Imatrix | None:
+        """The importance matrix settings of the GGUF variant, if it has them."""
+        return next((v.imatrix for v in self.variants.values() if v.format == "gguf" and v.imatrix), None)
+
+    def imatrix_file_name(self) -> str:
+        """The importance matrix beside the GGUF files: ``<Name>-imatrix.gguf`` (llama-imatrix's format)."""
+        return f"{self.release.name}-imatrix.gguf"
+
     def gguf_file_name(self, qtype: str) -> str:
         """GGUF naming convention: ``<Name>-<Type>.gguf``, e.g. ``Qalb-1.0-8B-Instruct-Q4_K_M.gguf``."""
         return f"{self.release.name}-{qtype}.gguf"
+
+    def modelfile_name(self, qtype: str) -> str:
+        """Modelfiles are named after their Ollama tag, e.g. ``8b-instruct-q4_K_M.Modelfile``."""
+        return f"{self.ollama.tags[qtype]}.Modelfile"
+
+    def not_on_card(self, key: str) -> str | None:
+        """Where the value of dotted ``key`` comes from when the model's card does not state it
+        (``[provenance.not_on_card]``, which may name the key or a table above it), else None."""
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            why = self.provenance.not_on_card.get(".".join(parts[:n]))
+            if why is not None:
+                return why
+        return None
+
+    @property
+    def datasets(self) -> list[str]:
+        """Hub ids of the training datasets that have one (corpora, then the instruct set)."""
+        return [c.hub_id for c in [*self.data.corpora, self.data.instruct] if c.hub_id]
 
     def section_hash(self, *keys: str) -> str:
         """sha256 of the named spec sections (dotted keys), so a stage re-runs only when the
@@ -510,10 +586,20 @@ def _check(s: Spec) -> list[str]:
     return [
         *_check_release(s), *_check_base(s.base), *_check_lora(s.lora),
         *_check_training(s.training), *_check_data(s.data), *_check_chat(s.chat),
-        *_check_inference(s.inference), *_check_evaluation(s.evaluation), *variants,
-        *_check_gates(s, gguf_types), *_check_ollama(s.ollama, gguf_types),
-        *_check_hub(s.hub), *_check_build(s.build),
+        *_check_inference(s.inference), *_check_evaluation(s), *variants, *_check_imatrix(s),
+        *_check_gates(s, gguf_types), *_check_ollama(s, gguf_types), *_check_license_terms(s.license_terms),
+        *_check_provenance(s), *_check_hub(s.hub), *_check_build(s.build),
     ]
+
+
+def owner_warnings(s: Spec) -> list[str]:
+    """What a valid spec may still want its owner to look at: ``key: message`` lines."""
+    terms, name = s.license_terms, s.release.name
+    if terms.name_prefix and not name.startswith(terms.name_prefix):
+        return [f"release.name: {name!r} does not begin with {terms.name_prefix!r}, which the base model's "
+                f"licence ({s.release.license}, {s.release.license_name}) asks of a model trained from its "
+                f"materials (license_terms.name_prefix); the owner decides"]
+    return []
 
 
 def _need(p: list[str], ok: bool, key: str, msg: str) -> None:
@@ -603,6 +689,10 @@ def _check_data(d: Data) -> list[str]:
           f"expected a fraction in (0, 1], got {d.retained_fraction}")
     names = [c.name for c in d.corpora]
     _need(p, len(names) == len(set(names)), "data.corpora", "corpus names must be unique")
+    keyed = [(f"data.corpora[{i}].hub_id", c.hub_id) for i, c in enumerate(d.corpora)]
+    for key, hub_id in [*keyed, ("data.instruct.hub_id", d.instruct.hub_id)]:
+        _need(p, hub_id is None or _REPO_ID.fullmatch(hub_id) is not None, key,
+              f"expected a Hub dataset id 'owner/name', got {hub_id!r}")
     p += _check_filters(d.filters)
     _need(p, d.urdu_tokens > 0 and d.english_tokens >= 0, "data.english_tokens",
           "expected urdu_tokens > 0 and english_tokens >= 0 (they set the English replay share)")
@@ -664,12 +754,19 @@ def _check_inference(inf: Inference) -> list[str]:
     return p
 
 
-def _check_evaluation(ev: Evaluation) -> list[str]:
+def _check_evaluation(s: Spec) -> list[str]:
+    ev = s.evaluation
     p: list[str] = []
     _need(p, 0.0 <= ev.min_urdu_purity <= 1.0, "evaluation.min_urdu_purity",
           f"expected a fraction in [0, 1], got {ev.min_urdu_purity}")
     _need(p, ev.max_new_tokens > 0, "evaluation.max_new_tokens",
           f"expected a positive integer, got {ev.max_new_tokens}")
+    for key in ("generation_prompts", "fidelity_chunks"):
+        _need(p, getattr(ev, key) > 0, f"evaluation.{key}", f"expected a positive integer, got {getattr(ev, key)}")
+    _need(p, ev.fidelity_chunk_tokens >= 2, "evaluation.fidelity_chunk_tokens",
+          f"expected at least 2 (BOS and one token of text), got {ev.fidelity_chunk_tokens}")
+    _need(p, s.resolve(ev.fidelity_text).is_file(), "evaluation.fidelity_text",
+          f"expected a text file relative to the spec, {ev.fidelity_text!r} does not exist")
     return p
 
 
@@ -685,9 +782,12 @@ def _check_variants(variants: dict[str, Variant]) -> list[str]:
     return p
 
 
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
 def _check_variant(v: Variant, key: str) -> list[str]:
     p: list[str] = []
-    _need(p, re.fullmatch(r"[\w.-]+/[\w.-]+", v.repo) is not None, f"{key}.repo",
+    _need(p, _REPO_ID.fullmatch(v.repo) is not None, f"{key}.repo",
           f"expected 'owner/name', got {v.repo!r}")
     if v.format == "safetensors":
         _need(p, v.dtype in ("bfloat16", "float16"), f"{key}.dtype",
@@ -702,6 +802,22 @@ def _check_variant(v: Variant, key: str) -> list[str]:
         for i, q in enumerate(v.quant_types):
             _need(p, q in GGUF_TYPES, f"{key}.quant_types[{i}]",
                   f"expected a llama.cpp type ({', '.join(GGUF_TYPES)}), got {q!r}")
+    _need(p, v.imatrix is None or v.format == "gguf", f"{key}.imatrix",
+          f"an importance matrix is for GGUF variants only, not {v.format!r}")
+    return p
+
+
+def _check_imatrix(s: Spec) -> list[str]:
+    """The calibration text exists; chunk settings llama-imatrix accepts."""
+    p: list[str] = []
+    for name, v in s.variants.items():
+        if v.imatrix is None:
+            continue
+        im, key = v.imatrix, f"variants.{name}.imatrix"
+        _need(p, s.resolve(im.calibration).is_file(), f"{key}.calibration",
+              f"expected a text file relative to the spec, {im.calibration!r} does not exist")
+        _need(p, im.chunk_tokens >= 8, f"{key}.chunk_tokens", f"expected at least 8 tokens, got {im.chunk_tokens}")
+        _need(p, im.chunks is None or im.chunks > 0, f"{key}.chunks", f"expected a positive integer, got {im.chunks}")
     return p
 
 
@@ -728,10 +844,14 @@ def _check_gates(s: Spec, gguf_types: list[str] | None) -> list[str]:
     return p
 
 
-def _check_ollama(o: Ollama, gguf_types: list[str] | None) -> list[str]:
-    """Tag names and model name; with valid variants (``gguf_types`` not None), exactly one tag
-    per GGUF type."""
+def _check_ollama(s: Spec, gguf_types: list[str] | None) -> list[str]:
+    """Tag names, model name and context; with valid variants (``gguf_types`` not None), exactly
+    one tag per GGUF type."""
+    o = s.ollama
     p: list[str] = []
+    most = s.base.scaffold.max_position_embeddings if s.base.scaffold else None
+    _need(p, o.num_ctx > 0 and (most is None or o.num_ctx <= most), "ollama.num_ctx",
+          f"expected a positive integer{f' up to the model context {most}' if most else ''}, got {o.num_ctx}")
     for q in gguf_types or []:
         _need(p, q in o.tags, "ollama.tags", f"missing a tag for GGUF type {q!r}")
     for q, tag in o.tags.items():
@@ -742,6 +862,32 @@ def _check_ollama(o: Ollama, gguf_types: list[str] | None) -> list[str]:
           f"expected one of the tags in [ollama.tags], got {o.default_tag!r}")
     _need(p, re.fullmatch(r"[a-z0-9][a-z0-9._-]*", o.model) is not None, "ollama.model",
           f"expected a lower-case Ollama model name, got {o.model!r}")
+    return p
+
+
+def _check_license_terms(t: LicenseTerms) -> list[str]:
+    p: list[str] = []
+    _need(p, t.notice.strip() != "" and "\n" not in t.notice.strip(), "license_terms.notice",
+          "expected the licence's one-line attribution notice")
+    _need(p, t.use_policy is None or re.fullmatch(r"https?://\S+", t.use_policy) is not None,
+          "license_terms.use_policy", f"expected an http(s) URL, got {t.use_policy!r}")
+    return p
+
+
+def _check_provenance(s: Spec) -> list[str]:
+    """The source is a URL; every key said not to be on the card names a value of this spec; the
+    reported scores need a benchmark for the model-index."""
+    p: list[str] = []
+    _need(p, re.fullmatch(r"https?://\S+", s.provenance.source_url) is not None, "provenance.source_url",
+          f"expected an http(s) URL, got {s.provenance.source_url!r}")
+    for key in s.provenance.not_on_card:
+        node: Any = s.raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        _need(p, node is not None, f"provenance.not_on_card.{key}", "names no value of this spec")
+    ev = s.evaluation
+    _need(p, ev.benchmark is not None or (ev.overall_score is None and ev.urdu_purity is None),
+          "evaluation.benchmark", "expected a name for what the reported scores were measured on")
     return p
 
 

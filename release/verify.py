@@ -1,15 +1,27 @@
-"""Verification: every variant loads in its runtime and generates with the release's template.
+"""Verification: every variant loads in its runtime and generates with the release's template, and
+its next-token distributions are measured against the BF16 model's.
 
 GGUF files run in llama.cpp (llama-cpp-python). Generation follows Ollama's runner: greedy or
 sampled tokens are turned into text *with* special tokens, the run ends at an end-of-generation
 token, and stop strings are matched on the text (the text before the first stop is returned).
 This is what makes a missing stop token visible: header tokens in the output.
+
+Fidelity is measured once, here, on the spec's fixed evaluation text (``evaluation.fidelity_*``):
+cut into chunks that run as separate sequences in both runtimes, scored at every position. The
+BF16 reference and the other transformers variants are computed in float32 one decoder layer at
+a time (``release/forward.py``); the reference's logits live in a memory-mapped temporary file,
+and every variant is compared with them chunk by chunk as its own logits are produced, so memory
+holds one chunk's logits, not all of them. Everything runs on ``forward.device()`` (the GPU when
+there is one); llama.cpp uses every core, and the GPU when its build has one.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +37,17 @@ class Generation:
     reason: str  # "eog" (end-of-generation token), "stop:<string>", or "length"
 
 
+def cpu_threads() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def load_gguf(path: Path, n_ctx: int = 512, vocab_only: bool = False, **kwargs):
-    """A llama.cpp model without the CPU backend's extra buffer types (weight repacking for
-    AMX/AVX-512 kernels): on CPUs that report AMX without the OS enabling its tile state (seen in
-    virtual machines) those kernels crash on any quantized batch. Verification needs the
-    numbers, not the speed."""
+    """A llama.cpp model on every core (and every layer on the GPU when llama.cpp was built with
+    one), without the CPU backend's extra buffer types (weight repacking for AMX/AVX-512
+    kernels): on CPUs that report AMX without the OS enabling its tile state (seen in virtual
+    machines) those kernels crash on any quantized batch. Verification needs the numbers, not
+    the speed."""
     import llama_cpp
     import llama_cpp.llama as llama_module
 
@@ -40,10 +58,12 @@ def load_gguf(path: Path, n_ctx: int = 512, vocab_only: bool = False, **kwargs):
         params.use_extra_bufts = False
         return params
 
+    options = {"n_threads": cpu_threads(), "n_threads_batch": cpu_threads(),
+               "n_gpu_layers": -1 if llama_cpp.llama_supports_gpu_offload() else 0, **kwargs}
     llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
     try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, vocab_only=vocab_only, verbose=False,
-                               n_threads=2, seed=0, **kwargs)
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, vocab_only=vocab_only, verbose=False, seed=0,
+                               **options)
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
 
@@ -71,94 +91,134 @@ def generate_gguf(llm, prompt: str, stops: list[str], max_tokens: int) -> Genera
     return Generation(raw.decode("utf-8", "replace"), out, "length")
 
 
-# Fixed prompts for fidelity measurements: Urdu first (the release's language), then English.
-PROMPTS = [
-    "پاکستان کا دارالحکومت کون سا شہر ہے؟",
-    "اردو زبان کی تاریخ مختصراً بیان کریں۔",
-    "علامہ اقبال کی ایک مشہور نظم کا نام بتائیں اور اس کا مرکزی خیال لکھیں۔",
-    "صحت مند رہنے کے لیے تین مشورے دیں۔",
-    "What is the capital of Pakistan?",
-    "Write one sentence about the monsoon in Lahore.",
-]
+# --- fidelity -----------------------------------------------------------------------------------
+
+
+def text_chunks(spec: Spec, tok) -> list[list[int]]:
+    """The evaluation text's tokens as ``evaluation.fidelity_chunks`` sequences of
+    ``fidelity_chunk_tokens`` tokens each: BOS, then a stretch of the text. The stretches do not
+    overlap and are spread evenly over the text, so every part of it (Urdu and English) is read."""
+    ev = spec.evaluation
+    path = spec.resolve(ev.fidelity_text)
+    ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    n, body = ev.fidelity_chunks, ev.fidelity_chunk_tokens - 1
+    if len(ids) < n * body:
+        raise VerifyError(f"{path}: {len(ids)} tokens; evaluation.fidelity_chunks = {n} chunks of "
+                          f"{ev.fidelity_chunk_tokens} tokens need {n * body} (each chunk starts with BOS)")
+    bos = tok.convert_tokens_to_ids(spec.chat.bos_token)
+    starts = [round(i * (len(ids) - body) / max(n - 1, 1)) for i in range(n)]
+    return [[bos, *ids[s:s + body]] for s in starts]
 
 
 @dataclass(frozen=True)
 class Reference:
-    """Token ids of the prompts (rendered with the release's chat template) and the BF16 model's
-    next-token log-probabilities at every position, computed by transformers in float32."""
+    """The BF16 model's logits at every position of every chunk, computed in float32: a
+    memory-mapped temporary file of [positions, vocab] float32, read back chunk by chunk."""
 
-    ids: list[list[int]]
-    logprobs: list  # list of torch tensors [positions, vocab]
-    logits: list
+    chunks: list[list[int]]
+    logits: object  # numpy.memmap [positions, vocab]
+    tokens_per_s: float
 
+    def chunk(self, i: int):
+        """Chunk ``i``'s logits as a torch tensor viewing the file (nothing copied)."""
+        import torch
 
-def hf_logits(model_dir: Path, spec, prompts: list[str] | None = None) -> Reference:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from release import chat
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # bf16 -> f32 is exact
-    ids, logprobs, logits = [], [], []
-    for text in prompts or PROMPTS:
-        x = tok.apply_chat_template([{"role": "user", "content": text}], chat_template=chat.jinja_template(spec.chat),
-                                    add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        x = list(x)
-        with torch.no_grad():
-            out = model(torch.tensor([x])).logits[0].float()
-        ids.append(x)
-        logits.append(out)
-        logprobs.append(torch.log_softmax(out, dim=-1))
-    return Reference(ids, logprobs, logits)
+        n = len(self.chunks[0])
+        return torch.from_numpy(self.logits[i * n:(i + 1) * n])
 
 
-def compare(ref: Reference, logits: list) -> dict:
-    """Mean KL divergence KL(BF16 || variant) of the next-token distributions over every position
-    of the prompts, the share of positions whose top token agrees, and the largest logit
-    difference."""
-    import torch
+@contextmanager
+def reference(model_dir: Path, chunks: list[list[int]], device: str, workdir: Path | None = None) -> Iterator[Reference]:
+    """The flagship's logits on ``chunks``, in a temporary folder under ``workdir`` (the system's
+    temporary folder by default) that is deleted when the block ends."""
+    import numpy as np
 
-    kl, agree, positions, max_dlogit = 0.0, 0, 0, 0.0
-    for lp, lg, q in zip(ref.logprobs, ref.logits, logits):
-        q = q.float()
-        lq = torch.log_softmax(q, dim=-1)
-        kl += float((lp.exp() * (lp - lq)).sum(dim=-1).sum())
-        agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
-        positions += lp.shape[0]
-        max_dlogit = max(max_dlogit, float((q - lg).abs().max()))
-    return {"kld_mean": round(kl / positions, 6), "top1": round(agree / positions, 4),
-            "max_abs_dlogit": round(max_dlogit, 4), "positions": positions}
+    from release import forward
+
+    ckpt = forward.Checkpoint(model_dir)
+    n = len(chunks[0])
+    with tempfile.TemporaryDirectory(prefix="reference-", dir=workdir) as tmp:
+        logits = np.memmap(Path(tmp) / "logits.f32", dtype=np.float32, mode="w+",
+                           shape=(len(chunks) * n, ckpt.config.vocab_size))
+        start = time.perf_counter()
+        for i, out in forward.logits(ckpt, chunks, device):
+            logits[i * n:(i + 1) * n] = out.cpu().numpy()
+        rate = len(chunks) * n / (time.perf_counter() - start)
+        # the file is unlinked when the block ends; its pages go with the last view of them
+        yield Reference(chunks, logits, round(rate, 1))
+
+
+class Fidelity:
+    """Mean KL divergence KL(BF16 || variant) of the next-token distributions, the share of
+    positions whose top token agrees, and the largest logit difference, accumulated chunk by
+    chunk. Each chunk is compared in slices of ``ROWS`` positions, so the float32 temporaries
+    stay at a few ROWS x vocab arrays."""
+
+    ROWS = 128
+
+    def __init__(self) -> None:
+        self.kl, self.agree, self.positions, self.max_dlogit = 0.0, 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, ref, logits) -> None:
+        import torch
+
+        for r0 in range(0, logits.shape[0], self.ROWS):
+            q = logits[r0:r0 + self.ROWS].float()
+            p = ref[r0:r0 + self.ROWS].to(q.device)
+            lp, lq = torch.log_softmax(p, dim=-1), torch.log_softmax(q, dim=-1)
+            self.kl += float((lp.exp() * (lp - lq)).sum())
+            self.agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            self.positions += q.shape[0]
+            self.max_dlogit = max(self.max_dlogit, float((q - p).abs().max()))
+
+    def figures(self) -> dict:
+        rate = self.positions / (time.perf_counter() - self.start)
+        return {"kld_mean": round(self.kl / self.positions, 6), "top1": round(self.agree / self.positions, 4),
+                "max_abs_dlogit": round(self.max_dlogit, 4), "positions": self.positions,
+                "fidelity_tokens_per_s": round(rate, 1)}
+
+
+def hf_fidelity(path: Path, ref: Reference, device: str) -> dict:
+    """``Fidelity`` of a safetensors variant (BF16, FP16 or bitsandbytes 4-bit): its weights in
+    float32 arithmetic, streamed a layer at a time like the reference: the format's loss, not
+    a runtime's rounding."""
+    from release import forward
+
+    acc = Fidelity()
+    for i, logits in forward.logits(forward.Checkpoint(path), ref.chunks, device):
+        acc.add(ref.chunk(i), logits)
+    return acc.figures()
 
 
 def gguf_fidelity(path: Path, ref: Reference) -> dict:
-    """``compare`` for a GGUF file run by llama.cpp."""
-    import numpy as np
+    """``Fidelity`` of a GGUF file run by llama.cpp, each chunk a sequence of its own."""
     import torch
 
-    n_ctx = max(len(x) for x in ref.ids) + 8
+    n = len(ref.chunks[0])
     # float32 KV cache: measure the weights, not llama.cpp's default f16 cache
-    llm = load_gguf(path, n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0)
-    logits = []
-    for ids in ref.ids:
-        llm.reset()
-        llm.eval(ids)
-        logits.append(torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32)))
-    llm.close()
-    return compare(ref, logits)
-
-
-def hf_fidelity(model, ref: Reference) -> dict:
-    """``compare`` for a model loaded in transformers."""
-    import torch
-
-    with torch.no_grad():
-        return compare(ref, [model(torch.tensor([ids])).logits[0].float() for ids in ref.ids])
+    llm = load_gguf(path, n_ctx=n, logits_all=True, type_k=0, type_v=0)
+    try:
+        acc = Fidelity()
+        for i, ids in enumerate(ref.chunks):
+            llm.reset()
+            llm.eval(ids)
+            acc.add(ref.chunk(i), torch.from_numpy(llm.scores[:n]))
+        return acc.figures()
+    finally:
+        llm.close()
 
 
 # --- Urdu purity ------------------------------------------------------------------------------
 
-URDU_PROMPTS = PROMPTS[:4]
+# Fixed prompts that every variant answers (``evaluation.generation_prompts`` of them, in this
+# order): Urdu, the release's language; the first asks for a short answer.
+URDU_PROMPTS = [
+    "پاکستان کا دارالحکومت کون سا شہر ہے؟",
+    "اردو زبان کی تاریخ مختصراً بیان کریں۔",
+    "علامہ اقبال کی ایک مشہور نظم کا نام بتائیں اور اس کا مرکزی خیال لکھیں۔",
+    "صحت مند رہنے کے لیے تین مشورے دیں۔",
+]
 
 
 def urdu_purity(texts: list[str]) -> float:
@@ -169,6 +229,14 @@ def urdu_purity(texts: list[str]) -> float:
     counts = [urdu.count_letters(t) for t in texts]
     letters = sum(n for _, n in counts)
     return round(sum(u for u, _ in counts) / letters, 4) if letters else 0.0
+
+
+def prompts(spec: Spec) -> list[str]:
+    """The prompts each variant answers: the first ``evaluation.generation_prompts``."""
+    n = spec.evaluation.generation_prompts
+    if n > len(URDU_PROMPTS):
+        raise VerifyError(f"{spec.path}: evaluation.generation_prompts: at most {len(URDU_PROMPTS)}, got {n}")
+    return URDU_PROMPTS[:n]
 
 
 # --- the verify stage -------------------------------------------------------------------------
@@ -210,6 +278,14 @@ def weight_files(t: Target) -> list[Path]:
     return sorted(t.path.glob("*.safetensors"))
 
 
+def _chat_ids(tok, spec: Spec, prompt: str) -> list[int]:
+    from release import chat
+
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], chat_template=chat.jinja_template(spec.chat),
+                                  add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return list(ids)
+
+
 def _generate_hf(model, tok, spec: Spec, prompt: str) -> Generation:
     import torch
     from transformers import GenerationConfig
@@ -217,8 +293,7 @@ def _generate_hf(model, tok, spec: Spec, prompt: str) -> Generation:
     from release import chat
 
     eos = chat.eos_token_ids(spec.chat)
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], chat_template=chat.jinja_template(spec.chat),
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = torch.tensor([_chat_ids(tok, spec, prompt)], device=model.device)
     config = GenerationConfig(max_new_tokens=spec.evaluation.max_new_tokens, do_sample=False, eos_token_id=eos,
                               pad_token_id=tok.convert_tokens_to_ids(spec.chat.pad_token))
     with torch.no_grad():
@@ -226,6 +301,43 @@ def _generate_hf(model, tok, spec: Spec, prompt: str) -> Generation:
     stopped = bool(new) and new[-1] in eos
     text = tok.decode(new[:-1] if stopped else new, skip_special_tokens=False)
     return Generation(text, new, "eog" if stopped else "length")
+
+
+def hf_model(path: Path, device: str):
+    """A transformers variant loaded as its users load it, on ``device``: in its stored dtype
+    (BF16, FP16; NF4 computing in its quantization config's dtype), so that on the CPU the
+    weights stay the files' memory maps (file pages, not a float32 copy in anonymous memory)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device).eval()
+
+
+def hf_generations(path: Path, tok, spec: Spec, device: str) -> tuple[list[Generation], float]:
+    """Greedy answers of a transformers variant (``hf_model``) to the spec's prompts, and the
+    seconds spent generating them (loading excluded)."""
+    model = hf_model(path, device)
+    try:
+        start = time.perf_counter()
+        return [_generate_hf(model, tok, spec, p) for p in prompts(spec)], time.perf_counter() - start
+    finally:
+        del model
+
+
+def gguf_generations(path: Path, tok, spec: Spec) -> tuple[list[Generation], float]:
+    """Greedy answers of a GGUF file in llama.cpp with the Modelfiles' stop strings, and the
+    seconds spent generating them (loading excluded)."""
+    from release import chat
+
+    texts = [_gguf_prompt(tok, spec, p) for p in prompts(spec)]
+    n_ctx = max(len(_chat_ids(tok, spec, p)) for p in prompts(spec)) + spec.evaluation.max_new_tokens + 8
+    llm = load_gguf(path, n_ctx=n_ctx)
+    try:
+        stops = chat.ollama_stop_tokens(spec.chat)
+        start = time.perf_counter()
+        return ([generate_gguf(llm, text, stops, spec.evaluation.max_new_tokens) for text in texts],
+                time.perf_counter() - start)
+    finally:
+        llm.close()
 
 
 def _gguf_prompt(tok, spec: Spec, prompt: str) -> str:
@@ -237,36 +349,25 @@ def _gguf_prompt(tok, spec: Spec, prompt: str) -> str:
     return text.removeprefix(spec.chat.bos_token)
 
 
-def check(spec: Spec, t: Target, ref: Reference, tok) -> dict:
+def check(spec: Spec, t: Target, ref: Reference, tok, device: str) -> dict:
     """Gates 1-3 for one target: loads and generates (stopping at a stop token), fidelity vs
-    BF16 within the spec's gate, Urdu purity of greedy answers to Urdu prompts."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from release import chat
-
+    BF16 within the spec's gate, Urdu purity of greedy answers to Urdu prompts; with the
+    tokens per second of its fidelity forward and of its generation."""
     start = time.perf_counter()
     row: dict = {"runtime": t.runtime, "variant": t.variant, "quant": t.quant,
                  "kld_mean": None, "top1": None, "max_abs_dlogit": None,
                  "max_kld": t.gate.max_kld if t.gate else None, "min_top1": t.gate.min_top1 if t.gate else None}
     try:
-        if t.runtime == "transformers":
-            # float32 compute where the stored weights allow it: measure the weights, not the matmuls
-            config = json.loads((t.path / "config.json").read_text(encoding="utf-8"))
-            quantized = "quantization_config" in config
-            model = AutoModelForCausalLM.from_pretrained(t.path, dtype=torch.bfloat16 if quantized else torch.float32)
-            model.eval()
-            if not t.reference:
-                row.update(hf_fidelity(model, ref))
-            gens = [_generate_hf(model, tok, spec, p) for p in URDU_PROMPTS]
-            del model
+        if t.reference:
+            row.update(positions=sum(map(len, ref.chunks)), fidelity_tokens_per_s=ref.tokens_per_s)
+        elif t.runtime == "transformers":
+            row.update(hf_fidelity(t.path, ref, device))
         else:
             row.update(gguf_fidelity(t.path, ref))
-            llm = load_gguf(t.path, n_ctx=1024)
-            stops = chat.ollama_stop_tokens(spec.chat)
-            gens = [generate_gguf(llm, _gguf_prompt(tok, spec, p), stops, spec.evaluation.max_new_tokens)
-                    for p in URDU_PROMPTS]
-            llm.close()
+        gens, seconds = (hf_generations(t.path, tok, spec, device) if t.runtime == "transformers"
+                         else gguf_generations(t.path, tok, spec))
+        generated = sum(len(g.tokens) for g in gens)
+        row.update(generated_tokens=generated, generation_tokens_per_s=round(generated / seconds, 2))
     except Exception as e:  # a variant that does not load or run fails its gate; the message says why
         row.update(loads=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:300], stopped=False,
                    urdu_purity=0.0, passed=False, seconds=round(time.perf_counter() - start, 2))
@@ -289,35 +390,39 @@ def check(spec: Spec, t: Target, ref: Reference, tok) -> dict:
     return row
 
 
-def verify(spec: Spec, models: dict[str, Path], progress: bool = True) -> dict:
-    """The verification figures (the contract the publishing step reads; see ``run``)."""
+def verify(spec: Spec, models: dict[str, Path], progress: bool = True, workdir: Path | None = None) -> dict:
+    """The verification figures (the contract the publishing step reads; see ``run``).
+    ``workdir``: where the reference's temporary logits file goes (the system's temporary
+    folder by default)."""
     from transformers import AutoTokenizer
 
-    from release.artifacts import sha256_file
+    from release import forward
+    from release.artifacts import sha256_file, track
 
     all_targets = targets(spec, models)
-    flagship = next(t for t in all_targets if t.reference)
-    ref = hf_logits(flagship.path, spec)
-    tok = AutoTokenizer.from_pretrained(flagship.path)
-    rows, artifacts = {}, {}
-    items = all_targets
-    if progress:
-        from rich.progress import track
-
-        items = track(all_targets, description="verify", transient=True)
-    for t in items:
+    for t in all_targets:
         missing = [p for p in weight_files(t) if not p.is_file()] or ([] if weight_files(t) else [t.path])
         if missing:
             raise VerifyError(f"{missing[0]}: not found; build the {t.variant} variant first")
-        rows[t.key] = check(spec, t, ref, tok)
-        for p in weight_files(t):
-            rel = p.relative_to(spec.build_dir).as_posix() if p.is_relative_to(spec.build_dir) else p.as_posix()
-            artifacts[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size, "variant": t.variant,
-                              "quant": t.quant, "passed": rows[t.key]["passed"]}
+    flagship = next(t for t in all_targets if t.reference)
+    tok = AutoTokenizer.from_pretrained(flagship.path)
+    chunks = text_chunks(spec, tok)
+    device = forward.device()
+    rows, artifacts = {}, {}
+    with reference(flagship.path, chunks, device, workdir) as ref:
+        for t in track(all_targets, progress, "verify"):
+            rows[t.key] = check(spec, t, ref, tok, device)
+            for p in weight_files(t):
+                rel = p.relative_to(spec.build_dir).as_posix() if p.is_relative_to(spec.build_dir) else p.as_posix()
+                artifacts[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size, "variant": t.variant,
+                                  "quant": t.quant, "passed": rows[t.key]["passed"]}
     ev = spec.evaluation
     return {"passed": all(r["passed"] for r in rows.values()), "artifacts": artifacts, "variants": rows,
-            "prompts": len(ref.ids), "enforced": {"urdu_purity": ev.enforce_urdu_purity,
-                                                   "stop_token": ev.enforce_stop_token}}
+            "fidelity": {"text": ev.fidelity_text, "chunks": len(chunks), "chunk_tokens": len(chunks[0]),
+                         "positions": sum(map(len, chunks))},
+            "generation": {"prompts": len(prompts(spec)), "max_new_tokens": ev.max_new_tokens},
+            "device": device, "threads": cpu_threads(),
+            "enforced": {"urdu_purity": ev.enforce_urdu_purity, "stop_token": ev.enforce_stop_token}}
 
 
 def folder(spec: Spec) -> Path:
@@ -340,21 +445,23 @@ def run_on(spec: Spec, models: dict[str, Path], *, force: bool = False, progress
     """Verify every variant in ``models`` (variant key -> folder) as a stage.
 
     The manifest's figures: ``passed`` (every enforced gate of every variant), ``artifacts``
-    (weight file path relative to the build folder -> sha256, size, variant, quant, passed) and
+    (weight file path relative to the build folder -> sha256, size, variant, quant, passed),
     ``variants`` (key -> runtime, kld_mean, top1, max_kld, min_top1, urdu_purity, stopped,
-    passed, ...). A failed gate is recorded, not raised: the manifest is the evidence; the
-    pipeline and the publishing step refuse to go on.
+    passed, fidelity_tokens_per_s, generation_tokens_per_s, ...), and what was measured on
+    (``fidelity``, ``generation``, ``device``, ``threads``). A failed gate is recorded, not
+    raised: the manifest is the evidence; the pipeline and the publishing step refuse to go on.
     """
     from release.artifacts import run_stage, write_json
 
     def build(out: Path) -> dict:
-        figures = verify(spec, models, progress)
+        figures = verify(spec, models, progress, workdir=out)  # the reference's logits: deleted before the end
         write_json(out / "verification.json", figures)
         return figures
 
     sections = {k: spec.section_hash(k) for k in ("chat", "inference", "evaluation", "gates", "variants")}
-    return run_stage(STAGE, folder(spec), build, release=spec.release.name,
-                     inputs={k: Path(v) for k, v in sorted(models.items())}, spec_sections=sections,
+    feeds = {k: Path(v) for k, v in sorted(models.items())}
+    feeds["fidelity_text"] = spec.resolve(spec.evaluation.fidelity_text)
+    return run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs=feeds, spec_sections=sections,
                      tools=("transformers", "llama-cpp-python", "bitsandbytes", "torch"), force=force)
 
 
@@ -380,11 +487,38 @@ def failures(figures: dict) -> list[str]:
     return out
 
 
+# The gates a spec may leave informational, and the key that enforces each.
+OPTIONAL_GATES = {"urdu_purity": "evaluation.enforce_urdu_purity", "stop_token": "evaluation.enforce_stop_token"}
+
+
+def informational(figures: dict) -> list[str]:
+    """The optional gates this verification measured but did not enforce (as its spec said)."""
+    enforced = figures.get("enforced", {})
+    return [g for g in OPTIONAL_GATES if enforced.get(g) is False]
+
+
+def gate_cell(text: str, gate: str, figures: dict) -> str:
+    """A table cell for an optional gate's figure: marked "(info)" when the gate is not enforced,
+    so that a "pass" beside it is not read as that figure passing."""
+    return f"{text} (info)" if gate in informational(figures) else text
+
+
+def info_note(figures: dict) -> str | None:
+    """The caption that explains "(info)" in a table of these figures; None when every gate is
+    enforced."""
+    gates = informational(figures)
+    if not gates:
+        return None
+    return ("(info): measured, not a release gate for this spec (" + ", ".join(f"{OPTIONAL_GATES[g]} = false"
+                                                                          for g in gates)
+            + "); pass/FAIL counts only the enforced gates")
+
+
 def summary_rows(figures: dict) -> list[tuple[str, ...]]:
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
     return [(key, r["runtime"], num(r.get("kld_mean"), ".5f"), num(r.get("top1"), ".1%"),
-             num(r.get("max_kld"), ".4f"), f"{r.get('urdu_purity', 0):.1%}",
-             "yes" if r.get("stopped") else "no", "pass" if r["passed"] else "FAIL")
+             num(r.get("max_kld"), ".4f"), gate_cell(f"{r.get('urdu_purity', 0):.1%}", "urdu_purity", figures),
+             gate_cell("yes" if r.get("stopped") else "no", "stop_token", figures), "pass" if r["passed"] else "FAIL")
             for key, r in figures.get("variants", {}).items()]

@@ -19,7 +19,8 @@ def write_spec(folder: Path, text: str | None = None, name: str = "demo.toml") -
     import shutil
 
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(SPECS / "licenses", folder / "licenses", dirs_exist_ok=True)
+    for sub in ("licenses", "eval", "calibration"):  # files the spec names relative to itself
+        shutil.copytree(SPECS / sub, folder / sub, dirs_exist_ok=True)
     path = folder / name
     path.write_text(text if text is not None else (SPECS / "demo.toml").read_text(encoding="utf-8"),
                     encoding="utf-8")

@@ -23,7 +23,7 @@ from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapsh
 from huggingface_hub.utils.sha import git_hash
 
 from conftest import ROOT, SPECS, write_spec
-from release import base, card, gguf, hub, merge, modelfile, pipeline
+from release import base, card, chart, chat, gguf, hub, merge, modelfile, pipeline
 from release.artifacts import read_manifest, run_stage, sha256_file
 from release.localhub import HubServer
 from release.spec import load
@@ -37,8 +37,9 @@ def _test_spec_text(build: Path) -> str:
     bitsandbytes variant where its stage, release/quant4.py, is not there)."""
     text = (SPECS / "demo.toml").read_text(encoding="utf-8")
     text = text.replace('dir = "../build"', f'dir = "{build}"')
-    text = text.replace('quant_types = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]', 'quant_types = ["Q4_K_M"]')
-    text = re.sub(r"^(Q8_0|Q6_K|Q5_K_M) = .*\n", "", text, flags=re.M)  # their Ollama tags
+    text, n = re.subn(r"^quant_types = \[.*\]$", 'quant_types = ["Q4_K_M"]', text, flags=re.M)
+    assert n == 1, "test setup: no quant_types line in demo.toml"
+    text = re.sub(r'^(?!F16 |Q4_K_M )[A-Z]\w* = "tiny-instruct-.*\n', "", text, flags=re.M)  # the others' tags
     # Gates for the random-weight demo model, which 4-bit quantization moves far (measured by the
     # verify stage: KL ~0.93 and ~27% equal top-1 for Q4_K_M and NF4; F16 KL 0.00013, 99.7%).
     # These tests are about publishing what passed, not about fidelity (test_gguf.py, test_verify).
@@ -120,9 +121,13 @@ def test_plan_without_endpoint_stages_the_exact_file_sets(release_build, monkeyp
     gguf_repo = plans["gguf"]
     assert sorted(gguf_repo.files) == sorted([
         "Qalb-Demo-1.0-Tiny-Instruct-F16.gguf", "Qalb-Demo-1.0-Tiny-Instruct-Q4_K_M.gguf", "README.md", "LICENSE",
-        "template", "system", "params", "tiny-instruct-fp16.Modelfile", "tiny-instruct-q4_K_M.Modelfile"])
+        "NOTICE", chart.FILE, "template", "system", "params", "tiny-instruct-fp16.Modelfile",
+        "tiny-instruct-q4_K_M.Modelfile"])
     bf16 = plans["bf16"]
-    assert sorted(bf16.files) == sorted(["LICENSE", "README.md"] + [p.name for p in (b / "merge" / "bf16").iterdir()])
+    assert sorted(bf16.files) == sorted(["LICENSE", "NOTICE", "README.md"]
+                                        + [p.name for p in (b / "merge" / "bf16").iterdir()])
+    for p in plans.values():  # the licence's attribution notice (§1.b.iii), in every repo
+        assert (p.folder / "NOTICE").read_text(encoding="utf-8") == spec.license_terms.notice + "\n"
     for p in plans.values():
         assert p.folder == b / "hub" / p.repo.split("/")[-1]
         assert sorted(x.relative_to(p.folder).as_posix() for x in p.folder.rglob("*") if x.is_file()) == sorted(p.files)
@@ -230,6 +235,78 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
     assert server.stats["requests"]["GET lfs_download"] >= 2  # the weights came from the (local) Hub
 
 
+# Run before a card's llama-cpp-python snippet, not part of it: this machine's CPU reports AMX
+# without the OS enabling it, and llama.cpp's repacked AMX kernels crash there (see
+# verify.load_gguf, which does the same).
+NO_REPACK = """
+import llama_cpp.llama as _module
+_defaults = _module.llama_cpp.llama_model_default_params
+def _no_repack():
+    params = _defaults()
+    params.use_extra_bufts = False
+    return params
+_module.llama_cpp.llama_model_default_params = _no_repack
+"""
+
+
+def _block(readme: str, lang: str, containing: str) -> str:
+    return next(b for b in re.findall(rf"```{lang}\n(.*?)```", readme, re.S) if containing in b)
+
+
+def test_gguf_card_commands_run_as_printed(release_build, local_hub, tmp_path):
+    """The GGUF card, downloaded from the Hub, run as a user would: its llama-cpp-python snippet
+    (the Python form of the card's llama-cli command: the same repo, quant, context and sampling,
+    formatted with the GGUF's own template) and the download of a Modelfile next to its GGUF file,
+    which the Modelfile check accepts. (The transformers snippet runs in
+    test_publish_republish_download_and_load; llama-cli, llama-server and Ollama are not
+    installed here.)"""
+    spec, server = release_build, local_hub
+    hub.push(spec, progress=False)
+    repo = spec.variants["gguf"].repo
+    readme = Path(hf_hub_download(repo, "README.md", endpoint=server.url, cache_dir=tmp_path / "cache")).read_text(
+        encoding="utf-8")
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("HF_TOKEN", None)  # a public repo: no token needed
+
+    # llama-cpp-python: only change, 8 new tokens instead of 256; then what it formatted
+    snippet = _block(readme, "python", "from llama_cpp import Llama")
+    assert f"n_ctx={spec.ollama.num_ctx}" in snippet and "max_tokens=256," in snippet
+    snippet = snippet.replace("max_tokens=256,", "max_tokens=8,")
+    probe = 'print("FORMAT", llm.chat_format, out["usage"]["prompt_tokens"])\n'
+    server.reset_stats()
+    ran = subprocess.run([sys.executable, "-c", NO_REPACK + snippet + probe], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert server.stats["requests"]["GET lfs_download"] >= 1  # the GGUF came from the (local) Hub
+    fmt, prompt_tokens = ran.stdout.strip().splitlines()[-1].split()[1:]
+    # the GGUF's Jinja template, not a built-in format: the prompt holds the default Urdu system
+    # prompt, token for token what the release's template renders (the transformers tokenizer)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pipeline.variant_dir(spec, "bf16"))
+    text = chat.render(spec.chat, [{"role": "user", "content": card.QUESTION}])
+    assert spec.chat.system_prompt in text
+    assert fmt == "chat_template.default" and int(prompt_tokens) == len(tok(text, add_special_tokens=False)["input_ids"])
+
+    # Ollama from a local copy: the card's download line as printed, then the Modelfile check
+    lines = _block(readme, "bash", "ollama create").splitlines()
+    download = next(l for l in lines if l.startswith("hf download "))
+    got = subprocess.run(download, shell=True, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-2000:]
+    q = card.default_quant(spec)
+    folder = tmp_path / download.split("--local-dir ")[1]
+    mf = folder / spec.modelfile_name(q)
+    assert f"ollama create {spec.ollama.model}:{spec.ollama.tags[q]} -f {mf.name}" in lines
+    from test_tasks import inv
+
+    checked = inv("modelfiles", "--check", str(mf))
+    assert checked.returncode == 0, checked.stderr
+    assert f"ok: FROM ./{spec.gguf_file_name(q)}" in checked.stdout
+    assert (folder / spec.gguf_file_name(q)).is_file()  # FROM names the file downloaded next to it
+    assert modelfile.check_file(mf).parameters["num_ctx"] == spec.ollama.num_ctx
+
+
 def test_changed_file_is_the_only_one_sent_and_stale_remote_files_are_deleted(release_build, local_hub):
     spec, server = release_build, local_hub
     hub.push(spec, progress=False)
@@ -289,7 +366,12 @@ def test_push_killed_mid_file_resumes_without_resending_finished_files(release_b
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     resent = set(server.stats["lfs_uploads"])
-    assert resent == {big_oid}  # finished files (F16 included, never committed) are not sent again
+    # finished files (F16 included, never committed) are not sent again; the interrupted one is,
+    # and so is the one LFS file after it in upload order that the first push never reached (the
+    # card's chart: a PNG, binary, so LFS)
+    chart_oid = sha256_file(b / "cards" / "gguf" / chart.FILE)
+    assert chart_oid not in first
+    assert resent == {big_oid, chart_oid}
     assert server.stats["lfs_uploads"][big_oid] == big.stat().st_size
     api = HfApi(endpoint=server.url, token=TOKEN)
     gguf_repo = spec.variants["gguf"].repo

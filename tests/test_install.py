@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -48,3 +49,22 @@ def test_packages_import_and_unsloth_selects_its_cpu_fallback(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
     assert "no GPU found, training on CPU" in out.stdout + out.stderr
+
+
+def test_inv_builds_llama_cpps_imatrix_and_quantize_tools_for_the_installed_version():
+    """./inv compiles llama-imatrix and llama-quantize from llama-cpp-python's sdist
+    (release/llamatools.py); they run against the libllama it installed."""
+    from release import llamatools
+
+    assert "python -m release.llamatools" in (ROOT / "inv").read_text()
+    assert llamatools.built() == llamatools.wanted(), "run ./inv: the tools are missing or stale"
+    for name in llamatools.TOOLS:
+        exe = llamatools.tool(name)
+        assert exe.parent == llamatools.bin_dir()
+        out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+        assert "usage" in (out.stdout + out.stderr).lower(), out.stderr[-1000:]
+        linked = subprocess.run(["ldd", str(exe)], capture_output=True, text=True).stdout
+        found = dict(line.split()[0:3:2] for line in linked.splitlines() if " => " in line)
+        assert Path(found["libllama.so.0"]).resolve() == (llamatools.lib_dir() / "libllama.so.0").resolve(), linked
+    # a second install is a no-op: nothing compiles at release time or on the next ./inv
+    assert llamatools.install() is False

@@ -33,7 +33,7 @@ def test_every_generated_modelfile_reads_back_to_the_spec(qalb_spec, demo_spec):
             assert mf.parameters == {
                 "stop": ["<|eot_id|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"],
                 "temperature": 0.1, "top_p": 0.9, "repeat_penalty": 1.1, "num_predict": 256,
-                "num_ctx": spec.training.sequence_length,
+                "num_ctx": spec.ollama.num_ctx,  # the spec's choice, not the training length
             }
             assert mf.license == [spec.license_text]
 
@@ -47,7 +47,20 @@ def test_committed_modelfiles_are_current(qalb_spec, tmp_path):
     assert set(on_disk) == set(expected), "modelfiles/ is stale: run ./inv modelfiles"
     for name, data in expected.items():
         assert on_disk[name] == data, f"modelfiles/{name} is stale: run ./inv modelfiles"
-    assert {"template", "system", "params", "LICENSE", "8b-instruct-fp16.Modelfile"} <= set(expected)
+    assert {"template", "system", "params", "LICENSE", "NOTICE", "8b-instruct-fp16.Modelfile"} <= set(expected)
+
+
+def test_num_ctx_is_the_specs_in_every_modelfile_and_params(qalb_spec):
+    """Not the training length (2048) and not the weights' 131,072: [ollama] num_ctx, with the
+    reason in the spec. Changing the spec changes every file."""
+    assert qalb_spec.ollama.num_ctx == 8192 != qalb_spec.training.sequence_length
+    assert json.loads((ROOT / "modelfiles" / "params").read_text(encoding="utf-8"))["num_ctx"] == 8192
+    for qtype in qalb_spec.gguf_types():
+        text = (ROOT / "modelfiles" / modelfile.modelfile_name(qalb_spec, qtype)).read_text(encoding="utf-8")
+        assert "\nPARAMETER num_ctx 8192\n" in text
+    other = replace(qalb_spec, ollama=replace(qalb_spec.ollama, num_ctx=16384))
+    assert modelfile.read(modelfile.render(other, "Q4_K_M")).parameters["num_ctx"] == 16384
+    assert json.loads(modelfile.hf_files(other)["params"])["num_ctx"] == 16384
 
 
 def test_hf_co_files_match_the_modelfile(qalb_spec):
@@ -128,10 +141,14 @@ def test_check_task_reports_one_line_with_the_line_number(tmp_path):
 
 def test_modelfiles_stage_writes_modelfiles_hf_files_and_license(demo_spec, tmp_path):
     written = {p.name for p in modelfile.write_all(demo_spec, tmp_path)}
-    assert written == {"tiny-instruct-fp16.Modelfile", "tiny-instruct-q8_0.Modelfile", "tiny-instruct-q6_K.Modelfile",
-                       "tiny-instruct-q5_K_M.Modelfile", "tiny-instruct-q4_K_M.Modelfile",
-                       "template", "system", "params", "LICENSE"}
+    assert written == {f"{demo_spec.ollama.tags[q]}.Modelfile" for q in demo_spec.gguf_types()} | {
+        "template", "system", "params", "LICENSE", "NOTICE"}
+    assert {"tiny-instruct-fp16.Modelfile", "tiny-instruct-q4_K_M.Modelfile"} <= written
     assert (tmp_path / "LICENSE").read_text(encoding="utf-8").startswith(" LLAMA 3.1 COMMUNITY LICENSE AGREEMENT")
+    # the licence's attribution notice (§1.b.iii), from the spec
+    assert (tmp_path / "NOTICE").read_text(encoding="utf-8") == (
+        "Llama 3.1 is licensed under the Llama 3.1 Community License, Copyright \u00a9 Meta Platforms, Inc. "
+        "All Rights Reserved.\n")
 
 
 # --- the template and stops in a real runtime -------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,21 @@ def demo_copy(folder: Path) -> Path:
 
 def release_cmd(spec: Path, task: str = "release") -> list[str]:
     return [sys.executable, "-m", "invoke", "--search-root", str(ROOT), task, "--spec", str(spec)]
+
+
+# A tqdm progress-bar frame, as transformers, datasets and the trainer draw them on stderr (a
+# terminal redraws them in place with \r; a pipe gets every frame).
+BAR = re.compile(r"[^\r\n|]*\d{1,3}%\|[^|\r\n]*\| *[\d.]+[kMG]?/[\d.]+[kMG]? \[[^\]\r\n]*\]")
+# What this toolchain itself writes on stderr in a run that succeeds.
+OURS = re.compile(r"(warning|note): ")
+
+
+def notices(stderr: str) -> list[str]:
+    """What a run wrote on stderr besides progress bars and our own lines: third-party notices
+    (warnings, log records, deprecations, tracebacks; release/quiet.py drops the known-harmless
+    ones), one per line."""
+    lines = (BAR.sub("", part).strip() for line in stderr.splitlines() for part in line.split("\r"))
+    return [ln for ln in lines if ln and not OURS.match(ln)]
 
 
 def artifacts(build: Path) -> dict[str, str]:
@@ -73,11 +89,38 @@ def test_demo_release_runs_end_to_end(uninterrupted):
     # the hub plan staged every repo (nothing was contacted: no HF_ENDPOINT)
     plan = json.loads((spec.build_dir / "hub" / "plan.json").read_text())
     assert set(plan["repos"]) == {v.repo for v in spec.variants.values()} and plan["endpoint"] is None
+    # stderr holds progress bars only: none of the libraries' notices (release/quiet.py)
+    assert notices(done.stderr) == [], notices(done.stderr)
     out = done.stdout
     assert "artifacts" in out and "nothing left this machine" in out
+    # the demo does not enforce the Urdu-purity and stop-token gates: its tables say so
+    assert "(info)" in out and "evaluation.enforce_urdu_purity" in out
     for v in spec.variants.values():
         assert v.repo in out
     print(f"demo release: {seconds:.0f} s")
+
+
+def test_disk_estimate_matches_what_the_demo_wrote(uninterrupted):
+    """The preflight estimate against the demo's real files: safetensors and GGUF F16 are shapes
+    times 2 bytes (within 1%: headers, tokenizer files); NF4 within 10% (block states); the
+    llama.cpp quants use Llama-3-8B's sizes per weight, which a 2-layer model with a vocabulary
+    of 128,256 does not follow closely (its embedding dominates): within a factor of 2."""
+    from release import preflight
+
+    spec_path, done, _ = uninterrupted
+    assert done.returncode == 0
+    spec = load(spec_path)
+    for n in preflight.estimate(spec):
+        if n.stage == "merge":
+            real = sum(p.stat().st_size for p in pipeline.variant_dir(spec, n.what.split(":")[0]).iterdir())
+            assert abs(real - n.bytes) / real < 0.01, (n, real)
+        elif n.stage == "bnb4":
+            real = sum(p.stat().st_size for p in pipeline.folder(spec, "bnb4").glob("*.safetensors"))
+            assert abs(real - n.bytes) / real < 0.10, (n, real)
+        elif n.stage == "gguf":
+            real = (pipeline.folder(spec, "gguf") / n.what.split(": ")[1]).stat().st_size
+            limit = 0.01 if n.what.endswith("F16.gguf") else 1.0
+            assert abs(real - n.bytes) / real < limit, (n, real)
 
 
 def test_a_second_run_builds_nothing(uninterrupted):
@@ -88,6 +131,39 @@ def test_a_second_run_builds_nothing(uninterrupted):
     built = [n for n in pipeline.applicable(load(spec_path)) if n != hub.STAGE]
     assert " built " not in again.stdout and again.stdout.count("up to date") == len(built)
     assert artifacts(load(spec_path).build_dir) == before
+
+
+def test_a_stage_task_prints_only_its_stage(uninterrupted):
+    """`./inv cards` reports the cards stage, not the release's artifact table (that belongs to
+    `./inv release` and `./inv verify`)."""
+    spec_path, done, _ = uninterrupted
+    assert done.returncode == 0
+    cards = _task("cards", spec_path)
+    assert cards.returncode == 0, cards.stderr[-2000:]
+    assert "cards" in cards.stdout and "up to date" in cards.stdout
+    assert "goes to" not in cards.stdout and "sha256" not in cards.stdout, cards.stdout
+    assert notices(cards.stderr) == []
+
+
+def test_artifact_table_marks_gates_the_spec_does_not_enforce(demo_spec):
+    from rich.console import Console
+
+    row = {"runtime": "transformers", "kld_mean": 0.01, "top1": 0.9, "urdu_purity": 0.04, "stopped": False,
+           "passed": True}
+    files = {"bnb4/model.safetensors": {"sha256": "ab" * 32, "size": 10, "variant": "bnb4", "quant": None,
+                                        "passed": True}}
+
+    def shown(enforced: bool) -> str:
+        figures = {"variants": {"bnb4": row}, "artifacts": files,
+                   "enforced": {"urdu_purity": enforced, "stop_token": enforced}}
+        console = Console(record=True, width=250)
+        console.print(pipeline.artifact_table(demo_spec, figures))
+        return console.export_text()
+
+    demo, enforced = shown(False), shown(True)
+    assert "4% (info)" in demo and "no (info)" in demo and "pass" in demo
+    assert "(info): measured, not a release gate" in demo and "evaluation.enforce_stop_token = false" in demo
+    assert "(info)" not in enforced and "4%" in enforced
 
 
 def _started(build: Path, stage: str) -> bool:
@@ -151,10 +227,12 @@ def test_verify_task_reports_gates_and_a_failed_gate_stops_publishing(uninterrup
     strict.write_text(strict_text, encoding="utf-8")
     failed = _task("verify", strict)
     assert failed.returncode == 2, failed.stdout[-2000:] + failed.stderr[-2000:]
-    # the run ends with the error lines (library logs of the verify run may precede them)
+    # the run ends with the error lines, after progress bars only (a verify run alone imports
+    # torchao and bitsandbytes without Unsloth, which has filters of its own for some of them)
     lines = failed.stderr.splitlines()
     first = next(i for i, ln in enumerate(lines) if ln.startswith("error: verify: release gates failed"))
     errors = lines[first:]
+    assert notices("\n".join(lines[:first])) == [], failed.stderr[-3000:]
     assert all(ln.startswith("error: ") for ln in errors), errors
     assert [ln for ln in errors if ln.startswith("error: gguf:Q8_0: KLD")], errors
     assert "Traceback" not in failed.stderr

@@ -4,6 +4,7 @@ file, the key and what was expected; the system prompt is the reference text byt
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ BAD = [
     ("do_sample = true", 'do_sample = "yes"', "inference.do_sample: expected true or false, got 'yes'"),
     ("top_p = 0.9", "top_p = 1.5", "inference.top_p: expected a number in (0, 1], got 1.5"),
     ('lr_scheduler = "cosine"', 'lr_scheduler = "exponential"', "training.cpt.lr_scheduler: expected one of 'cosine', 'linear', 'constant'"),
-    ('"Q4_K_M"]', '"Q4_K_XL"]', "variants.gguf.quant_types[3]: expected a llama.cpp type"),
+    ('"Q4_K_M", "IQ4_XS"', '"Q4_K_XL", "IQ4_XS"', "variants.gguf.quant_types[3]: expected a llama.cpp type"),
     ('stop_tokens = ["<|eot_id|>", "<|end_of_text|>"]', 'stop_tokens = ["<|end_of_text|>"]', "chat.stop_tokens: expected the end-of-turn token '<|eot_id|>'"),
     ("hidden_size = 256", "hidden_size = 320", "base.scaffold.hidden_size: expected a positive multiple of 256"),
     ("num_key_value_heads = 2", "num_key_value_heads = 3", "base.scaffold.num_key_value_heads: expected a divisor of num_attention_heads 4"),
@@ -109,6 +110,12 @@ BAD = [
     ('stop_tokens = ["<|eot_id|>", "<|end_of_text|>"]', 'stop_tokens = ["<|eot_id|>"]', "chat.stop_tokens: expected the eos token '<|end_of_text|>'"),
     ("temperature = 0.1", "temperature = 3.0", "inference.temperature: expected 0..2, got 3.0"),
     ("min_urdu_purity = ", "min_urdu_purity = 1.5 #", "evaluation.min_urdu_purity: expected a fraction in [0, 1], got 1.5"),
+    ("fidelity_chunks = 2", "fidelity_chunks = 0", "evaluation.fidelity_chunks: expected a positive integer, got 0"),
+    ("fidelity_chunk_tokens = 512", "fidelity_chunk_tokens = 1",
+     "evaluation.fidelity_chunk_tokens: expected at least 2 (BOS and one token of text), got 1"),
+    ('fidelity_text = "eval/ur-en.txt"', 'fidelity_text = "eval/en.txt"',
+     "evaluation.fidelity_text: expected a text file relative to the spec, 'eval/en.txt' does not exist"),
+    ("generation_prompts = 4 ", "generation_prompts = 0 ", "evaluation.generation_prompts: expected a positive integer, got 0"),
     ('[variants.gguf]\nformat = "gguf"\ndtype = "F16"', '[variants.gguf]\nformat = "gguf"\ndtype = "F32"', "variants.gguf.dtype: expected the converted type 'F16', 'BF16' or 'Q8_0', got 'F32'"),
     ("[gates.bnb4]\nmax_kld = ", "[gates.bnb4]\nmax_kld = -1 #", "gates.bnb4.max_kld: expected a non-negative number, got -1"),
     ("[gates.bnb4]", "[gates.bnb4_old]", "gates: missing a [gates.bnb4] fidelity gate for variant 'bnb4'"),
@@ -116,6 +123,27 @@ BAD = [
     ('Q4_K_M = "tiny-instruct-q4_K_M"\n', 'Q4_K_M = "tiny-instruct-q4_K_M"\nQ2_K = "tiny-instruct-q2_K"\n', "ollama.tags.Q2_K: names a GGUF type that no variant builds"),
     ('model = "qalb-demo"\n', 'model = "Qalb-Demo"\n', "ollama.model: expected a lower-case Ollama model name, got 'Qalb-Demo'"),
     ('max_shard_size = "100MB"', 'max_shard_size = "0MB"', "build.max_shard_size: expected a positive size"),
+    ("num_ctx = 8192 ", "num_ctx = 0 ", "ollama.num_ctx: expected a positive integer up to the model context 131072, got 0"),
+    ("num_ctx = 8192 ", "num_ctx = 262144 ", "ollama.num_ctx: expected a positive integer up to the model context 131072"),
+    ('[data.instruct]\nname = "Alif Urdu-instruct"', '[data.instruct]\nhub_id = "alif"\nname = "Alif Urdu-instruct"',
+     "data.instruct.hub_id: expected a Hub dataset id 'owner/name', got 'alif'"),
+    ('"training.seed" = ', '"training.sede" = ', "provenance.not_on_card.training.sede: names no value of this spec"),
+    ('source_url = "https://', 'source_url = "huggingface.co/', "provenance.source_url: expected an http(s) URL"),
+    ('use_policy = "https://', 'use_policy = "llama.meta.com/', "license_terms.use_policy: expected an http(s) URL"),
+    ('notice = "Llama 3.1', 'notice = " "\nold_notice = "Llama 3.1', "license_terms.old_notice: unknown key"),
+    ('benchmark = "Urdu evaluation reported by the authors"', 'benchmark_name = "x"',
+     "evaluation.benchmark_name: unknown key"),
+    ('benchmark = "Urdu evaluation reported by the authors"', '',
+     "evaluation.benchmark: expected a name for what the reported scores were measured on"),
+    # the importance matrix of the GGUF variant
+    ('calibration = "calibration/ur-en.txt"', 'calibration = "calibration/en.txt"',
+     "variants.gguf.imatrix.calibration: expected a text file relative to the spec, 'calibration/en.txt' does not exist"),
+    ("chunk_tokens = 128", "chunk_tokens = 4", "variants.gguf.imatrix.chunk_tokens: expected at least 8 tokens, got 4"),
+    ("chunks = 4", "chunks = 0", "variants.gguf.imatrix.chunks: expected a positive integer, got 0"),
+    ("chunks = 4", 'chunks = "all"', "variants.gguf.imatrix.chunks: expected an integer, got 'all'"),
+    ("chunks = 4", "chunks = 4\nctx = 512", "variants.gguf.imatrix.ctx: unknown key"),
+    ("double_quant = true\n", 'double_quant = true\nimatrix = { calibration = "calibration/ur-en.txt" }\n',
+     "variants.bnb4.imatrix: an importance matrix is for GGUF variants only, not 'bnb-4bit'"),
 ]
 
 
@@ -166,7 +194,7 @@ def test_control_character_in_the_system_prompt_is_refused_at_load(tmp_path):
 
 
 @pytest.mark.parametrize("old,new", [
-    ('"Q4_K_M"]', '"Q4_K_XL"]'),
+    ('"Q4_K_M", "IQ4_XS"', '"Q4_K_XL", "IQ4_XS"'),
     ('repo = "qalb-demo/Qalb-Demo-1.0-Tiny-Instruct-FP16"', 'repo = "qalb-demo/Qalb-Demo-1.0-Tiny-Instruct"'),
 ], ids=["quant-type", "repo"])
 def test_a_variant_problem_is_one_line_not_one_per_section_that_refers_to_it(tmp_path, old, new):
@@ -244,7 +272,108 @@ def test_missing_spec_file(tmp_path):
 def test_derived_facts(demo_spec):
     assert demo_spec.build_dir == (ROOT / "build" / "Qalb-Demo-1.0-Tiny-Instruct")
     assert demo_spec.max_shard_bytes == 100_000_000
-    assert demo_spec.gguf_types() == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
+    assert demo_spec.gguf_types() == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M"]
+    assert demo_spec.imatrix_file_name() == "Qalb-Demo-1.0-Tiny-Instruct-imatrix.gguf"
     assert demo_spec.section_hash("lora") != demo_spec.section_hash("chat")
     assert demo_spec.section_hash("lora") == demo_spec.section_hash("lora")
     assert specmod.parse_size("5GB") == 5_000_000_000 and specmod.parse_size("1.5 MB") == 1_500_000
+
+
+# --- where values come from, and the licence's duties -------------------------------------------
+
+
+def _marked_keys(path: Path) -> set[str]:
+    """Dotted keys whose line carries a '(not on the card)' comment."""
+    import re
+
+    section, keys = "", set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        head = re.match(r"^\[+([\w.]+)\]+", line)
+        if head:
+            section = head.group(1)
+        m = re.match(r"^(\w+)\s*=.*#.*\(not on the card\)", line)
+        if m:
+            keys.add(f"{section}.{m.group(1)}")
+    return keys
+
+
+@pytest.mark.parametrize("name", ["qalb.toml", "demo.toml"])
+def test_every_value_marked_not_on_the_card_is_in_the_provenance_table(name):
+    """The comments a reader sees and the table the cards read say the same: each value marked
+    '(not on the card)' is listed (itself or its table) with where it comes from."""
+    s = specmod.load(SPECS / name)
+    marked = _marked_keys(SPECS / name)
+    assert marked, "test setup: no marked keys found"
+    for key in marked:
+        assert s.not_on_card(key), f"{name}: {key} is marked (not on the card) but not in [provenance.not_on_card]"
+
+
+def test_the_three_training_values_the_card_leaves_out_are_in_the_table(qalb_spec):
+    for key in ("training.cpt.learning_rate", "training.cpt.epochs", "training.sft.warmup_ratio"):
+        assert qalb_spec.not_on_card(key)
+    assert qalb_spec.not_on_card("data.filters.min_chars") == qalb_spec.not_on_card("data.filters")  # a whole table
+    assert qalb_spec.not_on_card("training.sft.learning_rate") is None  # 5e-5 is on the card
+    assert qalb_spec.not_on_card("ollama.num_ctx") and qalb_spec.ollama.num_ctx == 8192
+
+
+def test_licence_terms_and_the_reported_scores_source(qalb_spec):
+    terms = qalb_spec.license_terms
+    assert terms.notice == ("Llama 3.1 is licensed under the Llama 3.1 Community License, Copyright \u00a9 Meta "
+                            "Platforms, Inc. All Rights Reserved.")
+    licence = qalb_spec.license_text
+    assert f"\u201c{terms.notice}\u201d" in licence  # the line §1.b.iii quotes, verbatim
+    assert terms.use_policy in licence and f"\u201c{terms.attribution}\u201d" in licence
+    assert f"\u201c{terms.name_prefix}\u201d at the beginning of any such AI model name" in licence
+    assert qalb_spec.provenance.source_url == "https://huggingface.co/enstazao/Qalb-1.0-8B-Instruct"
+
+
+def test_a_name_without_the_licences_prefix_is_a_warning_not_an_error(qalb_spec, tmp_path):
+    (line,) = specmod.owner_warnings(qalb_spec)
+    assert line.startswith("release.name: 'Qalb-1.0-8B-Instruct' does not begin with 'Llama', which the base model's "
+                           "licence (llama3.1, Llama 3.1 Community License) asks of a model trained from its materials")
+    renamed = replace(qalb_spec, release=replace(qalb_spec.release, name="Llama-Qalb-1.0-8B-Instruct"))
+    assert specmod.owner_warnings(renamed) == []
+    # the rule's inputs are the spec's: a licence without a name rule warns about nothing
+    other = replace(qalb_spec, license_terms=replace(qalb_spec.license_terms, name_prefix=""))
+    assert specmod.owner_warnings(other) == []
+    # ./inv spec prints it as a warning line and succeeds
+    from test_tasks import inv
+
+    out = inv("spec", "--spec", str(write_spec(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    warnings = [l for l in out.stderr.splitlines() if l.startswith("warning: ")]
+    assert warnings == [f"warning: {tmp_path / 'demo.toml'}: release.name: 'Qalb-Demo-1.0-Tiny-Instruct' does not "
+                        "begin with 'Llama', which the base model's licence (llama3.1, Llama 3.1 Community License) "
+                        "asks of a model trained from its materials (license_terms.name_prefix); the owner decides"]
+    assert "error:" not in out.stderr
+
+
+def test_quants_for_small_machines_have_gates_tags_and_an_importance_matrix(qalb_spec, demo_spec):
+    """Q3_K_M and IQ4_XS in both specs, gated and tagged like the other quants; the calibration
+    text is the shipped Urdu-first one, not the evaluation text."""
+    for s in (qalb_spec, demo_spec):
+        for q in ("IQ4_XS", "Q3_K_M"):
+            assert q in s.gguf_types() and q in s.gates and q in s.ollama.tags
+        im = s.gguf_imatrix()
+        assert im is not None and im.calibration == "calibration/ur-en.txt"
+        assert s.resolve(im.calibration) != s.resolve(s.evaluation.fidelity_text)
+    # looser than Q4_K_M's, tighter than no gate: llama.cpp's IQ4_XS and Q3_K_M sit between Q4_K_M and Q2_K
+    g = qalb_spec.gates
+    assert g["Q4_K_M"].max_kld < g["IQ4_XS"].max_kld < g["Q3_K_M"].max_kld < 0.445
+    assert g["Q4_K_M"].min_top1 > g["IQ4_XS"].min_top1 > g["Q3_K_M"].min_top1 > 0.711
+    assert qalb_spec.gguf_imatrix().chunks is None  # the whole text
+    assert qalb_spec.ollama.tags["IQ4_XS"] == "8b-instruct-iq4_XS"
+
+
+def test_the_calibration_text_is_urdu_first_nfc_and_not_the_evaluation_text(qalb_spec):
+    from release import urdu
+
+    text = qalb_spec.resolve(qalb_spec.gguf_imatrix().calibration).read_text(encoding="utf-8")
+    assert unicodedata.is_normalized("NFC", text)
+    ur, letters = urdu.count_letters(text)
+    assert 0.75 < ur / letters < 0.95  # Urdu first; English and Roman Urdu are 19% of the letters, 7% of the tokens
+    evaluation = qalb_spec.resolve(qalb_spec.evaluation.fidelity_text).read_text(encoding="utf-8").split()
+    words = text.split()
+    grams = {" ".join(words[i:i + 6]) for i in range(len(words) - 5)}
+    shared = [g for g in (" ".join(evaluation[i:i + 6]) for i in range(len(evaluation) - 5)) if g in grams]
+    assert shared == []  # no 6-word run of the evaluation text

@@ -111,7 +111,7 @@ def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
     base_dir = base.model_dir(s)
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     texts = [json.loads(x)["text"] for x in (curate.folder(s) / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
-    blocks, _ = stages.pack_blocks(texts, tok, s.training.sequence_length)
+    blocks, _ = reference_pack_blocks(texts, tok, s.training.sequence_length)
     ids = torch.tensor(blocks)
 
     def loss(model) -> float:
@@ -187,6 +187,51 @@ def test_release_merge_takes_the_chain_and_reproduces_the_sft_base(trained, tmp_
         theirs = load_file(str(path))[name]
         assert theirs.dtype == ours[name].dtype == torch.bfloat16
         assert torch.equal(theirs, ours[name]), name
+
+
+def reference_pack_blocks(texts: list[str], tokenizer, length: int) -> tuple[list[list[int]], int]:
+    """CPT packing as training/stages.py did it before training/pack.py (kept here as the
+    reference): each document as ``<|begin_of_text|> text <|end_of_text|>``, concatenated in one
+    Python list and cut into full blocks of ``length`` tokens; returns the blocks and the number
+    of tokens dropped."""
+    stream: list[int] = []
+    for text in texts:
+        stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
+                   tokenizer.eos_token_id]
+    n = len(stream) // length
+    return [stream[i * length:(i + 1) * length] for i in range(n)], len(stream) - n * length
+
+
+def test_packed_blocks_equal_the_reference_packing(tmp_path, tiny_model):
+    """training/pack.py (datasets map over 2 worker processes, tiktoken ids, blocks cut from the
+    Arrow column, memory-mapped) gives exactly the reference blocks on the demo's curated set,
+    for 256-token blocks and for 61 (a length that cuts documents at odd places), and the same
+    dropped remainder; without packing, each document's ids cut to the length. The trainer's
+    tokenizer (transformers, from the model folder) gives the reference ids."""
+    from transformers import AutoTokenizer
+
+    from training import pack, tokens
+
+    s = _release(tmp_path / "demo", tiny_model)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    cpt = curate.folder(s) / "cpt.jsonl"
+    texts = [json.loads(x)["text"] for x in cpt.read_text(encoding="utf-8").splitlines()]
+    counter = tokens.counter(tiny_model / "tokenizer.json")
+    assert counter.engine == "tiktoken"
+    for length in (256, 61):
+        want, dropped = reference_pack_blocks(texts, tok, length)
+        ds, figures = pack.pack_cpt(cpt, counter, length, tmp_path / f"w{length}", bos=tok.bos_token_id,
+                                    eos=tok.eos_token_id, num_proc=2)
+        assert ds["input_ids"][:] == want and figures == {"examples": len(want), "tokens": len(want) * length,
+                                                          "dropped": dropped}
+        assert [f["filename"] for f in ds.cache_files] == [str(tmp_path / f"w{length}" / "blocks.arrow")]  # mapped
+        again, _ = pack.pack_cpt(cpt, counter, length, tmp_path / f"w{length}", bos=0, eos=0)  # done once: reused
+        assert again["input_ids"][:] == want
+    rows, f = pack.pack_cpt(cpt, counter, 64, tmp_path / "rows", bos=tok.bos_token_id, eos=tok.eos_token_id,
+                            packing=False)
+    assert rows["input_ids"][:] == [([tok.bos_token_id, *tok(t, add_special_tokens=False)["input_ids"],
+                                      tok.eos_token_id])[:64] for t in texts]
+    assert f["tokens"] == sum(len(r) for r in rows["input_ids"][:])
 
 
 def test_adaptations_are_made_in_one_visible_place(demo_spec):

@@ -4,15 +4,18 @@ BF16, stop tokens and Urdu purity; the manifest the publishing step requires."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import write_spec
 from release import gguf as G
 from release import merge as merger
-from release import quant4, scaffold, verify
+from release import forward, quant4, scaffold, verify
 from release.artifacts import read_manifest, sha256_file
+from release.shards import row_blocks
 from release.spec import Gate, load
 from test_merge import make_adapter
 from test_modelfile import _scripted_model
@@ -22,11 +25,14 @@ def small_spec_text() -> str:
     """The demo spec with one llama.cpp quant type (Q8_0), to keep the test short."""
     from conftest import SPECS
 
+    import re
+
     text = (SPECS / "demo.toml").read_text(encoding="utf-8")
-    text = text.replace('quant_types = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]', 'quant_types = ["Q8_0"]')
-    for q in ("Q6_K", "Q5_K_M", "Q4_K_M"):
-        text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{q} = "))
-    return text.replace('default_tag = "tiny-instruct-q4_K_M"', 'default_tag = "tiny-instruct-q8_0"') + "\n"
+    text, n = re.subn(r"^quant_types = \[.*\]$", 'quant_types = ["Q8_0"]', text, flags=re.M)
+    text = re.sub(r'^(?!F16 |Q8_0 )[A-Z][A-Z0-9_]* = "tiny-instruct-.*\n', "", text, flags=re.M)  # their Ollama tags
+    text, m = re.subn(r'^default_tag = ".*"', 'default_tag = "tiny-instruct-q8_0"', text, flags=re.M)
+    assert n == m == 1
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +54,15 @@ def built(tiny_model, tmp_path_factory):
     return spec, models, manifest, gguf_figures
 
 
+def check_one(spec, flagship: Path, target: verify.Target) -> dict:
+    """``verify.check`` of one target against ``flagship`` as the reference, as the stage runs it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(flagship)
+    with verify.reference(flagship, verify.text_chunks(spec, tok), forward.device()) as ref:
+        return verify.check(spec, target, ref, tok, forward.device())
+
+
 def test_every_variant_and_weight_file_is_recorded(built):
     spec, models, manifest, _ = built
     f = manifest.figures
@@ -58,9 +73,18 @@ def test_every_variant_and_weight_file_is_recorded(built):
     for rel, a in f["artifacts"].items():
         assert a["sha256"] == sha256_file(spec.build_dir / rel)
         assert a["passed"] == f["variants"][a["variant"] if a["quant"] is None else f"gguf:{a['quant']}"]["passed"]
+    ev = spec.evaluation
+    positions = ev.fidelity_chunks * ev.fidelity_chunk_tokens
+    assert f["fidelity"] == {"text": ev.fidelity_text, "chunks": ev.fidelity_chunks,
+                             "chunk_tokens": ev.fidelity_chunk_tokens, "positions": positions}
+    assert f["generation"] == {"prompts": ev.generation_prompts, "max_new_tokens": ev.max_new_tokens}
+    assert f["device"] == forward.device() and f["threads"] == verify.cpu_threads()
     for key, r in f["variants"].items():
         assert r["loads"] and r["error"] is None
-        assert len(r["stops"]) == len(verify.URDU_PROMPTS) and 0.0 <= r["urdu_purity"] <= 1.0
+        assert len(r["stops"]) == ev.generation_prompts and 0.0 <= r["urdu_purity"] <= 1.0
+        # every forward and every generation reports its speed; every variant saw every position
+        assert r["positions"] == positions and r["fidelity_tokens_per_s"] > 0, key
+        assert r["generated_tokens"] > 0 and r["generation_tokens_per_s"] > 0, key
     assert f["variants"]["bf16"]["kld_mean"] is None  # the reference itself
     assert (spec.build_dir / "verify" / "verification.json").is_file()
     assert read_manifest(spec.build_dir / "verify").figures == f
@@ -86,12 +110,13 @@ def test_pass_or_fail_follows_the_spec_gates(built):
 def test_gguf_fidelity(built):
     """F16 holds the BF16 weights exactly; what remains is llama.cpp's arithmetic (f16 activations
     in its F16 matmuls; the KV cache is float32 here) against transformers' float32: on the random
-    demo model (logits std ~1.8, a sensitive random network) mean KL <= 1e-3, >= 97% equal top-1
-    tokens, and no logit more than 2.0 away (measured: 0.0003, 98.8%, 0.74; the mean logit
-    difference is ~0.007). Q8_0 loses more than F16."""
+    demo model (logits std ~1.8, a sensitive random network) mean KL <= 1e-3 and >= 97% equal
+    top-1 tokens. The largest single-logit difference over all positions and 128,256 logits is
+    the worst case of many thousands of f16 roundings: bounded at 4.0 (measured 0.74 and 2.66 on
+    two demo-sized models; the mean logit difference is ~0.007). Q8_0 loses more than F16."""
     _, _, manifest, _ = built
     f16, q8 = (manifest.figures["variants"][f"gguf:{q}"] for q in ("F16", "Q8_0"))
-    assert f16["kld_mean"] <= 1e-3 and f16["top1"] >= 0.97 and f16["max_abs_dlogit"] <= 2.0
+    assert f16["kld_mean"] <= 1e-3 and f16["top1"] >= 0.97 and f16["max_abs_dlogit"] <= 4.0
     assert f16["kld_mean"] < q8["kld_mean"]
     # FP16 safetensors are the float32 merge rounded to float16; measured in float32
     assert manifest.figures["variants"]["fp16"]["kld_mean"] < 0.05
@@ -110,11 +135,8 @@ def test_other_weights_fail_the_fidelity_gate(built, demo_spec, tokenizer_cache,
     other = tmp_path / "other"
     scaffold.write_model(other, dataclasses.replace(demo_spec.base.scaffold, seed=1), demo_spec.chat,
                          tokenizer_cache=tokenizer_cache)
-    ref = verify.hf_logits(models["bf16"], spec)
-    from transformers import AutoTokenizer
-
     t = verify.Target("fp16", "fp16", None, "transformers", other, Gate(max_kld=0.5, min_top1=0.5), False)
-    row = verify.check(spec, t, ref, AutoTokenizer.from_pretrained(models["bf16"]))
+    row = check_one(spec, models["bf16"], t)
     assert row["loads"] and not row["fidelity_passed"] and not row["passed"]
     assert row["kld_mean"] > 2.0 and row["top1"] < 0.2
     assert verify.failures({"variants": {"fp16": row}})[0].startswith("fp16: KLD")
@@ -126,11 +148,8 @@ def test_a_variant_that_does_not_load_fails_with_the_reason(built, tmp_path):
     broken.mkdir()
     for f in models["fp16"].iterdir():
         (broken / f.name).write_bytes(f.read_bytes()[: 1000] if f.suffix == ".safetensors" else f.read_bytes())
-    ref = verify.hf_logits(models["bf16"], spec)
-    from transformers import AutoTokenizer
-
     t = verify.Target("fp16", "fp16", None, "transformers", broken, spec.gates["fp16"], False)
-    row = verify.check(spec, t, ref, AutoTokenizer.from_pretrained(models["bf16"]))
+    row = check_one(spec, models["bf16"], t)
     assert not row["loads"] and not row["passed"] and row["error"]
     assert "does not load" in verify.failures({"variants": {"fp16": row}})[0]
 
@@ -143,23 +162,20 @@ def test_stop_token_gate_in_both_runtimes(built, tiny_model, tmp_path):
     strict = dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, enforce_stop_token=True,
                                                                       max_new_tokens=12))
     nl2, words, eot, sh, eh, user = 271, [9906, 505, 110389], 128009, 128006, 128007, 882
-    from transformers import AutoTokenizer
-
+    n = strict.evaluation.generation_prompts
     rows = {}
     for name, chain in {"ends": [nl2, *words, eot, sh, user, eh, nl2], "header": [nl2, *words, sh, user, eh, nl2]}.items():
         folder = tmp_path / name
         _scripted_model(tiny_model, folder, chain)
-        ref = verify.hf_logits(folder, strict)
-        tok = AutoTokenizer.from_pretrained(folder)
-        rows[name] = verify.check(strict, verify.Target("bf16", "bf16", None, "transformers", folder, None, True), ref, tok)
+        rows[name] = check_one(strict, folder, verify.Target("bf16", "bf16", None, "transformers", folder, None, True))
         G.convert(folder, tmp_path / f"{name}.gguf", strict, "F16", progress=False)
-        rows[name + "-gguf"] = verify.check(strict, verify.Target("gguf:F16", "gguf", "F16", "llama-cpp-python",
-                                                                  tmp_path / f"{name}.gguf", Gate(1.0, 0.0), False), ref, tok)
-    assert rows["ends"]["stops"] == ["eog"] * 4 and rows["ends"]["passed"]
+        rows[name + "-gguf"] = check_one(strict, folder, verify.Target("gguf:F16", "gguf", "F16", "llama-cpp-python",
+                                                                       tmp_path / f"{name}.gguf", Gate(1.0, 0.0), False))
+    assert rows["ends"]["stops"] == ["eog"] * n and rows["ends"]["passed"]
     assert rows["ends"]["sample"] == "Hello from السلام"
-    assert rows["header"]["stops"] == ["length"] * 4 and not rows["header"]["passed"]
-    assert rows["ends-gguf"]["stops"] == ["eog"] * 4 and rows["ends-gguf"]["passed"]
-    assert rows["header-gguf"]["stops"] == ["stop:<|start_header_id|>"] * 4 and rows["header-gguf"]["passed"]
+    assert rows["header"]["stops"] == ["length"] * n and not rows["header"]["passed"]
+    assert rows["ends-gguf"]["stops"] == ["eog"] * n and rows["ends-gguf"]["passed"]
+    assert rows["header-gguf"]["stops"] == ["stop:<|start_header_id|>"] * n and rows["header-gguf"]["passed"]
     # "Hello from السلام": 6 Urdu-script letters of 15
     assert rows["ends"]["urdu_purity"] == pytest.approx(6 / 15, abs=1e-4)
 
@@ -181,3 +197,213 @@ def test_missing_variant_is_a_one_line_error(built):
         verify.targets(spec, {k: v for k, v in models.items() if k != "bnb4"})
     with pytest.raises(verify.VerifyError, match="not found; build the gguf variant"):
         verify.verify(spec, {**models, "gguf": Path("/nonexistent")}, progress=False)
+
+
+def test_gates_the_spec_does_not_enforce_show_as_info():
+    """A figure of an unenforced gate is marked "(info)" beside the pass/FAIL of the enforced
+    ones, and a caption says why; with every gate enforced the rows read as before."""
+    row = {"runtime": "transformers", "kld_mean": 0.01, "top1": 0.9, "max_kld": 0.05, "urdu_purity": 0.04,
+           "stopped": False, "passed": True}
+    demo = {"variants": {"bnb4": row}, "enforced": {"urdu_purity": False, "stop_token": False}}
+    assert verify.summary_rows(demo)[0][5:] == ("4.0% (info)", "no (info)", "pass")
+    assert verify.informational(demo) == ["urdu_purity", "stop_token"]
+    assert "evaluation.enforce_stop_token = false" in verify.info_note(demo)
+    one = {**demo, "enforced": {"urdu_purity": True, "stop_token": False}}
+    assert verify.summary_rows(one)[0][5:] == ("4.0%", "no (info)", "pass")
+    assert "enforce_urdu_purity" not in verify.info_note(one)
+    enforced = {"variants": {"bnb4": {**row, "passed": False}}, "enforced": {"urdu_purity": True, "stop_token": True}}
+    assert verify.summary_rows(enforced)[0][5:] == ("4.0%", "no", "FAIL")
+    assert verify.info_note(enforced) is None
+
+
+# --- fidelity text, the streamed float32 forward, the reference file, the hardware -----------
+
+
+def _with_chunks(spec, chunks: int, tokens: int):
+    return dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, fidelity_chunks=chunks,
+                                                                    fidelity_chunk_tokens=tokens))
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def short_chunks(built) -> list[list[int]]:
+    """Three 128-token chunks of the evaluation text: enough to compare forwards quickly."""
+    spec, models, _, _ = built
+    return verify.text_chunks(_with_chunks(spec, 3, 128), _tokenizer(models["bf16"]))
+
+
+def _whole_float32(folder: Path, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """The reference as it was computed before streaming: the whole model loaded in float32,
+    one sequence per call."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([ids])).logits[0] for ids in sequences]
+
+
+def _offset(ids: list[int], part: list[int]) -> int:
+    return next(i for i in range(len(ids) - len(part) + 1) if ids[i:i + len(part)] == part)
+
+
+def test_text_chunks_spread_over_the_whole_text(built, qalb_spec):
+    """Each chunk is BOS plus a stretch of the evaluation text; the stretches do not overlap and
+    run from the text's first token to its last. The Qalb spec's settings give 4,096 positions
+    from the shipped text (Urdu first, some English)."""
+    spec, models, _, _ = built
+    tok = _tokenizer(models["bf16"])
+    ids = tok(spec.resolve(spec.evaluation.fidelity_text).read_text(encoding="utf-8"),
+              add_special_tokens=False)["input_ids"]
+    chunks = verify.text_chunks(_with_chunks(spec, 5, 100), tok)
+    assert [len(c) for c in chunks] == [100] * 5 and {c[0] for c in chunks} == {128000}
+    starts = [_offset(ids, c[1:]) for c in chunks]
+    assert starts[0] == 0 and starts[-1] == len(ids) - 99
+    assert all(b - a >= 99 for a, b in zip(starts, starts[1:]))
+    real = verify.text_chunks(qalb_spec, tok)
+    assert len(real) * len(real[0]) == 4096 == qalb_spec.evaluation.fidelity_chunks * 512
+    assert verify.urdu_purity([tok.decode(c[1:]) for c in real]) > 0.6  # Urdu-first by letters
+    with pytest.raises(verify.VerifyError, match=r"ur-en.txt: \d+ tokens; evaluation.fidelity_chunks = 100 chunks"):
+        verify.text_chunks(_with_chunks(spec, 100, 512), tok)
+
+
+@pytest.mark.parametrize("variant", ["bf16", "fp16"])
+def test_streamed_forward_equals_the_whole_float32_model(built, short_chunks, variant):
+    """The layer-at-a-time forward computes what the whole model loaded in float32 computes, bit
+    for bit: the same transformers modules and attention implementation, each sequence alone, and
+    weights converted exactly (BF16 and FP16 values are float32 values). The demo's output
+    projection (128,256 x 256) fits in one default block, so its matmul is the whole model's."""
+    _, models, _, _ = built
+    whole = _whole_float32(models[variant], short_chunks)
+    streamed = dict(forward.logits(forward.Checkpoint(models[variant]), short_chunks, "cpu"))
+    assert sorted(streamed) == [0, 1, 2]
+    for i, w in enumerate(whole):
+        assert torch.equal(streamed[i], w), (variant, i, float((streamed[i] - w).abs().max()))
+
+
+def test_output_projection_in_row_blocks(built, short_chunks):
+    """At 8B the output projection (128,256 x 4,096, 2 GB in float32) is converted a block of rows
+    at a time. Each logit is still one dot product over the hidden size; only the matmul's output
+    width changes, which a BLAS may answer with another kernel and accumulation order. Tolerance:
+    4 float32 ulps of the largest logit (measured on this machine: identical)."""
+    _, models, _, _ = built
+    ck = forward.Checkpoint(models["bf16"])
+    budget = 5 << 20  # 5,120 rows of 256 float32 values: 26 blocks
+    assert len(row_blocks(128256, 256 * 4, budget)) == 26
+    whole = dict(forward.logits(ck, short_chunks, "cpu"))
+    blocked = dict(forward.logits(ck, short_chunks, "cpu", head_block_bytes=budget))
+    for i, w in whole.items():
+        ulps = 4 * torch.finfo(torch.float32).eps * float(w.abs().max())
+        torch.testing.assert_close(blocked[i], w, rtol=0, atol=ulps)
+
+
+def test_streamed_nf4_is_the_dequantized_model_in_float32(built, short_chunks):
+    """The 4-bit variant is measured by its weights: each projection is dequantized from its stored
+    quantization state with bitsandbytes, exactly as transformers' loaded ``Linear4bit`` holds it,
+    and the model then runs in float32; that equals the whole float32 model with those weights,
+    bit for bit. (Before, the 4-bit model ran with BF16 activations, which mixed BF16 arithmetic
+    into the format's loss.)"""
+    import bitsandbytes.functional as F
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    _, models, _, _ = built
+    ck = forward.Checkpoint(models["bnb4"])
+    loaded = AutoModelForCausalLM.from_pretrained(models["bnb4"], dtype=torch.bfloat16)
+    dequantized = {f"{name}.weight": F.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+                   for name, m in loaded.named_modules() if hasattr(getattr(m, "weight", None), "quant_state")}
+    assert len(dequantized) == 7 * loaded.config.num_hidden_layers
+    for name, w in dequantized.items():
+        assert torch.equal(ck.float32(name, "cpu"), w), name
+    config = AutoConfig.from_pretrained(models["bnb4"], attn_implementation="sdpa")
+    del config.quantization_config
+    whole = LlamaForCausalLM(config).eval()
+    state = {}
+    for f in sorted(models["bnb4"].glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            state |= {k: st.get_tensor(k).float() for k in st.keys() if k in whole.state_dict() and k not in dequantized}
+    whole.load_state_dict(state | dequantized, strict=True)
+    streamed = dict(forward.logits(ck, short_chunks, "cpu"))
+    with torch.no_grad():
+        for i, ids in enumerate(short_chunks):
+            assert torch.equal(streamed[i], whole(torch.tensor([ids])).logits[0]), i
+
+
+def test_reference_file_and_chunk_by_chunk_comparison(built, short_chunks, tmp_path, monkeypatch):
+    """The reference's logits live in a float32 file [positions, vocab] inside the given folder,
+    which is gone after the block. A variant compared with it chunk by chunk, in slices of
+    positions, gets the figures of the whole-array computation: top-1 agreement and the largest
+    logit difference exactly; the mean KL sums the same float32 terms in another order (relative
+    1e-5)."""
+    _, models, _, _ = built
+    monkeypatch.setattr(verify.Fidelity, "ROWS", 50)  # slices that do not divide a chunk of 128
+    with verify.reference(models["bf16"], short_chunks, "cpu", workdir=tmp_path) as ref:
+        (file,) = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert file.stat().st_size == 3 * 128 * 128256 * 4
+        measured = verify.hf_fidelity(models["bnb4"], ref, "cpu")
+    assert not any(tmp_path.iterdir())
+    p = torch.cat(_whole_float32(models["bf16"], short_chunks))
+    q = torch.cat([x for _, x in forward.logits(forward.Checkpoint(models["bnb4"]), short_chunks, "cpu")])
+    lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    assert measured["positions"] == 384 and measured["fidelity_tokens_per_s"] > 0
+    assert measured["kld_mean"] == pytest.approx(kl, rel=1e-5) and kl > 0.1  # a lossy variant: a real test
+    assert measured["top1"] == round(float((lp.argmax(-1) == lq.argmax(-1)).float().mean()), 4)
+    assert measured["max_abs_dlogit"] == round(float((p - q).abs().max()), 4)
+
+
+def test_one_device_argument(monkeypatch):
+    """Verification computes on the GPU when torch sees one, else on the CPU: one value that the
+    streamed forward, the reference and generation all take, with no second code path."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert forward.device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert forward.device() == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_forward_on_the_gpu_matches_the_cpu(built, short_chunks):
+    """The same code with device="cuda": float32 on both (TF32 is off for float32 matmuls by
+    default), different kernels and accumulation orders, so logits agree within 1e-4 of the
+    largest logit, and the NF4 weights dequantize on the GPU to the same values."""
+    _, models, _, _ = built
+    for variant in ("bf16", "bnb4"):
+        ck = forward.Checkpoint(models[variant])
+        cpu = dict(forward.logits(ck, short_chunks, "cpu"))
+        gpu = dict(forward.logits(ck, short_chunks, "cuda"))
+        for i, c in cpu.items():
+            assert gpu[i].device.type == "cuda"
+            torch.testing.assert_close(gpu[i].cpu(), c, rtol=0, atol=1e-4 * float(c.abs().max()))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(ck.float32(name, "cuda").cpu(), ck.float32(name, "cpu"))
+
+
+def test_generation_in_the_stored_dtype(built):
+    """Generation loads each transformers variant as its users do, never in float32: BF16 and
+    FP16 in their own dtype, NF4 as bitsandbytes 4-bit layers computing in BF16."""
+    _, models, _, _ = built
+    assert {p.dtype for p in verify.hf_model(models["bf16"], "cpu").parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in verify.hf_model(models["fp16"], "cpu").parameters()} == {torch.float16}
+    nf4 = verify.hf_model(models["bnb4"], "cpu")
+    proj = nf4.model.layers[0].mlp.down_proj
+    assert type(proj).__name__ == "Linear4bit" and proj.compute_dtype == torch.bfloat16
+    assert nf4.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_llama_cpp_uses_every_core(built):
+    """llama.cpp runs with as many threads as this process may use (not a fixed 2), for single
+    tokens and batches, and offloads every layer when its build has a GPU backend."""
+    import llama_cpp
+
+    spec, models, _, _ = built
+    llm = verify.load_gguf(models["gguf"] / spec.gguf_file_name("F16"))
+    try:
+        cores = len(os.sched_getaffinity(0))
+        assert llm.context_params.n_threads == llm.context_params.n_threads_batch == cores == verify.cpu_threads()
+        assert llm.model_params.n_gpu_layers == (-1 if llama_cpp.llama_supports_gpu_offload() else 0)
+    finally:
+        llm.close()

@@ -1,208 +1,262 @@
 """Stage ``data``: raw corpora -> cleaned, deduplicated training sets and a retention report.
 
-Documents stream through one pipeline, one at a time, so memory stays flat whatever the corpus
-size; only the duplicate indexes (a sha256 per kept document, a MinHash signature plus LSH
-buckets per kept document) grow with the number of kept documents.
+The curation is a chain of datatrove pipelines (``plan``), run by datatrove's local executor on
+every core by default, or handed unchanged to its Slurm or Ray executor (``executors``):
 
-  read -> normalize -> boilerplate -> length -> script -> repetition -> exact dup -> near dup
-       [-> replay budget, English corpora only]
+  clean     (one task per input file)  read -> normalize -> boilerplate -> length -> script
+                                       -> repetition -> write the survivors (JSONL)
+                                       -> exact-duplicate signature (64-bit xxhash of the text)
+  exact     (1 task)                   datatrove's ExactFindDedups: every copy but the first
+  minhash   (one task per input file)  exact filter -> MinHash signature (character 5-grams)
+  buckets   (one task per LSH band)    datatrove's MinhashDedupBuckets: candidate pairs
+  verify    (1 task)                   candidate pairs kept when their estimated Jaccard
+                                       similarity reaches the threshold
+  cluster   (1 task)                   datatrove's MinhashDedupCluster: one document per cluster
+  assemble  (1 task)                   exact and near-duplicate filters -> English replay budget
+                                       -> cpt.jsonl; the instruct set -> sft.jsonl; report.json
+
+Memory does not grow with the corpus: documents stream through each task, the dedup stages
+work from sorted files on disk, and the only in-memory indexes are per task (about 0.2 KB per
+document of its input file) or per duplicate (the clusters). Datatrove's intermediate files live
+in ``build/<release>/.checkpoints/data-<fingerprint>/``: a run that is interrupted starts again
+from the tasks that had not finished (datatrove's completion marks), and every task's output
+depends only on its input file, so the result has the same bytes as an uninterrupted run's, on
+any number of workers. The folder is removed after success.
 
 Outputs (``build/<release>/data/``):
 - ``cpt.jsonl``: ``{"text": ...}`` per document, the Urdu corpora then English replay at the
-  share the spec's token counts give (``spec.data.replay_share``);
+  share the spec's token counts give (``spec.data.replay_share``), in corpus, file and line order;
 - ``sft.jsonl``: ``{"messages": [system, user, assistant]}`` per Alif Urdu-instruct example, with
   the release's Urdu system prompt;
-- ``report.json``: documents and tokens in/out of every filter, per corpus, and the kept share.
+- ``report.json``: documents and tokens in/out of every filter, per corpus, the kept share, and
+  the bad input (``bad_data``: how many records, the first 100 named; all of them in
+  ``bad_data.txt`` when there are any).
 
 Tokens are counted with the base model's Llama 3 tokenizer (``base/tokenizer.json``), without
-special tokens.
-
-Normalisation choices (Urdu orthography):
-- NFC; CR/LF and the Unicode line/paragraph separators to LF; control characters removed (tab
-  becomes a space);
-- format characters removed (zero-width space, BOM, soft hyphen, bidi marks and embeddings),
-  except ZWNJ (U+200C) and ZWJ (U+200D) between two Arabic-script letters, where Urdu uses them
-  to break or force a join (compounds, abbreviations); anywhere else they are junk;
-- Arabic letter forms to Urdu ones: ي and ى -> ی, ك -> ک, Arabic-Indic digits -> Urdu digits;
-- Arabic heh ه: Urdu writes ہ (heh goal) for /h/ and ھ (do-chashmi) only as the second half of
-  an aspirated consonant (بھ، تھ، کھ ...). Text typed on an Arabic keyboard has ه for both, and
-  no letter rule can tell them apart (كها is کہا "said" or کھا "eat"), so a word is looked up in
-  a lexicon of common aspirated words (ASPIRATED) and otherwise gets ہ. Word-initial ھ, never
-  right in Urdu, becomes ہ. Arabic quotations inside Urdu text get Urdu letter forms too.
+special tokens (training/tokens.py). Text normalisation and the filters' measures are in
+training/clean.py, the pipeline steps in training/steps.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import os
+import shutil
+import threading
 import time
-import unicodedata
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from release import urdu
-from release.artifacts import Manifest, atomic_path, run_stage, summary_console, write_json
+from release.artifacts import (
+    Manifest,
+    atomic_path,
+    fingerprint,
+    input_digest,
+    run_stage,
+    summary_console,
+    tool_versions,
+    write_json,
+)
 from release.errors import CurationError
-from release.spec import Corpus, Filters, Spec
+from release.spec import Spec
+from training.clean import normalize, repetition, script_ratio  # noqa: F401  (the stage's measures, by name)
+from training.steps import Problems, Source, reader
+from training.tokens import Counter, counter
 
 STAGE = "data"
 CPT_FILE = "cpt.jsonl"
 SFT_FILE = "sft.jsonl"
 REPORT_FILE = "report.json"
-TOOLS = ("tokenizers", "datasketch", "pyarrow")
+BAD_DATA_FILE = "bad_data.txt"
+TOOLS = ("datatrove", "tiktoken", "tokenizers", "pyarrow", "numpy")
 # Alif Urdu-instruct rows (Alpaca layout): instruction, optional input, output.
 ALIF_FIELDS = ("instruction", "input", "output")
-SHINGLE = 5  # characters per MinHash shingle
 TEXT_FILTERS = ("normalize", "boilerplate", "length", "script", "repetition", "exact_dup", "near_dup")
+CLEAN_FILTERS = TEXT_FILTERS[:5]
 INSTRUCT_FILTERS = ("normalize", "empty", "exact_dup")
+SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".jsonl.zst"), "parquet": (".parquet",),
+            "text": (".txt", ".txt.gz", ".txt.zst")}
+MAX_FILES = 65534  # exact dedup ranks copies by file (a 16-bit priority): the first file wins
+# Below this much raw input a pool of worker processes costs more to start than it saves.
+SMALL_INPUT = 64 * 2**20
 
 
-# --- normalisation ----------------------------------------------------------------------------
-
-_LETTERS = str.maketrans({
-    "\u064a": "\u06cc",  # ARABIC YEH -> FARSI YEH (Urdu choti ye)
-    "\u0649": "\u06cc",  # ALEF MAKSURA -> FARSI YEH
-    "\u0643": "\u06a9",  # ARABIC KAF -> KEHEH (Urdu kaf)
-    **{chr(0x0660 + i): chr(0x06F0 + i) for i in range(10)},  # Arabic-Indic -> Urdu digits
-    "\u00a0": " ", "\t": " ", "\u2028": "\n", "\u2029": "\n",
-})
-_ARABIC_LETTER = r"[\u0620-\u064a\u066e-\u06d3\u06d5\u06fa-\u06ff\u0750-\u077f]"
-_JOINER = re.compile(rf"(?<!{_ARABIC_LETTER})[\u200c\u200d]|[\u200c\u200d](?!{_ARABIC_LETTER})")
-_KEEP_FORMAT = {"\u200c", "\u200d", *map(chr, range(0x0600, 0x0606)), "\u06dd", "\u08e2"}
-_WORD_CHAR = r"[\u0620-\u065f\u066e-\u06d3\u06d5\u06fa-\u06ff\u0670\u0750-\u077f]"
-_WORD_WITH_HEH = re.compile(rf"{_WORD_CHAR}*[\u0647\u06be]{_WORD_CHAR}*")
-_SPACES = re.compile(r"[ \u2000-\u200a\u202f\u205f\u3000]+")
-
-# Common Urdu words with do-chashmi heh (aspirates). The key of each is its Arabic-keyboard
-# spelling (both hehs as ه). Words whose key is also a common word with heh goal are left out
-# (کھا / کہا): those get ہ.
-_ASPIRATED_WORDS = """
-بھی بھائی بھائیوں بھر بھرا بھری بھارت بھاری بھاگ بھول بھوک بھیج بھیجا بھیجی بھیجیں بھلا
-تھا تھی تھے تھیں ساتھ ہاتھ ہاتھوں اٹھا اٹھائے اٹھایا اٹھانا اٹھ ٹھیک ٹھہر ٹھنڈا ٹھنڈی ٹھنڈک
-کچھ اچھا اچھی اچھے اچھائی پوچھ پوچھا پوچھیں مچھلی چھوٹا چھوٹی چھوٹے چھوڑ چھوڑا چھپی چھٹی چھٹیوں
-مجھے مجھ تجھے تجھ سمجھ سمجھا سمجھتے سمجھنا بوجھ جھیل جھوٹ
-دیکھ دیکھا دیکھی دیکھے دیکھنا دیکھیں رکھ رکھا رکھی رکھے رکھیں رکھنا کھانا کھانے کھیل کھیلا کھیلنا
-کھلاڑی کھلاڑیوں کھڑا کھڑی کھڑے کھول کھولا کھلا لکھ لکھا لکھی لکھے لکھنا لکھیں آنکھ آنکھیں آنکھوں
-گھر گھروں گھنٹہ گھنٹے گھنٹوں گھاس گھوم گھوڑا دکھ دکھا دکھائی دکھایا سکھ سیکھ سیکھا
-پھر پھل پھول پھیلا پھیلی پھیلا پھینک پھینکا پھینکتا
-دھوپ دھول دھواں دھیان دھوکا دودھ ڈھل ڈھانپ ڈھونڈ بیٹھ بیٹھا بیٹھی بیٹھے بیٹھنا
-پڑھ پڑھا پڑھی پڑھے پڑھنا پڑھیں بوڑھا بوڑھی بڑھ بڑھا بڑھی بڑھتا چڑھ سیڑھی
-""".split()
-_HEHS = str.maketrans({"\u06be": "\u0647", "\u06c1": "\u0647"})
-ASPIRATED: dict[str, str] = {w.translate(_HEHS): w for w in _ASPIRATED_WORDS}
+# --- the corpora ------------------------------------------------------------------------------
 
 
-def _fix_heh(match: re.Match) -> str:
-    word = match.group(0)
-    if word[0] == "\u06be":  # do-chashmi cannot start a word
-        word = "\u06c1" + word[1:]
-    if "\u0647" not in word:
-        return word
-    return ASPIRATED.get(word.translate(_HEHS)) or word.replace("\u0647", "\u06c1")
+def corpus_files(path: Path, fmt: str) -> list[Path]:
+    """A corpus is a file or a folder of files (``*.jsonl[.gz|.zst]``, ``*.parquet``,
+    ``*.txt[.gz|.zst]``), sorted by path."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES[fmt]))
+        if files:
+            return files
+        raise CurationError(f"{path}: no {'/'.join('*' + s for s in SUFFIXES[fmt])} files in this corpus folder; "
+                            "fix the corpus path or format in the spec")
+    raise CurationError(f"{path}: no such corpus file or folder; fix the corpus path in the spec")
 
 
-def normalize(text: str) -> str:
-    """Clean one document: NFC, Urdu letter forms, no control or zero-width junk, tidy spaces."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = text.translate(_LETTERS)
-    text = _JUNK.sub("", text)
-    text = _JOINER.sub("", text)
-    text = _WORD_WITH_HEH.sub(_fix_heh, text)
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-    return unicodedata.normalize("NFC", text)
+def cpt_order(spec: Spec) -> list:
+    """The text corpora in the order of the CPT set: the Urdu ones, then the English replay."""
+    return [c for c in spec.data.corpora if c.language != "en"] + [c for c in spec.data.corpora if c.language == "en"]
 
 
-def _junk_class() -> re.Pattern:
-    """One character class of everything removed: control (but LF), format (but the joiners and
-    Arabic number signs), surrogate, private-use and unassigned code points."""
-    ranges: list[tuple[int, int]] = []
-    for cp in range(0x110000):
-        ch = chr(cp)
-        if ch == "\n" or ch in _KEEP_FORMAT or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn"):
-            continue
-        if ranges and ranges[-1][1] == cp - 1:
-            ranges[-1] = (ranges[-1][0], cp)
+def sources(spec: Spec) -> list[Source]:
+    """Every input file of the text corpora, in CPT order: the Urdu corpora, then the English
+    replay corpora, each in spec order, files sorted. Task ``rank`` of a per-file job reads
+    ``sources[rank]``."""
+    out = [Source(c.name, c.language, c.format, str(f), (c.text_field,))
+           for c in cpt_order(spec) for f in corpus_files(spec.resolve(c.path), c.format)]
+    if len(out) > MAX_FILES:
+        raise CurationError(f"{len(out)} input files: at most {MAX_FILES}; merge shards into bigger files")
+    return out
+
+
+def read_records(path: Path, fmt: str, fields: tuple[str, ...], problems: Problems | None = None
+                 ) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` of every good record of a corpus, ``where`` = ``file:line`` (or
+    ``file:row N``); bad ones go to ``problems`` (default: refused, one line)."""
+    problems = problems or Problems("refuse")
+    for f in corpus_files(path, fmt):
+        src = Source("", None, fmt, str(f), fields)
+        yield from reader(src, problems).records(f.name)
+
+
+# --- the datatrove plan -----------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One datatrove pipeline and the number of tasks it runs."""
+
+    name: str
+    pipeline: list
+    tasks: int
+
+
+@dataclass
+class Work:
+    """The curation's working folder: datatrove's intermediate files (``at("clean")``, ...),
+    and each job's logs, stats and completion marks (``logs(job)``)."""
+
+    root: Path
+
+    def at(self, sub: str) -> str:
+        return str(self.root / sub)
+
+    def logs(self, job: str) -> str:
+        return str(self.root / "logs" / job)
+
+
+def minhash_config(spec: Spec):
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
+
+    from training.steps import lsh_bands
+
+    f = spec.data.filters
+    bands, rows = lsh_bands(f.near_duplicate_jaccard, f.minhash_permutations)
+    return MinhashConfig(num_buckets=bands, hashes_per_bucket=rows, seed=1, hash_config=HashConfig(precision=32))
+
+
+def exact_config():
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
+    from datatrove.utils.hashing import HashConfig
+
+    from training.steps import exact_text, first_source_wins
+
+    return ExactDedupConfig(content_getter=exact_text, document_priority=first_source_wins,
+                            hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+
+
+def plan(spec: Spec, out: Path, work: Work, count: Counter) -> list[Job]:
+    """The curation as datatrove jobs, in order; the last one writes ``out``."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature, ExactFindDedups
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
+    from datatrove.pipeline.writers.jsonl import JsonlWriter
+
+    from training import steps
+
+    srcs, f = sources(spec), spec.data.filters
+    mh, ex = minhash_config(spec), exact_config()
+    files = len(srcs)
+    at = work.at
+    clean = [
+        steps.SourceReader(srcs, spec.data.on_bad_data, at("problems")),
+        steps.Normalize(count), steps.Boilerplate(f.boilerplate, count), steps.MinLength(f.min_chars),
+        steps.ScriptRatio(f.min_script_ratio), steps.Repetition(f.max_repetition),
+        JsonlWriter(at("clean"), output_filename="${rank}.jsonl", compression=None, adapter=steps.intermediate_record),
+        ExactDedupSignature(at("exact/sigs"), config=ex),
+    ]
+    minhash = [
+        steps.Intermediate(at("clean")), _exact_filter(work, ex),
+        steps.CharMinhashSignature(at("minhash/buckets"), at("minhash/full"), mh, f.minhash_permutations),
+    ]
+    verify = steps.VerifyPairs(at("minhash/pairs"), at("minhash/full"), at("minhash/verified"),
+                               f.minhash_permutations, f.near_duplicate_jaccard)
+    return [
+        Job("clean", clean, files),
+        Job("exact", [ExactFindDedups(at("exact/sigs"), at("exact/dups"), config=ex)], 1),
+        Job("minhash", minhash, files),
+        Job("buckets", [MinhashDedupBuckets(at("minhash/buckets"), at("minhash/pairs"), config=mh)], mh.num_buckets),
+        Job("verify", [verify], 1),
+        Job("cluster", [MinhashDedupCluster(at("minhash/verified"), at("minhash/remove"), config=mh)], 1),
+        Job("assemble", [Assemble(spec, str(out), str(work.root), count)], 1),
+    ]
+
+
+def _exact_filter(work: Work, config):
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter
+
+    return ExactDedupFilter(work.at("exact/dups"), config=config)
+
+
+def executors(jobs: list[Job], work: Work, kind: str = "local", workers: int | None = None, **options) -> list:
+    """One datatrove executor per job, each depending on the one before, so that running the
+    last runs them all in order. ``kind``: ``local`` (datatrove's LocalPipelineExecutor: up to
+    ``workers`` tasks at a time, default every core), ``slurm`` (SlurmPipelineExecutor: pass its
+    options, e.g. ``partition``, ``time``, ``cpus_per_task``, ``venv_path``) or ``ray``
+    (RayPipelineExecutor, on the Ray cluster that ``ray.init()`` joined). The working folder
+    must be on storage every node sees."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    out: list = []
+    for job in jobs:
+        common = dict(pipeline=job.pipeline, tasks=job.tasks, logging_dir=work.logs(job.name),
+                      depends=out[-1] if out else None, **options)
+        if kind == "local":
+            n = min(workers or os.cpu_count() or 1, job.tasks)
+            out.append(LocalPipelineExecutor(workers=n, **common))
+        elif kind == "slurm":
+            from datatrove.executor import SlurmPipelineExecutor
+
+            out.append(SlurmPipelineExecutor(job_name=f"curate-{job.name}", **common))
+        elif kind == "ray":
+            from datatrove.executor import RayPipelineExecutor
+
+            out.append(RayPipelineExecutor(**common))
         else:
-            ranges.append((cp, cp))
-    return re.compile("[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges) + "]")
+            raise CurationError(f"executor {kind!r}: expected local, slurm or ray")
+    return out
 
 
-_JUNK = _junk_class()
+def task_stats(work: Work, job: str, rank: int) -> dict[str, dict[str, float]]:
+    """datatrove's saved stats of one task (``logs/<job>/stats/<rank>.json``, a list of steps,
+    each metric a total or a dict with one): step name -> metric -> total."""
+    path = Path(work.logs(job)) / "stats" / f"{rank:05d}.json"
+    out: dict[str, dict[str, float]] = {}
+    for step in json.loads(path.read_text(encoding="utf-8")):
+        metrics = step.get("stats") or {}
+        out[step["name"].split(": ", 1)[-1]] = {k: v["total"] if isinstance(v, dict) else v for k, v in metrics.items()}
+    return out
 
 
-# --- filters ----------------------------------------------------------------------------------
-
-_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
-
-
-def script_ratio(text: str, language: str | None) -> float:
-    """Share of the letters (Unicode category L*) that are in the language's script. Urdu: the
-    script of release/urdu.py, the one verify's Urdu purity measures; English: Latin."""
-    if language is None:
-        return 1.0
-    if language == "ur":
-        script, letters = urdu.count_letters(text)
-    else:
-        script, letters = sum(map(str.isalpha, _LATIN.findall(text))), sum(map(str.isalpha, text))
-    return script / letters if letters else 0.0
-
-
-def repetition(text: str) -> float:
-    """Share of words inside word 3-grams that occur more than once (Gopher's duplicate n-gram
-    measure): spam and crawl loops score high, prose stays low."""
-    words = text.split()
-    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    if not grams:
-        return 0.0
-    counts = Counter(grams)
-    covered = bytearray(len(words))
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i:i + 3] = b"\x01\x01\x01"
-    return sum(covered) / len(words)
-
-
-def strip_boilerplate(text: str, patterns: list[re.Pattern]) -> str:
-    return "\n".join(line for line in text.split("\n") if not any(p.search(line) for p in patterns)).strip()
-
-
-class NearDuplicates:
-    """MinHash LSH over character 5-gram shingles; a document is a near duplicate when a kept one
-    has estimated Jaccard similarity >= the threshold (LSH candidates are checked, so a bucket
-    collision alone never drops a document). Per kept document the index holds its signature
-    (``permutations`` 64-bit values) and its LSH bucket keys."""
-
-    def __init__(self, threshold: float, permutations: int, seed: int = 1):
-        from datasketch import MinHash, MinHashLSH
-
-        template = MinHash(num_perm=permutations, seed=seed)
-        self._make = lambda: MinHash(num_perm=permutations, seed=seed, permutations=template.permutations,
-                                     scheme=template.scheme)
-        self.threshold = threshold
-        # Buckets tuned for recall (false negatives weigh 9x): candidates are verified below.
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=permutations, weights=(0.1, 0.9))
-        self.signatures: list = []
-
-    def signature(self, text: str):
-        m = self._make()
-        text = " ".join(text.split())
-        shingles = {text[i:i + SHINGLE] for i in range(max(1, len(text) - SHINGLE + 1))}
-        m.update_batch([s.encode("utf-8") for s in shingles])
-        return m
-
-    def seen(self, text: str) -> bool:
-        """True when ``text`` nearly duplicates a kept text; otherwise keep it in the index."""
-        m = self.signature(text)
-        for key in self.lsh.query(m):
-            if float((self.signatures[key] == m.hashvalues).mean()) >= self.threshold:
-                return True
-        self.lsh.insert(len(self.signatures), m)
-        self.signatures.append(m.hashvalues)
-        return False
+# --- the last job: filters, replay, outputs, report -------------------------------------------
 
 
 @dataclass
@@ -228,8 +282,13 @@ class Tally:
             s.docs_out += 1
             s.tokens_out += tokens_out
 
+    def add_step(self, step: Step) -> None:
+        s = self.steps.setdefault(step.filter, Step(step.filter))
+        for k in ("docs_in", "tokens_in", "docs_out", "tokens_out"):
+            setattr(s, k, getattr(s, k) + getattr(step, k))
+
     def report(self, order: tuple[str, ...]) -> dict:
-        steps = [vars(self.steps.get(n, Step(n))) for n in order if n in self.steps]
+        steps = [vars(self.steps[n]) for n in order if n in self.steps and self.steps[n].docs_in]
         first, last = (steps[0], steps[-1]) if steps else ({}, {})
         docs_in, tokens_in = first.get("docs_in", 0), first.get("tokens_in", 0)
         docs_out, tokens_out = last.get("docs_out", 0), last.get("tokens_out", 0)
@@ -241,176 +300,124 @@ class Tally:
         }
 
 
-class Cleaner:
-    """The per-document pipeline shared by all corpora (the duplicate indexes span corpora)."""
-
-    def __init__(self, filters: Filters, count_tokens: Callable[[str], int]):
-        self.f = filters
-        self.count = count_tokens
-        self.boilerplate = [re.compile(p) for p in filters.boilerplate]
-        self.exact: set[bytes] = set()
-        self.near = NearDuplicates(filters.near_duplicate_jaccard, filters.minhash_permutations)
-
-    def document(self, text: str, language: str | None, tally: Tally) -> str | None:
-        """The cleaned text, or None when a filter drops it; every step is tallied."""
-        n = self.count(text)
-        text = normalize(text)
-        m = self.count(text)
-        tally.add("normalize", n, m if text else None)
-        if not text:
-            return None
-        text = strip_boilerplate(text, self.boilerplate)
-        n, m = m, self.count(text)
-        tally.add("boilerplate", n, m if text else None)
-        if not text:
-            return None
-        checks = (
-            ("length", lambda: len(text) >= self.f.min_chars),
-            ("script", lambda: script_ratio(text, language) >= self.f.min_script_ratio),
-            ("repetition", lambda: repetition(text) <= self.f.max_repetition),
-            ("exact_dup", lambda: self._new_exact(text)),
-            ("near_dup", lambda: not self.near.seen(text)),
-        )
-        for name, ok in checks:
-            keep = ok()
-            tally.add(name, m, m if keep else None)
-            if not keep:
-                return None
-        return text
-
-    def _new_exact(self, text: str) -> bool:
-        digest = hashlib.sha256(text.encode("utf-8")).digest()
-        if digest in self.exact:
-            return False
-        self.exact.add(digest)
-        return True
+def _counted(docs: Iterable, step: Step, side: str) -> Iterator:
+    """Pass documents on, adding each to ``step``'s documents and tokens ``in`` or ``out``."""
+    for doc in docs:
+        setattr(step, f"docs_{side}", getattr(step, f"docs_{side}") + 1)
+        setattr(step, f"tokens_{side}", getattr(step, f"tokens_{side}") + doc.metadata["tokens"])
+        yield doc
 
 
-# --- reading ----------------------------------------------------------------------------------
+def kept_documents(work: Work, rank: int, files: int, tally: Tally) -> Iterator:
+    """The documents of input file ``rank`` that both duplicate filters keep, in file order;
+    the cleaning filters (from the task's stats) and the two duplicate filters are added to
+    ``tally`` once the file is read."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupFilter
+
+    from training import steps
+
+    stats = task_stats(work, "clean", rank)
+    counts = [Step(n, *(int(stats.get(n, {}).get(k, 0)) for k in ("docs_in", "tokens_in", "docs_out", "tokens_out")))
+              for n in CLEAN_FILTERS]
+    exact, near = Step("exact_dup", counts[-1].docs_out, counts[-1].tokens_out), Step("near_dup")
+    docs = steps.Intermediate(work.at("clean")).run(None, rank, files)
+    docs = _counted(_exact_filter(work, exact_config()).run(docs, rank, files), exact, "out")
+    docs = _counted(docs, near, "in")
+    yield from _counted(MinhashDedupFilter(work.at("minhash/remove")).run(docs, rank, files), near, "out")
+    for step in (*counts, exact, near):
+        tally.add_step(step)
 
 
-def corpus_files(path: Path, fmt: str) -> list[Path]:
-    """A corpus is a file or a folder of files (``*.jsonl``/``*.parquet``/``*.txt``), sorted."""
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        suffix = {"jsonl": ".jsonl", "parquet": ".parquet", "text": ".txt"}[fmt]
-        files = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
-        if files:
-            return files
-        raise CurationError(f"{path}: no *{suffix} files in this corpus folder; fix the corpus path or format in the spec")
-    raise CurationError(f"{path}: no such corpus file or folder; fix the corpus path in the spec")
+class Assemble:
+    """The last job (one task): the kept documents of every input file, in order, with the
+    English replay budget -> ``cpt.jsonl``; the instruct set -> ``sft.jsonl``; the report. A
+    datatrove pipeline step in the form of a callable ``(data, rank, world_size)``."""
+
+    def __init__(self, spec: Spec, out: str, work: str, count: Counter):
+        self.spec, self.out, self.work, self.count = spec, out, work, count
+
+    def __call__(self, data=None, rank: int = 0, world_size: int = 1):
+        assemble(self.spec, Path(self.out), Work(Path(self.work)), self.count)
+        return data
 
 
-def read_records(path: Path, fmt: str, fields: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-    """Yield ``(where, record)`` with ``where`` = ``file:line`` (or ``file:row``), one at a time.
-    ``fields[0]`` must be present in every record; a bad record stops the run with one line."""
-    for file in corpus_files(path, fmt):
-        if fmt == "jsonl":
-            yield from _jsonl(file, fields)
-        elif fmt == "parquet":
-            yield from _parquet(file, fields)
-        else:
-            yield from _text(file, fields[0])
+def assemble(spec: Spec, out: Path, work: Work, count: Counter) -> dict:
+    """Write cpt.jsonl, sft.jsonl, report.json (and bad_data.txt) into ``out``; return the report."""
+    srcs = sources(spec)
+    share = spec.data.replay_share
+    report: dict = {"corpora": {}, "replay": {}, "instruct": {}}
+    tallies = {c.name: Tally() for c in spec.data.corpora}
+    kept = {"ur": 0, "en": 0}
+    docs = 0
+    with atomic_path(out / CPT_FILE) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for rank, src in enumerate(srcs):
+            tally = tallies[src.corpus]
+            budget = None
+            if src.language == "en" and share < 1:
+                budget = int(kept["ur"] * share / (1 - share)) - kept["en"]
+            for doc in kept_documents(work, rank, len(srcs), tally):
+                n = doc.metadata["tokens"]
+                if budget is not None:
+                    if n > budget:
+                        tally.add("replay", n, None)
+                        continue
+                    budget -= n
+                    tally.add("replay", n, n)
+                kept["en" if src.language == "en" else "ur"] += n
+                fh.write(json.dumps({"text": doc.text}, ensure_ascii=False) + "\n")
+                docs += 1
+        fh.flush()
+    for c in cpt_order(spec):
+        order = TEXT_FILTERS + (("replay",) if c.language == "en" and share < 1 else ())
+        report["corpora"][c.name] = {"language": c.language, "path": c.path, **tallies[c.name].report(order)}
+    instruct_problems: list[str] = []
+    report["instruct"] = _write_sft(spec, out, count, instruct_problems)
+    _totals(spec, report, kept, docs)
+    report["bad_data"] = _bad_data(spec, out, work, len(srcs), instruct_problems)
+    write_json(out / REPORT_FILE, report)
+    return report
 
 
-def _jsonl(file: Path, fields: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-    with open(file, "rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            where = f"{file}:{number}"
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise CurationError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
-            except ValueError as e:
-                raise CurationError(f"{where}: not valid JSON ({e}); fix or remove this line") from None
-            yield where, _check_record(record, where, fields)
+def _bad_data(spec: Spec, out: Path, work: Work, files: int, instruct: list[str]) -> dict:
+    """Every task's bad input (then the instruct set's), in order, into ``bad_data.txt`` when
+    there is any; the report gets the count and the first 100."""
+    first: list[str] = []
+    count = 0
+
+    def lines():
+        for rank in range(files):
+            path = Path(work.at("problems")) / f"{rank:05d}.txt"
+            if path.is_file():
+                with open(path, encoding="utf-8") as f:
+                    yield from f
+        yield from (x + "\n" for x in instruct)
+
+    with atomic_path(out / BAD_DATA_FILE) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for line in lines():
+            fh.write(line)
+            count += 1
+            if len(first) < 100:
+                first.append(line.rstrip("\n"))
+        fh.flush()
+    if not count:
+        (out / BAD_DATA_FILE).unlink()
+    return {"policy": spec.data.on_bad_data, "count": count, "first": first}
 
 
-def _parquet(file: Path, fields: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(file)
-    except Exception as e:  # pyarrow raises several types for a bad file
-        raise CurationError(f"{file}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-    names = set(pf.schema_arrow.names)
-    if fields[0] not in names:
-        raise CurationError(f"{file}: no column {fields[0]!r} (columns: {', '.join(sorted(names))}); "
-                            "set the corpus's text_field in the spec")
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[f for f in fields if f in names]):
-        for record in batch.to_pylist():
-            row += 1
-            yield f"{file}:row {row}", _check_record(record, f"{file}:row {row}", fields)
-
-
-def _text(file: Path, text_field: str) -> Iterator[tuple[str, dict]]:
-    """Plain text: documents separated by blank lines."""
-    lines: list[str] = []
-    start = 1
-    with open(file, encoding="utf-8", errors="strict") as fh:
-        try:
-            for number, line in enumerate(fh, 1):
-                if line.strip():
-                    if not lines:
-                        start = number
-                    lines.append(line.rstrip("\n"))
-                elif lines:
-                    yield f"{file}:{start}", {text_field: "\n".join(lines)}
-                    lines = []
-        except UnicodeDecodeError as e:
-            raise CurationError(f"{file}: not UTF-8 ({e.reason}); re-encode the file as UTF-8") from None
-    if lines:
-        yield f"{file}:{start}", {text_field: "\n".join(lines)}
-
-
-def _check_record(record: object, where: str, fields: tuple[str, ...]) -> dict:
-    if not isinstance(record, dict):
-        raise CurationError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    need = fields[0]
-    if need not in record:
-        raise CurationError(f"{where}: no {need!r} field (fields: {', '.join(map(str, record)) or 'none'}); "
-                            "set the corpus's text_field in the spec or fix the record")
-    for f in fields:
-        value = record.get(f)
-        if value is not None and not isinstance(value, str):
-            raise CurationError(f"{where}: field {f!r} is {type(value).__name__}, expected a string")
-    return record
-
-
-# --- the stage --------------------------------------------------------------------------------
-
-
-def load_counter(path: Path) -> Callable[[str], int]:
-    """Token counter with the real Llama 3 tokenizer (no special tokens)."""
-    from tokenizers import Tokenizer
-
-    if not path.is_file():
-        raise CurationError(f"{path}: tokenizer not found; build the base stage first (./inv release --only base)")
-    tok = Tokenizer.from_file(str(path))
-    return lambda text: len(tok.encode(text, add_special_tokens=False).ids) if text else 0
-
-
-def curate_texts(records: Iterable[str], language: str | None, cleaner: Cleaner, tally: Tally,
-                 budget: int | None = None) -> Iterator[str]:
-    """Stream cleaned texts; with ``budget`` stop keeping once that many tokens are kept (the
-    English replay share), tallying the rest as dropped by ``replay``."""
-    kept = 0
-    for text in records:
-        clean = cleaner.document(text, language, tally)
-        if clean is None:
-            continue
-        if budget is not None:
-            n = cleaner.count(clean)
-            if kept + n > budget:
-                tally.add("replay", n, None)
-                continue
-            kept += n
-            tally.add("replay", n, n)
-        yield clean
+def _totals(spec: Spec, report: dict, kept: dict[str, int], docs: int) -> None:
+    total_in = sum(c["tokens_in"] for c in report["corpora"].values())
+    total_out = kept["ur"] + kept["en"]
+    report["replay"] = {
+        "target_share": round(spec.data.replay_share, 6),
+        "share": round(kept["en"] / total_out, 6) if total_out else 0.0,
+        "urdu_tokens": kept["ur"], "english_tokens": kept["en"],
+    }
+    report["total"] = {
+        "docs_in": sum(c["docs_in"] for c in report["corpora"].values()), "docs_out": docs,
+        "tokens_in": total_in, "tokens_out": total_out,
+        "kept_tokens": round(total_out / total_in, 6) if total_in else 0.0,
+        "card_kept_tokens": spec.data.retained_fraction,
+    }
 
 
 def instruct_messages(record: dict, system_prompt: str) -> list[dict] | None:
@@ -425,71 +432,20 @@ def instruct_messages(record: dict, system_prompt: str) -> list[dict] | None:
             {"role": "assistant", "content": output}]
 
 
-def curate(spec: Spec, out: Path, *, count_tokens: Callable[[str], int], progress: bool = True) -> dict:
-    """Write cpt.jsonl, sft.jsonl and report.json into ``out``; return the headline figures."""
-    start = time.perf_counter()
-    cleaner = Cleaner(spec.data.filters, count_tokens)
-    main = [c for c in spec.data.corpora if c.language != "en"]
-    replay = [c for c in spec.data.corpora if c.language == "en"]
-    report: dict = {"corpora": {}, "replay": {}, "instruct": {}}
-    kept_main = kept_replay = docs = 0
-    with atomic_path(out / CPT_FILE) as tmp, open(tmp, "w", encoding="utf-8") as fh, _Progress(progress) as bar:
-        for group in (main, replay):
-            for corpus in group:
-                budget = None
-                if corpus.language == "en":
-                    share = spec.data.replay_share
-                    budget = int(kept_main * share / (1 - share)) - kept_replay if share < 1 else None
-                tally = Tally()
-                texts = (r[corpus.text_field] or "" for _, r in bar.track(
-                    read_records(spec.resolve(corpus.path), corpus.format, (corpus.text_field,)), corpus.name))
-                for text in curate_texts(texts, corpus.language, cleaner, tally, budget):
-                    fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-                    docs += 1
-                order = TEXT_FILTERS + (("replay",) if budget is not None else ())
-                report["corpora"][corpus.name] = {"language": corpus.language, "path": corpus.path,
-                                                  **tally.report(order)}
-                kept = report["corpora"][corpus.name]["tokens_out"]
-                if corpus.language == "en":
-                    kept_replay += kept
-                else:
-                    kept_main += kept
-        fh.flush()
-        sft = _write_sft(spec, out, cleaner, bar)
-    total_in = sum(c["tokens_in"] for c in report["corpora"].values())
-    total_out = kept_main + kept_replay
-    report["replay"] = {
-        "target_share": round(spec.data.replay_share, 6),
-        "share": round(kept_replay / total_out, 6) if total_out else 0.0,
-        "urdu_tokens": kept_main, "english_tokens": kept_replay,
-    }
-    report["instruct"] = sft
-    report["total"] = {
-        "docs_in": sum(c["docs_in"] for c in report["corpora"].values()), "docs_out": docs,
-        "tokens_in": total_in, "tokens_out": total_out,
-        "kept_tokens": round(total_out / total_in, 6) if total_in else 0.0,
-        "card_kept_tokens": spec.data.retained_fraction,
-    }
-    write_json(out / REPORT_FILE, report)
-    return {
-        "cpt_documents": docs, "cpt_tokens": total_out, "urdu_tokens": kept_main, "english_tokens": kept_replay,
-        "replay_share": report["replay"]["share"], "kept_tokens": report["total"]["kept_tokens"],
-        "tokens_in": total_in, "sft_examples": sft["docs_out"], "sft_tokens": sft["tokens_out"],
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-
-
-def _write_sft(spec: Spec, out: Path, cleaner: Cleaner, bar: "_Progress") -> dict:
-    corpus: Corpus = spec.data.instruct
+def _write_sft(spec: Spec, out: Path, count: Counter, problems: list[str]) -> dict:
+    """The instruct set, read in one pass (it is small next to the CPT corpora): Alif rows as
+    chats, the exact duplicates (of the user and assistant text) dropped."""
+    corpus = spec.data.instruct
     tally = Tally()
     seen: set[bytes] = set()
+    bad = Problems(spec.data.on_bad_data)
     with atomic_path(out / SFT_FILE) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for _, record in bar.track(read_records(spec.resolve(corpus.path), corpus.format, ALIF_FIELDS), corpus.name):
+        for _, record in read_records(spec.resolve(corpus.path), corpus.format, ALIF_FIELDS, bad):
             raw = "\n\n".join(record.get(f) or "" for f in ALIF_FIELDS)
-            n = cleaner.count(raw)
+            n = count(raw)
             messages = instruct_messages(record, spec.chat.system_prompt)
             text = "\n\n".join(m["content"] for m in messages[1:]) if messages else ""
-            m = cleaner.count(text)
+            m = count(text)
             tally.add("normalize", n, m)
             tally.add("empty", m, m if messages else None)
             if messages is None:
@@ -501,11 +457,71 @@ def _write_sft(spec: Spec, out: Path, cleaner: Cleaner, bar: "_Progress") -> dic
             seen.add(digest)
             fh.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
         fh.flush()
+    problems += bad.lines
     return {"name": corpus.name, "path": corpus.path, **tally.report(INSTRUCT_FILTERS)}
 
 
+# --- running it -------------------------------------------------------------------------------
+
+
+def curate(spec: Spec, out: Path, *, work: Path, count: Counter, workers: int | None = None,
+           progress: bool = True) -> dict:
+    """Run the curation plan with datatrove's local executor (``workers`` processes, default
+    every core; one, in this process, for inputs under ``SMALL_INPUT``) and return the
+    manifest's figures."""
+    start = time.perf_counter()
+    w = Work(work)
+    jobs = plan(spec, out, w, count)
+    if workers is None:
+        small = sum(Path(s.path).stat().st_size for s in sources(spec)) < SMALL_INPUT
+        workers = 1 if small else (os.cpu_count() or 1)
+    chain = executors(jobs, w, "local", workers)
+    seconds: dict[str, float] = {}
+    with _quiet(work / "console.log"), _Progress(progress) as bar:
+        for job, ex in zip(jobs, chain):
+            t = time.perf_counter()
+            with bar.job(job, Path(w.logs(job.name))):
+                ex.run()
+            seconds[job.name] = round(time.perf_counter() - t, 2)
+    report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+    r, t, sft = report["replay"], report["total"], report["instruct"]
+    return {
+        "cpt_documents": t["docs_out"], "cpt_tokens": t["tokens_out"], "urdu_tokens": r["urdu_tokens"],
+        "english_tokens": r["english_tokens"], "replay_share": r["share"], "kept_tokens": t["kept_tokens"],
+        "tokens_in": t["tokens_in"], "sft_examples": sft["docs_out"], "sft_tokens": sft["tokens_out"],
+        "bad_data": report["bad_data"]["count"], "input_files": len(sources(spec)), "workers": workers,
+        "seconds": round(time.perf_counter() - start, 2), "job_seconds": seconds,
+    }
+
+
+@contextmanager
+def _quiet(log: Path):
+    """datatrove logs every task (loguru, tqdm) to stderr; send that to ``log`` instead: this
+    process's ``sys.stderr`` and file descriptor 2, which worker processes inherit. Errors still
+    reach the user as one line."""
+    import sys
+
+    from datatrove.utils.logging import setup_default_logger
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved_fd, saved = os.dup(2), sys.stderr
+    sink = open(log, "a", buffering=1, encoding="utf-8")
+    os.dup2(sink.fileno(), 2)
+    sys.stderr = sink
+    setup_default_logger()
+    try:
+        yield
+    finally:
+        sys.stderr = saved
+        setup_default_logger()  # loguru's handler back on the real stderr
+        sink.close()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+
+
 class _Progress:
-    """A rich progress line per corpus (records read), or nothing."""
+    """A rich progress line per job (tasks completed, from datatrove's completion marks), or nothing."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -523,14 +539,30 @@ class _Progress:
         if self.bar is not None:
             self.bar.stop()
 
-    def track(self, items: Iterable, name: str) -> Iterator:
+    @contextmanager
+    def job(self, job: Job, logs: Path):
         if self.bar is None:
-            yield from items
+            yield
             return
-        task = self.bar.add_task(f"curating {name}", total=None)
-        for item in items:
-            yield item
-            self.bar.advance(task)
+        task = self.bar.add_task(f"curating: {job.name}", total=job.tasks)
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.wait(0.5):
+                marks = logs / "completions"
+                self.bar.update(task, completed=len(list(marks.iterdir())) if marks.is_dir() else 0)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+            self.bar.update(task, completed=job.tasks)
+
+
+# --- the stage --------------------------------------------------------------------------------
 
 
 def folder(spec: Spec) -> Path:
@@ -550,17 +582,40 @@ def inputs(spec: Spec) -> dict[str, Path]:
     return found
 
 
+def _sections(spec: Spec) -> dict[str, str]:
+    return {k: spec.section_hash(k) for k in ("data", "chat.system_prompt")}
+
+
+def work_folder(spec: Spec, found: dict[str, Path]) -> Path:
+    """Where datatrove's intermediate files go: keyed like the stage, so a changed input or spec
+    section starts afresh and an interrupted run of the same inputs resumes."""
+    key = fingerprint({k: input_digest(v) for k, v in found.items()}, _sections(spec), tool_versions(*TOOLS))
+    return spec.build_dir / ".checkpoints" / f"{STAGE}-{key[:16]}"
+
+
 def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``data`` with a worker per core."""
+    return run_with(spec, force=force, progress=progress)
+
+
+def run_with(spec: Spec, *, workers: int | None = None, force: bool = False, progress: bool = True) -> Manifest:
     """Stage ``data``: skipped when the corpora, the tokenizer and the spec's data/chat facts are
-    unchanged."""
+    unchanged; an interrupted run resumes from its finished datatrove tasks. ``workers``: processes
+    on this machine (default: one per core)."""
     found = inputs(spec)
-    sections = {k: spec.section_hash(k) for k in ("data", "chat.system_prompt")}
+    work = work_folder(spec, found)
 
     def build(out: Path) -> dict:
-        return curate(spec, out, count_tokens=load_counter(found["tokenizer"]), progress=progress)
+        for stale in work.parent.glob(f"{STAGE}-*"):
+            if stale != work or force:
+                shutil.rmtree(stale, ignore_errors=True)
+        return curate(spec, out, work=work, count=counter(found["tokenizer"]), workers=workers, progress=progress)
 
-    return run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs=found,
-                     spec_sections=sections, tools=TOOLS, force=force)
+    manifest = run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs=found,
+                         spec_sections=_sections(spec), tools=TOOLS, force=force)
+    if manifest.built:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
 
 
 def summary(spec: Spec, manifest: Manifest, console=None) -> None:
@@ -576,10 +631,13 @@ def summary(spec: Spec, manifest: Manifest, console=None) -> None:
         worst = max(c["filters"], key=lambda s: s["tokens_in"] - s["tokens_out"], default=None)
         table.add_row(name, f"{c['docs_in']:,}", f"{c['docs_out']:,}", f"{c['tokens_in']:,}", f"{c['tokens_out']:,}",
                       f"{100 * c['kept_tokens']:.1f}%", worst["filter"] if worst else "")
-    (console or summary_console()).print(table)
+    console = console or summary_console()
+    console.print(table)
     f = manifest.figures
-    (console or summary_console()).print(
+    bad = report.get("bad_data", {}).get("count", 0)
+    console.print(
         f"CPT set: {f['cpt_documents']:,} documents, {f['cpt_tokens']:,} tokens ({100 * f['replay_share']:.1f}% English "
         f"replay, target {100 * spec.data.replay_share:.1f}%); kept {100 * f['kept_tokens']:.1f}% of the raw tokens "
         f"(card: {100 * spec.data.retained_fraction:.1f}%). SFT set: {f['sft_examples']:,} chats. "
-        f"Report: {folder(spec) / REPORT_FILE}")
+        + (f"Bad input skipped: {bad:,} (listed in {folder(spec) / BAD_DATA_FILE}). " if bad else "")
+        + f"Report: {folder(spec) / REPORT_FILE}")

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from release import chat, llama3
+from release import chat, llama3, quiet
 from release.artifacts import (
     Manifest,
     fingerprint,
@@ -156,23 +156,11 @@ def adapt(spec: Spec, stage: str, *, gpu: bool | None = None, bf16_native: bool 
 # --- data -------------------------------------------------------------------------------------
 
 
-def pack_blocks(texts: list[str], tokenizer, length: int) -> tuple[list[list[int]], int]:
-    """CPT packing: each document as ``<|begin_of_text|> text <|end_of_text|>``, concatenated and
-    cut into full blocks of ``length`` tokens (the remainder is dropped). Returns the blocks and
-    the number of tokens dropped."""
-    stream: list[int] = []
-    for text in texts:
-        stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
-                   tokenizer.eos_token_id]
-    n = len(stream) // length
-    return [stream[i * length:(i + 1) * length] for i in range(n)], len(stream) - n * length
-
-
-def _read_jsonl(path: Path) -> list[dict]:
+def _curated(spec: Spec, name: str) -> Path:
+    path = spec.build_dir / DATA / name
     if not path.is_file():
         raise StageError(f"{path}: missing; run the data stage first (./inv data)")
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return path
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -211,9 +199,10 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     for note in notes:
         log(f"adaptation: {note}")
     model, tokenizer, trainable = _peft_model(fast_model, spec, stage, settings, work, log)
-    dataset, tokens = _dataset(spec, stage, tokenizer, log)
+    dataset, tokens = _dataset(spec, stage, tokenizer, work, log)
     args = _plan(spec, stage, settings, work, len(dataset), progress, log)
     trainer, tokens, label_tokens = _trainer(spec, stage, model, tokenizer, dataset, args, tokens, log)
+    _bar_only(trainer)
     resume = _last_checkpoint(work / "trainer")
     if resume:
         log(f"resuming from {resume.name}")
@@ -254,7 +243,7 @@ def _import_unsloth(spec: Spec, work: Path):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        import unsloth  # noqa: F401  (must come before transformers, trl, peft)
+        quiet.import_unsloth()  # must come before transformers, trl, peft (quiet.py: when that is void)
         from unsloth import FastLanguageModel
     finally:
         os.chdir(cwd)
@@ -284,32 +273,29 @@ def _peft_model(fast_model, spec: Spec, stage: str, settings: dict, work: Path, 
     return model, tokenizer, trainable
 
 
-def _dataset(spec: Spec, stage: str, tokenizer, log) -> tuple:
+def _dataset(spec: Spec, stage: str, tokenizer, work: Path, log) -> tuple:
     """``(dataset, tokens)``: CPT's blocks of token ids (and their token count), or SFT's chats
-    with the release's chat template set on ``tokenizer`` (tokens counted once tokenized)."""
-    from datasets import Dataset
+    with the release's chat template set on ``tokenizer`` (tokens counted once tokenized). Both
+    are Arrow files in ``work/data``, memory-mapped (training/pack.py)."""
+    from training import pack, tokens
 
     st = getattr(spec.training, stage)
     length = spec.training.sequence_length
-    rows = _read_jsonl(spec.build_dir / DATA / ("cpt.jsonl" if stage == "cpt" else "sft.jsonl"))
     if stage == "sft":
         tokenizer.chat_template = chat.jinja_template(spec.chat)
-        dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+        dataset = pack.sft_chats(_curated(spec, "sft.jsonl"), work / "data")
         log(f"examples: {len(dataset)}")
         return dataset, None
-    dropped = 0
-    if st.packing:
-        blocks, dropped = pack_blocks([r["text"] for r in rows], tokenizer, length)
-    else:
-        blocks = [([tokenizer.bos_token_id, *tokenizer(r["text"], add_special_tokens=False)["input_ids"],
-                    tokenizer.eos_token_id])[:length] for r in rows]
-    if not blocks:
+    counter = tokens.counter(_base_model(spec) / "tokenizer.json")
+    dataset, f = pack.pack_cpt(_curated(spec, "cpt.jsonl"), counter, length, work / "data", bos=tokenizer.bos_token_id,
+                               eos=tokenizer.eos_token_id, packing=st.packing)
+    if not len(dataset):
         raise StageError(f"{spec.build_dir / DATA / 'cpt.jsonl'}: fewer than {length} "
                          "tokens of text; add data or lower training.sequence_length")
-    dataset = Dataset.from_dict({"input_ids": blocks})
-    log(f"examples: {len(dataset)}" + (f" blocks of {length} tokens ({dropped} tokens "
-                                         "past the last full block dropped)" if st.packing else ""))
-    return dataset, sum(len(b) for b in blocks)
+    log(f"examples: {len(dataset)}" + (f" blocks of {length} tokens ({f['dropped']} tokens "
+                                         "past the last full block dropped)" if st.packing else "")
+        + f"; tokenized with {counter.engine}")
+    return dataset, f["tokens"]
 
 
 def _plan(spec: Spec, stage: str, settings: dict, work: Path, examples: int, progress: bool, log):
@@ -338,15 +324,16 @@ def _trainer(spec: Spec, stage: str, model, tokenizer, dataset, args, tokens: in
     from trl import SFTTrainer
     from unsloth.chat_templates import train_on_responses_only
 
+    from training import pack
+
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args,
                          callbacks=callbacks)
     if not st.train_on_responses_only:
-        tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+        tokens = pack.column_tokens(trainer.train_dataset)
         return trainer, tokens, tokens
     trainer = train_on_responses_only(trainer, instruction_part=USER_HEADER, response_part=ASSISTANT_HEADER)
-    labels = trainer.train_dataset["labels"]
-    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-    label_tokens = sum(1 for row in labels for t in row if t != -100)
+    tokens = pack.column_tokens(trainer.train_dataset)
+    label_tokens = pack.column_tokens(trainer.train_dataset, "labels", ignore=-100)
     log(f"loss on assistant turns only: {label_tokens} of {tokens} tokens carry labels")
     return trainer, tokens, label_tokens
 
@@ -362,6 +349,21 @@ def _log_lines(log):
                                                               for k, v in logs.items()))
 
     return LogLines()
+
+
+def _bar_only(trainer) -> None:
+    """The trainer's progress bar also prints every step's figures as a dict (and without a bar,
+    its printer prints only those); the run log's ``step N:`` lines (``_log_lines``) already
+    carry them, so the bar keeps only the bar."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class Bar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    trainer.pop_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(Bar())
 
 
 def _save(spec: Spec, trainer, out: Path, work: Path) -> list[dict]:
