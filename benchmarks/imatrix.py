@@ -11,12 +11,16 @@ specs/qalb.toml's settings: ``llama-imatrix`` over ``calibration/ur-en.txt`` in 
 tokens (``--chunks`` of them; the tool reports its time per chunk, which scales to the whole
 text), and Q4_K_M, Q3_K_M and IQ4_XS with llama-cpp-python's quantizer (no matrix) and with
 ``llama-quantize --imatrix``. Every cost is linear in the layer count (the embeddings and the
-output layer are the fixed part), so the two sizes give the 32-layer figure.
+output layer are the fixed part), so the two sizes give the 32-layer figure. The tools use every
+core; the figures are CPU seconds (user + system of the child processes), which other load on
+the machine disturbs far less than wall time, and wall time on a machine of N free cores is
+about CPU / N.
 """
 
 from __future__ import annotations
 
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -29,8 +33,14 @@ TYPES = ("Q4_K_M", "Q3_K_M", "IQ4_XS")
 LAYERS_8B = 32
 
 
-def imatrix_run(spec, f16: Path, out: Path, chunks: int) -> dict:
-    """llama-imatrix as the gguf stage runs it; wall seconds and the tool's seconds per chunk."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def imatrix_run(spec, f16: Path, out: Path, chunks: int) -> float:
+    """CPU seconds of llama-imatrix run as the gguf stage runs it, over ``chunks`` chunks."""
     import os
 
     from release import llamatools
@@ -39,13 +49,12 @@ def imatrix_run(spec, f16: Path, out: Path, chunks: int) -> dict:
     cmd = [str(llamatools.tool("llama-imatrix")), "-m", str(f16), "-f", im.calibration, "-o", str(out),
            "-c", str(im.chunk_tokens), "-b", str(im.chunk_tokens), "--chunks", str(chunks),
            "--no-ppl", "--no-repack", "-t", str(os.cpu_count() or 1)]
-    t = time.perf_counter()
+    cpu = cpu_seconds()
     run = subprocess.run(cmd, cwd=spec.path.parent, capture_output=True, text=True)
-    seconds = time.perf_counter() - t
     if run.returncode != 0:
         raise SystemExit(run.stderr[-3000:])
-    per_chunk = float(re.search(r"([\d.]+) seconds per pass", run.stdout + run.stderr).group(1))
-    return {"seconds": seconds, "per_chunk": per_chunk}
+    assert re.search(rf"computing over {chunks} chunks", run.stdout + run.stderr)
+    return cpu_seconds() - cpu
 
 
 def measure(spec, work: Path, layers: int, chunks: int) -> dict[str, float]:
@@ -64,14 +73,16 @@ def measure(spec, work: Path, layers: int, chunks: int) -> dict[str, float]:
     out.mkdir(exist_ok=True)
     matrix = out / spec.imatrix_file_name()
     print(f"{layers} layers: llama-imatrix, {chunks} chunks ...", flush=True)
-    r = imatrix_run(spec, f16, matrix, chunks)
-    times = {"imatrix": r["seconds"], "imatrix per chunk": r["per_chunk"]}
+    t = time.perf_counter()
+    times = {"imatrix": imatrix_run(spec, f16, matrix, chunks)}
+    print(f"  {times['imatrix']:.0f} CPU s, {time.perf_counter() - t:.0f} s wall", flush=True)
     for q in TYPES:
         for label, m in (("plain", None), ("imatrix", matrix)):
             print(f"{layers} layers: {q} {label} ...", flush=True)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), cpu_seconds()
             gguf.quantize(f16, out / f"{q}-{label}.gguf", q, imatrix=m)
-            times[f"{q} {label}"] = time.perf_counter() - t
+            times[f"{q} {label}"] = cpu_seconds() - cpu
+            print(f"  {times[f'{q} {label}']:.0f} CPU s, {time.perf_counter() - t:.0f} s wall", flush=True)
             (out / f"{q}-{label}.gguf").unlink()
     matrix.unlink()
     return times
@@ -105,23 +116,22 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Importance matrix on Llama-3.1-8B shapes ({im.calibration}: {total_chunks} chunks of "
-                        f"{im.chunk_tokens} tokens), seconds")
-    for col in ("step", f"{small} layers", f"{big} layers", f"{LAYERS_8B} layers (extrapolated)"):
+    table = Table(title=f"Importance matrix on Llama-3.1-8B shapes: CPU seconds ({im.calibration}: "
+                        f"{total_chunks} chunks of {im.chunk_tokens} tokens)")
+    for col in ("step", f"{small} layers", f"{big} layers", f"{LAYERS_8B} layers (extrapolated)",
+                f"{LAYERS_8B} layers, wall on 2 cores"):
         table.add_column(col, justify="right")
-    table.add_row(f"llama-imatrix, {chunks} chunks (wall)", *(f"{results[n]['imatrix']:.1f}" for n in (small, big)),
-                  f"{at_32('imatrix'):.0f}")
-    table.add_row("llama-imatrix, per chunk", *(f"{results[n]['imatrix per chunk']:.2f}" for n in (small, big)),
-                  f"{at_32('imatrix per chunk'):.1f}")
-    table.add_row(f"llama-imatrix, the whole text ({total_chunks} chunks)",
-                  *(f"{results[n]['imatrix per chunk'] * total_chunks:.0f}" for n in (small, big)),
-                  f"{at_32('imatrix per chunk') * total_chunks:.0f}")
+
+    def row(name: str, scale: float, step: str) -> None:
+        full = scale * at_32(step)
+        table.add_row(name, *(f"{scale * results[n][step]:.0f}" for n in (small, big)), f"{full:.0f}",
+                      f"{full / 2 / 60:.0f} min")
+
+    row(f"llama-imatrix, the whole text (measured on {chunks} chunks)", total_chunks / chunks, "imatrix")
     for q in TYPES:
-        for label in ("plain", "imatrix"):
-            step = f"{q} {label}"
-            name = f"{q}, llama-cpp-python (no matrix)" if label == "plain" else f"{q}, llama-quantize --imatrix"
-            table.add_row(name, *(f"{results[n][step]:.1f}" for n in (small, big)), f"{at_32(step):.0f}")
-    Console().print(table)
+        row(f"{q}, llama-cpp-python (no matrix)", 1, f"{q} plain")
+        row(f"{q}, llama-quantize --imatrix", 1, f"{q} imatrix")
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ the code path is the same.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,6 +103,7 @@ def logits(ckpt: Checkpoint, sequences: list[list[int]], device: str,
         table = ckpt.stored("model.embed_tokens.weight")
         # gather the rows in the stored dtype, then convert: exact, and the table stays on disk
         hidden = [table[torch.tensor(ids)].to(device).float()[None] for ids in sequences]
+        del table  # its map goes with it
         rotary = LlamaRotaryEmbedding(cfg).to(device)
         context = []
         for h in hidden:
@@ -126,9 +126,3 @@ def logits(ckpt: Checkpoint, sequences: list[list[int]], device: str,
             for r0, r1 in blocks:
                 out[:, r0:r1] = torch.nn.functional.linear(h, ckpt.float32(ckpt.head, device, (r0, r1)))
             yield i, out
-
-
-def stored_dtype(folder: Path) -> str:
-    """The dtype a model folder's config.json names (``bfloat16``, ``float16``)."""
-    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    return config.get("dtype") or config.get("torch_dtype") or "float32"

@@ -33,7 +33,6 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64, 
 COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 TEXT_EXPANSION = 4  # raw UTF-8 text is about 4x its gzip/zstd size
 BYTES_PER_TOKEN = 5  # raw UTF-8 per Llama 3 token on Qalb's corpus (about 10 GB for 2B tokens)
-REFERENCE_POSITIONS = 4096  # the verify stage's fidelity positions (log-probs kept on disk)
 
 
 @dataclass(frozen=True)
@@ -145,8 +144,8 @@ def estimate(spec: Spec, config: dict | None = None) -> list[Need]:
         else:
             for q in spec.gguf_types():
                 needs.append(Need("gguf", f"{key}: {spec.gguf_file_name(q)}", int(s.total * BITS_PER_WEIGHT[q] / 8)))
-    needs.append(Need("verify", "reference log-probs (while measuring)", REFERENCE_POSITIONS * s.vocab * 4,
-                      transient=True))
+    positions = spec.evaluation.fidelity_chunks * spec.evaluation.fidelity_chunk_tokens
+    needs.append(Need("verify", "reference logits (while measuring)", positions * s.vocab * 4, transient=True))
     return needs
 
 

@@ -40,7 +40,9 @@ def release_cmd(spec: Path, task: str = "release") -> list[str]:
 
 # A tqdm progress-bar frame, as transformers, datasets and the trainer draw them on stderr (a
 # terminal redraws them in place with \r; a pipe gets every frame).
-BAR = re.compile(r"[^\r\n|]*\d{1,3}%\|[^|\r\n]*\| *[\d.]+[kMG]?/[\d.]+[kMG]? \[[^\]\r\n]*\]")
+BAR = re.compile(r"[^\r\n|]*\d{1,3}%\|[^|\r\n]*\| *[\d.]+[kMG]?/[\d.]+[kMG]? \[[^\]\r\n]*\]"
+                 # tqdm without a total (datasets' "Generating train split: 26 examples [00:00, 11714.67 examples/s]")
+                 r"|[^\r\n|]*: *[\d.]+[kMG]? [\w ]+ \[[\d:]+, [^\]\r\n]*\]")
 # What this toolchain itself writes on stderr in a run that succeeds.
 OURS = re.compile(r"(warning|note): ")
 

@@ -50,7 +50,7 @@ def built(tiny_model, tmp_path_factory):
     gguf_figures = G.build(spec, b / "merge" / "bf16", b / "gguf", progress=False)
     models = {"bf16": b / "merge" / "bf16", "fp16": b / "merge" / "fp16", "bnb4": b / "bnb4", "gguf": b / "gguf"}
     manifest = verify.run_on(spec, models, progress=False)
-    ran = manifest.built
+    assert manifest.built
     return spec, models, manifest, gguf_figures
 
 
@@ -61,6 +61,18 @@ def check_one(spec, flagship: Path, target: verify.Target) -> dict:
     tok = AutoTokenizer.from_pretrained(flagship)
     with verify.reference(flagship, verify.text_chunks(spec, tok), forward.device()) as ref:
         return verify.check(spec, target, ref, tok, forward.device())
+
+
+def _with_chunks(spec, chunks: int, tokens: int):
+    """``spec`` measuring fidelity on ``chunks`` chunks of ``tokens`` tokens (shorter tests)."""
+    return dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, fidelity_chunks=chunks,
+                                                                    fidelity_chunk_tokens=tokens))
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def test_every_variant_and_weight_file_is_recorded(built):
@@ -136,7 +148,7 @@ def test_other_weights_fail_the_fidelity_gate(built, demo_spec, tokenizer_cache,
     scaffold.write_model(other, dataclasses.replace(demo_spec.base.scaffold, seed=1), demo_spec.chat,
                          tokenizer_cache=tokenizer_cache)
     t = verify.Target("fp16", "fp16", None, "transformers", other, Gate(max_kld=0.5, min_top1=0.5), False)
-    row = check_one(spec, models["bf16"], t)
+    row = check_one(_with_chunks(spec, 1, 256), models["bf16"], t)
     assert row["loads"] and not row["fidelity_passed"] and not row["passed"]
     assert row["kld_mean"] > 2.0 and row["top1"] < 0.2
     assert verify.failures({"variants": {"fp16": row}})[0].startswith("fp16: KLD")
@@ -149,7 +161,7 @@ def test_a_variant_that_does_not_load_fails_with_the_reason(built, tmp_path):
     for f in models["fp16"].iterdir():
         (broken / f.name).write_bytes(f.read_bytes()[: 1000] if f.suffix == ".safetensors" else f.read_bytes())
     t = verify.Target("fp16", "fp16", None, "transformers", broken, spec.gates["fp16"], False)
-    row = check_one(spec, models["bf16"], t)
+    row = check_one(_with_chunks(spec, 1, 64), models["bf16"], t)
     assert not row["loads"] and not row["passed"] and row["error"]
     assert "does not load" in verify.failures({"variants": {"fp16": row}})[0]
 
@@ -160,7 +172,8 @@ def test_stop_token_gate_in_both_runtimes(built, tiny_model, tmp_path):
     llama.cpp with the Modelfile's stop strings cuts the header and stops."""
     spec, _, _, _ = built
     strict = dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, enforce_stop_token=True,
-                                                                      max_new_tokens=12))
+                                                                      max_new_tokens=12, fidelity_chunks=1,
+                                                                      fidelity_chunk_tokens=64))
     nl2, words, eot, sh, eh, user = 271, [9906, 505, 110389], 128009, 128006, 128007, 882
     n = strict.evaluation.generation_prompts
     rows = {}
@@ -169,8 +182,9 @@ def test_stop_token_gate_in_both_runtimes(built, tiny_model, tmp_path):
         _scripted_model(tiny_model, folder, chain)
         rows[name] = check_one(strict, folder, verify.Target("bf16", "bf16", None, "transformers", folder, None, True))
         G.convert(folder, tmp_path / f"{name}.gguf", strict, "F16", progress=False)
-        rows[name + "-gguf"] = check_one(strict, folder, verify.Target("gguf:F16", "gguf", "F16", "llama-cpp-python",
-                                                                       tmp_path / f"{name}.gguf", Gate(1.0, 0.0), False))
+        gguf = verify.Target("gguf:F16", "gguf", "F16", "llama-cpp-python", tmp_path / f"{name}.gguf", Gate(1.0, 0.0),
+                             False)
+        rows[name + "-gguf"] = check_one(strict, folder, gguf)
     assert rows["ends"]["stops"] == ["eog"] * n and rows["ends"]["passed"]
     assert rows["ends"]["sample"] == "Hello from السلام"
     assert rows["header"]["stops"] == ["length"] * n and not rows["header"]["passed"]
@@ -189,6 +203,15 @@ def test_stop_token_gate_in_both_runtimes(built, tiny_model, tmp_path):
 ])
 def test_urdu_purity(texts, expected):
     assert verify.urdu_purity(texts) == pytest.approx(expected)
+
+
+def test_generation_prompts_come_from_the_spec(demo_spec):
+    def asking(n: int):
+        return dataclasses.replace(demo_spec, evaluation=dataclasses.replace(demo_spec.evaluation, generation_prompts=n))
+
+    assert verify.prompts(asking(2)) == verify.URDU_PROMPTS[:2]
+    with pytest.raises(verify.VerifyError, match="evaluation.generation_prompts: at most 4, got 5"):
+        verify.prompts(asking(5))
 
 
 def test_missing_variant_is_a_one_line_error(built):
@@ -217,17 +240,6 @@ def test_gates_the_spec_does_not_enforce_show_as_info():
 
 
 # --- fidelity text, the streamed float32 forward, the reference file, the hardware -----------
-
-
-def _with_chunks(spec, chunks: int, tokens: int):
-    return dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, fidelity_chunks=chunks,
-                                                                    fidelity_chunk_tokens=tokens))
-
-
-def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -288,8 +300,10 @@ def test_streamed_forward_equals_the_whole_float32_model(built, short_chunks, va
 def test_output_projection_in_row_blocks(built, short_chunks):
     """At 8B the output projection (128,256 x 4,096, 2 GB in float32) is converted a block of rows
     at a time. Each logit is still one dot product over the hidden size; only the matmul's output
-    width changes, which a BLAS may answer with another kernel and accumulation order. Tolerance:
-    4 float32 ulps of the largest logit (measured on this machine: identical)."""
+    width changes, which the BLAS may answer with another kernel and summation order. Tolerance:
+    16 float32 ulps of the largest logit. Measured: identical here (hidden size 256); at 8B shapes
+    (hidden 4,096, 8 blocks of 16,384 rows) 4.8e-6 on logits up to 9.5, i.e. 4.2 ulps, while a
+    misplaced or missing block would be off by whole units."""
     _, models, _, _ = built
     ck = forward.Checkpoint(models["bf16"])
     budget = 5 << 20  # 5,120 rows of 256 float32 values: 26 blocks
@@ -297,7 +311,7 @@ def test_output_projection_in_row_blocks(built, short_chunks):
     whole = dict(forward.logits(ck, short_chunks, "cpu"))
     blocked = dict(forward.logits(ck, short_chunks, "cpu", head_block_bytes=budget))
     for i, w in whole.items():
-        ulps = 4 * torch.finfo(torch.float32).eps * float(w.abs().max())
+        ulps = 16 * torch.finfo(torch.float32).eps * float(w.abs().max())
         torch.testing.assert_close(blocked[i], w, rtol=0, atol=ulps)
 
 
@@ -325,7 +339,8 @@ def test_streamed_nf4_is_the_dequantized_model_in_float32(built, short_chunks):
     state = {}
     for f in sorted(models["bnb4"].glob("*.safetensors")):
         with safe_open(f, "pt") as st:
-            state |= {k: st.get_tensor(k).float() for k in st.keys() if k in whole.state_dict() and k not in dequantized}
+            state |= {k: st.get_tensor(k).float() for k in st.keys()
+                      if k in whole.state_dict() and k not in dequantized}
     whole.load_state_dict(state | dequantized, strict=True)
     streamed = dict(forward.logits(ck, short_chunks, "cpu"))
     with torch.no_grad():
