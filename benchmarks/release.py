@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# not this folder on the path: its gguf.py would shadow the gguf package that spec checks import
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 
 STAGES = ("merge", "bnb4", "gguf", "verify", "modelfiles", "cards", "hub")
 IO_ONLY = ("merge", "hub")  # the GGUF F16 conversion is timed from the gguf manifest
@@ -156,8 +156,11 @@ def write_spec(work: Path, base: Path, build: Path) -> Path:
 
 def prepare(work: Path, layers: int) -> tuple[Path, Path]:
     """Inputs (once), the spec, the base stage, and the adapters where the training stages put theirs."""
-    import merge as merge_bench
+    import importlib.util
 
+    loader = importlib.util.spec_from_file_location("bench_merge", ROOT / "benchmarks" / "merge.py")
+    merge_bench = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(merge_bench)
     base, cpt = merge_bench.build_inputs(work, layers)
     sft = merge_bench.build_adapter(work, layers, f"adapter-sft-r128-{layers}l", modules_to_save=[], base=base)
     build = work / "build"

@@ -98,12 +98,13 @@ def _imatrix(spec: Spec, v: Variant, gguf_manifest: Manifest | None) -> list[str
     im, files = figures.get("imatrix"), figures.get("files", {})
     if v.format != "gguf" or im is None:
         return []
-    used = [q for q, f in files.items() if f.get("imatrix")]
-    plain = [q for q, f in files.items() if not f.get("imatrix")]
+    built = [q for q in spec.gguf_types() if q in files]  # the spec's order (a manifest's keys are sorted)
+    used = [q for q in built if files[q].get("imatrix")]
+    plain = [q for q in built if not files[q].get("imatrix")]
     about = v.imatrix.description if v.imatrix and v.imatrix.description else "calibration text"
     return ["## Importance matrix", "",
             f"{', '.join(used)} were quantized with an importance matrix (`{im['file']}`), computed by llama.cpp's "
-            f"`llama-imatrix` from the F16 file over `{im['calibration']}` of the release toolchain: {about}; "
+            f"`llama-imatrix` from the {v.dtype} file over `{im['calibration']}` of the release toolchain: {about}; "
             f"{im['chunks']} chunks of {im['chunk_tokens']} tokens ({im['tokens']:,} tokens)."
             + (f" {', '.join(plain)} did not use it." if plain else ""), ""]
 

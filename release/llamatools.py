@@ -146,21 +146,26 @@ def extract(archive: Path, dest: Path) -> Path:
     return dest
 
 
-def compile_tools(src: Path, work: Path, version: str, jobs: int) -> dict[str, Path]:
-    """Configure and build the two tools in ``work``; their paths. The log stays in ``work``."""
-    cmake = shutil.which("cmake")
-    if cmake is None:
+def cmake() -> str:
+    """The cmake program (checked before anything is downloaded)."""
+    found = shutil.which("cmake")
+    if found is None:
         raise GGUFError("cmake is not installed (apt-get install cmake, or pip install cmake); "
                         "it builds llama.cpp's imatrix and quantize tools")
+    return found
+
+
+def compile_tools(src: Path, work: Path, version: str, jobs: int) -> dict[str, Path]:
+    """Configure and build the two tools in ``work``; their paths. The log stays in ``work``."""
     (work / "project").mkdir()
     (work / "project" / "CMakeLists.txt").write_text(CMAKE, encoding="utf-8")
     rpath = "$ORIGIN/" + os.path.relpath(lib_dir(), bin_dir())
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     steps = [
-        [cmake, "-S", str(work / "project"), "-B", str(work / "build"), *generator, "-DCMAKE_BUILD_TYPE=Release",
+        [cmake(), "-S", str(work / "project"), "-B", str(work / "build"), *generator, "-DCMAKE_BUILD_TYPE=Release",
          f"-DLLAMA_SRC={src}", f"-DLLAMA_LIB={lib_dir()}", f"-DTOOLS_RPATH={rpath}",
          f"-DLLAMA_BUILD_COMMIT={PACKAGE}-{version}"],
-        [cmake, "--build", str(work / "build"), "--parallel", str(jobs), "--target", *TOOLS],
+        [cmake(), "--build", str(work / "build"), "--parallel", str(jobs), "--target", *TOOLS],
     ]
     log = work / "build.log"
     with open(log, "w", encoding="utf-8") as fh:
@@ -180,6 +185,7 @@ def install(jobs: int | None = None, force: bool = False) -> bool:
         (bin_dir() / RECORD).touch()  # checked against this install: ./inv stops asking
         return False
     version = want[PACKAGE]
+    cmake()
     start = time.perf_counter()
     print(f"inv: building {' and '.join(TOOLS)} from {PACKAGE} {version}'s source (a few minutes, once)",
           file=sys.stderr)

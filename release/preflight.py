@@ -27,12 +27,18 @@ _LLAMA3_8B_PARAMETERS = 8.03e9
 _GIB_AT_LLAMA3_8B = {"Q2_K": 2.96, "Q3_K_S": 3.41, "Q3_K_M": 3.74, "Q3_K_L": 4.03, "Q4_K_S": 4.37,
                      "Q4_K_M": 4.58, "Q5_K_S": 5.21, "Q5_K_M": 5.33, "Q6_K": 6.14, "Q8_0": 7.96,
                      "Q4_0": 4.34, "Q4_1": 4.78, "Q5_0": 5.21, "Q5_1": 5.65, "IQ4_XS": 4.15}
-BITS_PER_WEIGHT = {"F16": 16.0, "BF16": 16.0,
-                   **{q: gib * GIB * 8 / _LLAMA3_8B_PARAMETERS for q, gib in _GIB_AT_LLAMA3_8B.items()}}
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, an 8-bit absmax per 64, an fp32 one per 256 blocks
 COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 TEXT_EXPANSION = 4  # raw UTF-8 text is about 4x its gzip/zstd size
 BYTES_PER_TOKEN = 5  # raw UTF-8 per Llama 3 token on Qalb's corpus (about 10 GB for 2B tokens)
+# Llama 3's vocabulary, written beside the weights of every variant: tokenizer.json (indented, as
+# transformers saves it) with tokenizer_config.json (the chat template) in a safetensors folder;
+# its 128,256 tokens, their types and 280,147 merges as metadata in every GGUF file.
+TOKENIZER_BYTES = 17_262_004
+GGUF_VOCAB_BYTES = 7_820_823
+BITS_PER_WEIGHT = {"F16": 16.0, "BF16": 16.0,
+                   **{q: (gib * GIB - GGUF_VOCAB_BYTES) * 8 / _LLAMA3_8B_PARAMETERS
+                      for q, gib in _GIB_AT_LLAMA3_8B.items()}}
 
 
 @dataclass(frozen=True)
@@ -137,13 +143,14 @@ def estimate(spec: Spec, config: dict | None = None) -> list[Need]:
     needs += _training(spec, s, "cpt") + _training(spec, s, "sft")
     for key, v in spec.variants.items():
         if v.format == "safetensors":
-            needs.append(Need("merge", f"{key}: {v.dtype} safetensors", 2 * s.total))
+            needs.append(Need("merge", f"{key}: {v.dtype} safetensors", 2 * s.total + TOKENIZER_BYTES))
         elif v.format == "bnb-4bit":
             needs.append(Need("bnb4", f"{key}: bitsandbytes {v.dtype}",
-                              int(s.linear * NF4_BITS / 8) + 2 * (s.total - s.linear)))
+                              int(s.linear * NF4_BITS / 8) + 2 * (s.total - s.linear) + TOKENIZER_BYTES))
         else:
             for q in spec.gguf_types():
-                needs.append(Need("gguf", f"{key}: {spec.gguf_file_name(q)}", int(s.total * BITS_PER_WEIGHT[q] / 8)))
+                needs.append(Need("gguf", f"{key}: {spec.gguf_file_name(q)}",
+                                  int(s.total * BITS_PER_WEIGHT[q] / 8) + GGUF_VOCAB_BYTES))
     positions = spec.evaluation.fidelity_chunks * spec.evaluation.fidelity_chunk_tokens
     needs.append(Need("verify", "reference logits (while measuring)", positions * s.vocab * 4, transient=True))
     return needs

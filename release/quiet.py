@@ -58,6 +58,12 @@ NOTICES: tuple[Notice, ...] = (
            "Set `TRANSFORMERS_VERBOSITY=info` for more details.",
            "verification decodes greedily on purpose, while the release's generation_config.json holds "
            "the sampling settings for users: transformers says that temperature/top_p are unused."),
+    Notice("transformers.trainer_utils",
+           r"mtime may not be reliable on this filesystem, falling back to numerical ordering",
+           "mtime may not be reliable on this filesystem, falling back to numerical ordering",
+           "the Trainer orders checkpoints by mtime when it rotates them, and when two were saved less "
+           "than a second apart (tiny models on a fast machine) it orders them by step number instead, "
+           "which is the order the release resumes from anyway."),
 )
 
 # Unsloth warns when transformers was imported first. On its CPU backend ("stock transformers +

@@ -103,10 +103,11 @@ def test_demo_release_runs_end_to_end(uninterrupted):
 
 
 def test_disk_estimate_matches_what_the_demo_wrote(uninterrupted):
-    """The preflight estimate against the demo's real files: safetensors and GGUF F16 are shapes
-    times 2 bytes (within 1%: headers, tokenizer files); NF4 within 10% (block states); the
-    llama.cpp quants use Llama-3-8B's sizes per weight, which a 2-layer model with a vocabulary
-    of 128,256 does not follow closely (its embedding dominates): within a factor of 2."""
+    """The preflight estimate against the demo's real files (every file of a variant's folder but
+    its manifest): safetensors and GGUF F16 are shapes times 2 bytes plus Llama 3's tokenizer
+    (within 1%: headers, configs); NF4 within 10% (block states); the llama.cpp quants use
+    Llama-3-8B's sizes per weight, which a 2-layer model with a vocabulary of 128,256 follows
+    less closely (its embedding, a type of its own in each mix, is most of it): within 25%."""
     from release import preflight
 
     spec_path, done, _ = uninterrupted
@@ -117,11 +118,11 @@ def test_disk_estimate_matches_what_the_demo_wrote(uninterrupted):
             real = sum(p.stat().st_size for p in pipeline.variant_dir(spec, n.what.split(":")[0]).iterdir())
             assert abs(real - n.bytes) / real < 0.01, (n, real)
         elif n.stage == "bnb4":
-            real = sum(p.stat().st_size for p in pipeline.folder(spec, "bnb4").glob("*.safetensors"))
+            real = sum(p.stat().st_size for p in pipeline.folder(spec, "bnb4").iterdir() if p.name != MANIFEST)
             assert abs(real - n.bytes) / real < 0.10, (n, real)
         elif n.stage == "gguf":
             real = (pipeline.folder(spec, "gguf") / n.what.split(": ")[1]).stat().st_size
-            limit = 0.01 if n.what.endswith("F16.gguf") else 1.0
+            limit = 0.01 if n.what.endswith("F16.gguf") else 0.25
             assert abs(real - n.bytes) / real < limit, (n, real)
 
 

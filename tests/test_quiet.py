@@ -74,6 +74,10 @@ with quiet.known_notices() if sys.argv[1] == "quiet" else nullcontext():
         unsloth = quiet.import_unsloth()
     else:
         import unsloth
+    from transformers.trainer_utils import sort_checkpoints  # the Trainer's checkpoint rotation
+    for step in (1, 2):
+        (Path(sys.argv[2]) / "run" / f"checkpoint-{step}").mkdir(parents=True, exist_ok=True)  # saved < 1 s apart
+    sort_checkpoints(str(Path(sys.argv[2]) / "run"), use_mtime=True)
     logging.getLogger("torchao").warning("torchao: a real problem")
     logging.getLogger("gguf.vocab").warning("Unknown separator token '<|eot_id|>' in TemplateProcessing<pair>")
     warnings.warn("ours: a real warning", UserWarning)
