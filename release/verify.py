@@ -295,8 +295,10 @@ def _generate_hf(model, tok, spec: Spec, prompt: str) -> Generation:
 
     eos = chat.eos_token_ids(spec.chat)
     ids = torch.tensor([_chat_ids(tok, spec, prompt)], device=model.device)
+    # plain greedy, as llama.cpp decodes in generate_gguf: no repetition penalty from the model's
+    # generation_config.json (that holds the users' sampling settings), so runtimes are compared alike
     config = GenerationConfig(max_new_tokens=spec.evaluation.max_new_tokens, do_sample=False, eos_token_id=eos,
-                              pad_token_id=tok.convert_tokens_to_ids(spec.chat.pad_token))
+                              pad_token_id=tok.convert_tokens_to_ids(spec.chat.pad_token), repetition_penalty=1.0)
     with torch.no_grad():
         new = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, ids.shape[1]:].tolist()
     stopped = bool(new) and new[-1] in eos

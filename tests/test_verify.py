@@ -4,7 +4,9 @@ BF16, stop tokens and Urdu purity; the manifest the publishing step requires."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 from conftest import write_spec
 from release import gguf as G
 from release import merge as merger
-from release import forward, quant4, scaffold, verify
+from release import chat, forward, quant4, scaffold, verify
 from release.artifacts import read_manifest, sha256_file
 from release.shards import row_blocks
 from release.spec import Gate, load
@@ -422,3 +424,30 @@ def test_llama_cpp_uses_every_core(built):
         assert llm.model_params.n_gpu_layers == (-1 if llama_cpp.llama_supports_gpu_offload() else 0)
     finally:
         llm.close()
+
+
+def test_transformers_generation_is_plain_greedy_as_in_llama_cpp(built, tmp_path):
+    """Both runtimes decode greedily with no repetition penalty (llama.cpp is called with
+    repeat_penalty=1.0), so their answers are compared alike, whatever sampling settings the
+    variant's generation_config.json holds for its users: here repetition_penalty 0.05, which
+    multiplies the positive logits of the prompt's tokens by 20 and so changes this random
+    model's greedy answer (checked, so the test can fail)."""
+    spec, models, _, _ = built
+    folder = tmp_path / "bf16"
+    shutil.copytree(models["bf16"], folder)
+    config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    (folder / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 0.05}), encoding="utf-8")
+    ev = dataclasses.replace(spec.evaluation, generation_prompts=1, max_new_tokens=8)
+    short = dataclasses.replace(spec, evaluation=ev)
+    tok = _tokenizer(folder)
+    [got], _ = verify.hf_generations(folder, tok, short, "cpu")
+
+    model = verify.hf_model(folder, "cpu")
+    ids = torch.tensor([verify._chat_ids(tok, short, verify.prompts(short)[0])])
+    eos = chat.eos_token_ids(spec.chat)
+    with torch.no_grad():
+        plain, penalized = (model.generate(ids, do_sample=False, max_new_tokens=ev.max_new_tokens, eos_token_id=eos,
+                                           **extra)[0, ids.shape[1]:].tolist()
+                            for extra in ({"repetition_penalty": 1.0}, {}))  # {}: the file's penalty applies
+    assert got.tokens == plain
+    assert penalized != plain
