@@ -267,7 +267,12 @@ def report(spec, rows: list[Row], write_bw: float, read_bw: float, layers: int) 
                   f"{r.seconds / r.floor_s:.2f}" if r.floor_s else "")
     Console(width=200).print(t)
     whole = sum(r.seconds for r in rows if r.stage in STAGES)
-    scale = (32 * 218_112_000 + 1_050_673_152) / (layers * 218_112_000 + 1_050_673_152)  # parameters, 32 vs N layers
+    from release import llama3, preflight, scaffold
+
+    def parameters(n: int) -> int:
+        return preflight.shapes(llama3.model_config(scaffold.eight_b_shaped(n))).total
+
+    scale = parameters(32) / parameters(layers)
     print(f"merge to push: {whole / 60:.1f} min at {layers} layers; about {whole * scale / 60:.0f} min at 32 layers "
           f"(x{scale:.2f} parameters; the time of every stage here scales with the bytes it moves or computes on)")
     print(json.dumps({r.stage: {"seconds": round(r.seconds, 1), "anon_gb": round(r.anon_gb, 2),

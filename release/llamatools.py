@@ -130,19 +130,21 @@ def sdist(version: str, dest: Path) -> Path:
     return found[0]
 
 
-def extract(archive: Path, dest: Path) -> Path:
-    """The parts of the sdist's ``vendor/llama.cpp`` that the build reads, into ``dest``."""
+def extract(archive: Path, dest: Path, keep: tuple[str, ...] = SOURCES,
+            expect: str = "tools/imatrix/imatrix.cpp") -> Path:
+    """The parts (``keep``) of the sdist's ``vendor/llama.cpp`` into ``dest``: by default what the
+    tools' build reads. ``expect`` is a file that must be among them."""
     prefix = f"{archive.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
     with tarfile.open(archive) as tar:
         members = []
         for m in tar.getmembers():
             rel = m.name.removeprefix(prefix)
-            if m.name.startswith(prefix) and (m.isfile() or m.isdir()) and rel.startswith(SOURCES):
+            if m.name.startswith(prefix) and (m.isfile() or m.isdir()) and rel.startswith(keep):
                 m.name = rel
                 members.append(m)
         tar.extractall(dest, members=members, filter="data")
-    if not (dest / "tools" / "imatrix" / "imatrix.cpp").is_file():
-        raise GGUFError(f"{archive}: no vendor/llama.cpp/tools/imatrix inside; cannot build the tools")
+    if not (dest / expect).is_file():
+        raise GGUFError(f"{archive}: no vendor/llama.cpp/{expect} inside")
     return dest
 
 

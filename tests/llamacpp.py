@@ -8,10 +8,9 @@ import importlib.metadata
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-from release.artifacts import StageError
+from release import llamatools
 
 ROOT = Path(__file__).resolve().parent.parent
 KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -25,22 +24,9 @@ def converter_dir() -> Path:
         return dest
     dl = dest.with_name(dest.name + ".download")
     dl.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                    "-d", str(dl), f"llama-cpp-python=={version}"], check=True)
-    (sdist,) = dl.glob("llama_cpp_python-*.tar.gz")
-    prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with tarfile.open(sdist) as tar:
-        members = []
-        for m in tar.getmembers():
-            rel = m.name.removeprefix(prefix)
-            if m.name.startswith(prefix) and (m.isfile() or m.isdir()) and rel.startswith(KEEP):
-                m.name = rel
-                members.append(m)
-        tar.extractall(tmp, members=members, filter="data")
-    if not (tmp / "convert_hf_to_gguf.py").is_file():
-        raise StageError(f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside")
+    llamatools.extract(llamatools.sdist(version, dl), tmp, keep=KEEP, expect="convert_hf_to_gguf.py")
     tmp.rename(dest)
     return dest
 
