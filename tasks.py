@@ -10,6 +10,11 @@ from invoke import Collection, Exit, task
 
 DEMO = "specs/demo.toml"
 RUNNER_HELP = "docker: run in the task's container image; local: here (default: docker for training on a GPU host)"
+LAUNCH_HELP = {
+    "processes": "training processes per host (DDP through torchrun: one per GPU; default 1)",
+    "nodes": "hosts taking part (each runs the same command; default 1)",
+    "rdzv": "HOST:PORT where the hosts meet (torchrun's c10d rendezvous; needed with --nodes > 1)",
+}
 
 
 def _guarded(fn: Callable[[], object]) -> object:
@@ -48,12 +53,15 @@ def _runner(name: str, runner: str | None, **options: object) -> bool:
 
 
 @task(help={"slow": "also run the opt-in slow tests", "k": "only tests matching this expression",
+            "gpu": "run only the GPU tests (CUDA kernels, NCCL, the train image with --gpus all): on a GPU host",
             "args": "extra arguments for pytest"})
-def test(c, slow=False, k="", args=""):
-    """Run the test suite (tiny models, CPU only, offline)."""
+def test(c, slow=False, k="", gpu=False, args=""):
+    """Run the test suite (tiny models, CPU only, offline); --gpu: the GPU tests instead."""
     cmd = [sys.executable, "-m", "pytest", "-q"]
     if slow:
         cmd.append("--slow")
+    if gpu:
+        cmd += ["--gpu", "-m", "gpu"]
     if k:
         cmd += ["-k", repr(k)]
     c.run(" ".join(cmd + ([args] if args else [])), pty=False)
@@ -165,16 +173,23 @@ def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=F
     "only": "run only this stage",
     "from": "start at this stage (earlier stages must be built)",
     "push": "after the plan, upload every repo to the Hub and tag it (default: plan only)",
+    "runner": "docker: each stage in its image (data, cpt, sft in the train image; the rest in the release "
+              "image); local: here (default)",
+    **LAUNCH_HELP,
 })
-def release(c, spec=DEMO, force=False, only=None, from_=None, push=False):
+def release(c, spec=DEMO, force=False, only=None, from_=None, push=False, runner="local", processes=1, nodes=1,
+            rdzv=None):
     """Run the release pipeline: data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, hub."""
     import time
 
     from release import pipeline
+    from training import distributed
 
     s = _spec(spec)
+    how = _guarded(lambda: distributed.launch(processes, nodes, rdzv))
     start = time.perf_counter()
-    results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_, push=push))
+    results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_, push=push, launch=how,
+                                            runner=runner, root=Path(__file__).parent))
     pipeline.summary(s, results, artifacts=True)
     print(f"{s.release.name} {s.release.version}: {len(results)} stages in {time.perf_counter() - start:.0f} s"
           + ("" if push else "; nothing left this machine (add --push to publish)"))
@@ -327,16 +342,18 @@ def data(c, spec=DEMO, force=False, runner=None):
 
 @task(help={"stage": "cpt (continued pre-training) or sft (instruction fine-tuning)",
             "spec": f"release spec (default {DEMO})", "force": "train again even if up to date",
-            "runner": RUNNER_HELP})
-def train(c, stage, spec=DEMO, force=False, runner=None):
+            "runner": RUNNER_HELP, **LAUNCH_HELP})
+def train(c, stage, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None):
     """Train a LoRA stage with Unsloth (build/<release>/<stage>); an interrupted run resumes."""
-    from training import stages
+    from training import distributed, stages
 
-    if _runner("train", runner, stage=stage, spec=spec, force=force):
+    how = _guarded(lambda: distributed.launch(processes, nodes, rdzv))
+    if _runner("train", runner, stage=stage, spec=spec, force=force, processes=how.processes, nodes=how.nodes,
+               rdzv=how.rdzv):
         return
 
     s = _spec(spec)
-    stages.summary(s, stage, _guarded(lambda: stages.run(s, stage, force=force)))
+    stages.summary(s, stage, _guarded(lambda: distributed.run(s, stage, how, force=force)))
 
 
 def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None, ca_bundle=None, build_arg=None):

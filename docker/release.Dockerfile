@@ -1,6 +1,10 @@
 # CPU image for the release stages: merge, GGUF conversion and quantization, verification,
-# cards and publishing. Build with `./inv docker.build --image release` (docker/README: the
-# "Containers" section of README.md); stages run in it with `--runner docker`.
+# cards and publishing. Build with `./inv docker.build --image release` (the "Containers"
+# section of README.md); stages run in it with `--runner docker`.
+#
+# Stages: `build` (compilers, the virtual environment), `env` (the runtime: system, user and
+# environment, no project code; tagged qalb-env:<version>, the train image's base, so both
+# images share its layers) and the final image (env plus the project files).
 #
 # Build arguments:
 #   BASE_IMAGE       Debian bookworm with Python 3.11 and venv (python:3.11-slim-bookworm, or the
@@ -65,12 +69,10 @@ COPY release/__init__.py release/errors.py release/llamatools.py /tmp/llamatools
 RUN PYTHONPATH=/tmp/llamatools python -m release.llamatools \
  && rm -rf /tmp/llamatools
 
-# --- final: the environment, the project files, a non-root user --------------------------------
-FROM ${BASE_IMAGE}
+# --- env: the runtime without the project's code (the train image starts from it) -------------
+FROM ${BASE_IMAGE} AS env
 ARG UID=1000
 ARG GID=1000
-LABEL org.opencontainers.image.title="qalb-release" \
-      org.opencontainers.image.description="Qalb release toolchain: merge, GGUF, verification, publishing (CPU)"
 
 # libgomp1: llama.cpp's OpenMP runtime
 # hadolint ignore=DL3008
@@ -83,11 +85,7 @@ RUN apt-get update \
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-# the tasks and specs, for use without a checkout (the runner mounts the checkout instead)
-COPY tasks.py pyproject.toml constraints.txt ./
-COPY specs ./specs
-COPY release ./release
-COPY training ./training
+COPY pyproject.toml constraints.txt ./
 
 # The runner starts containers as the caller's uid:gid, which need not be this user's: HOME is
 # writable by any uid (caches of triton, torch, the tokenizer kit), HF_HOME is overridden by the
@@ -97,6 +95,18 @@ ENV PATH=/opt/venv/bin:${PATH} \
     HF_HOME=/home/qalb/.cache/huggingface \
     PYTHONUNBUFFERED=1 \
     LANG=C.UTF-8
+
+# --- final: env, the project files, a non-root user ----------------------------------------------
+FROM env
+ARG UID=1000
+ARG GID=1000
+LABEL org.opencontainers.image.title="qalb-release" \
+      org.opencontainers.image.description="Qalb release toolchain: merge, GGUF, verification, publishing (CPU)"
+# the tasks and specs, for use without a checkout (the runner mounts the checkout instead)
+COPY tasks.py ./
+COPY specs ./specs
+COPY release ./release
+COPY training ./training
 USER ${UID}:${GID}
 ENTRYPOINT ["invoke"]
 CMD ["--list"]

@@ -10,7 +10,7 @@ The command builders are pure functions returning argv lists (tested as such); `
 - the container runs as the caller's uid:gid, so what it writes belongs to the caller;
 - secrets are passed by name (``-e HF_TOKEN``): docker copies the value from its own
   environment, so no value is ever on a command line, in a log or in an error message;
-- training stages get ``--gpus all``.
+- training stages get ``--gpus all`` on a host with an NVIDIA GPU (nvidia-smi lists one).
 """
 
 from __future__ import annotations
@@ -34,10 +34,16 @@ RUNNERS = ("docker", "local")
 # that the stages read and that should mean the same inside.
 SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 PASSED = SECRETS + ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER", "CUDA_VISIBLE_DEVICES")
-# task -> (image, needs a GPU). Tasks not listed run in the release image without a GPU.
+# task -> (image, uses a GPU). Tasks not listed run in the release image without a GPU.
 TASK_IMAGES: dict[str, tuple[str, bool]] = {
     "data": ("train", False),
     "train": ("train", True),
+}
+# pipeline stage -> (image, uses a GPU), for `release --only STAGE`; the others: the release image
+STAGE_IMAGES: dict[str, tuple[str, bool]] = {
+    "data": ("train", False),
+    "cpt": ("train", True),
+    "sft": ("train", True),
 }
 # Options of stage tasks that name files or folders: they must be visible in the container.
 PATH_OPTIONS = ("spec", "base", "adapter", "out", "model", "check")
@@ -50,8 +56,9 @@ STAGING = Path("build/.cache/docker")
 
 
 def image_tag(image: str, version: str | None = None) -> str:
-    """``qalb-<image>:<package version>``: the tag `docker.build` writes and the runner runs."""
-    if image not in IMAGES:
+    """``qalb-<image>:<package version>``: the tag `docker.build` writes and the runner runs
+    (``env``: the release image's runtime stage, the train image's base)."""
+    if image not in IMAGES + ("env",):
         raise DockerError(f"--image {image}: expected one of {', '.join(IMAGES)}")
     return f"qalb-{image}:{version or importlib.metadata.version(toolchain())}"
 
@@ -61,9 +68,10 @@ def dockerfile(image: str) -> Path:
 
 
 def build_command(dockerfile: str | Path, tag: str, context: str | Path = ".",
-                  build_args: Mapping[str, str] | None = None, docker: str = "docker") -> list[str]:
-    """``docker build -f FILE -t TAG --build-arg K=V ... CONTEXT`` (build args sorted by name)."""
-    cmd = [docker, "build", "-f", str(dockerfile), "-t", tag]
+                  build_args: Mapping[str, str] | None = None, docker: str = "docker",
+                  target: str | None = None) -> list[str]:
+    """``docker build -f FILE -t TAG [--target T] --build-arg K=V ... CONTEXT`` (build args sorted)."""
+    cmd = [docker, "build", "-f", str(dockerfile), "-t", tag] + (["--target", target] if target else [])
     for key, value in sorted((build_args or {}).items()):
         if key in SECRETS:
             raise DockerError(f"--build-arg {key}: secrets never go into an image")
@@ -74,15 +82,18 @@ def build_command(dockerfile: str | Path, tag: str, context: str | Path = ".",
 def run_command(task_argv: Sequence[str], tag: str, *, workdir: str | Path,
                 mounts: Sequence[str | Path], user: tuple[int, int], gpus: bool = False,
                 env_names: Sequence[str] = PASSED, env: Mapping[str, str] | None = None,
-                docker: str = "docker") -> list[str]:
+                docker: str = "docker", host_network: bool = False) -> list[str]:
     """``docker run --rm`` of one task with ``--runner local`` inside.
 
     ``mounts`` are host folders mounted read-write at the same path; ``env_names`` are passed by
     name (the value stays in docker's environment); ``env`` holds non-secret values such as
-    paths and refuses secret names."""
+    paths and refuses secret names. ``host_network``: training across hosts (torchrun's
+    rendezvous and the collectives use the host's addresses)."""
     cmd = [docker, "run", "--rm"]
     if gpus:
         cmd += ["--gpus", "all", "--ipc", "host"]
+    if host_network:
+        cmd += ["--network", "host"]
     cmd += ["--user", f"{user[0]}:{user[1]}"]
     for folder in mounts:
         cmd += ["-v", f"{folder}:{folder}"]
@@ -159,7 +170,7 @@ def plan(task: str, options: Mapping[str, object], root: Path, *, build_dir: Pat
     """The ``docker run`` command for ``task``: mounts, user, GPU and image derived from the
     task, the checkout ``root`` and the spec's ``build_dir``."""
     root = root.resolve()
-    image, gpus = TASK_IMAGES.get(task, ("release", False))
+    image, gpus = image_for(task, options)
     hf = hf_folders()
     mounts = [root]
     if build_dir is not None and not _inside(build_dir.resolve(), mounts):
@@ -177,8 +188,15 @@ def plan(task: str, options: Mapping[str, object], root: Path, *, build_dir: Pat
     cwd = Path.cwd().resolve()
     return run_command(task_argv(task, options), tag or image_tag(image),
                        workdir=cwd if _inside(cwd, [root]) else root, mounts=mounts,
-                       user=(os.getuid(), os.getgid()), gpus=gpus,
-                       env={k: str(v) for k, v in hf.items()})
+                       user=(os.getuid(), os.getgid()), gpus=gpus and gpu_present(),
+                       env={k: str(v) for k, v in hf.items()}, host_network=int(options.get("nodes") or 1) > 1)
+
+
+def image_for(task: str, options: Mapping[str, object]) -> tuple[str, bool]:
+    """``(image, uses a GPU)`` of ``task``; ``release --only STAGE`` runs in that stage's image."""
+    if task == "release" and options.get("only"):
+        return STAGE_IMAGES.get(str(options["only"]), ("release", False))
+    return TASK_IMAGES.get(task, ("release", False))
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -206,7 +224,7 @@ def dispatch(task: str, runner: str | None, options: Mapping[str, object], root:
         raise DockerError(f"--runner {runner}: expected one of {', '.join(RUNNERS)}")
     if runner == "local":
         return False
-    image = TASK_IMAGES.get(task, ("release", False))[0]
+    image = image_for(task, options)[0]
     tag = image_tag(image)
     cmd = plan(task, options, root, build_dir=build_dir, tag=tag)
     if not image_exists(tag):
@@ -241,8 +259,14 @@ def build_args(image: str, root: Path, *, base_image: str | None = None, wheelho
                ca_bundle: Path | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Build arguments for ``image``; stages the wheelhouse and CA bundle into the context.
 
-    UID/GID are the caller's (1000 for root, which an image user cannot have)."""
+    UID/GID are the caller's (1000 for root, which an image user cannot have). The train image's
+    base is the release image's env stage of the same version (``ENV_IMAGE``)."""
     args: dict[str, str] = {}
+    if image == "train":
+        if base_image or wheelhouse:
+            raise DockerError("--base-image/--wheelhouse: the train image starts from the release image's env "
+                              "stage; pass them when building the release image")
+        args["ENV_IMAGE"] = image_tag("env")
     if base_image:
         args["BASE_IMAGE"] = base_image
     uid, gid = os.getuid(), os.getgid()
@@ -260,16 +284,30 @@ def build_args(image: str, root: Path, *, base_image: str | None = None, wheelho
     return args
 
 
+def build_commands(image: str, root: Path, *, tag: str | None = None, **kwargs) -> list[list[str]]:
+    """The ``docker build`` commands for ``image``: the release image's env stage (tagged, the
+    train image's base) and then the image itself; the train image alone."""
+    args = build_args(image, root, **kwargs)
+    cmds = [build_command(dockerfile(image), tag or image_tag(image), ".", args, docker=_docker())]
+    if image == "release":
+        cmds.insert(0, build_command(dockerfile(image), image_tag("env"), ".", args, docker=_docker(), target="env"))
+    return cmds
+
+
 def build(image: str, root: Path, *, tag: str | None = None, **kwargs) -> dict[str, object]:
     """``docker build`` of ``image`` from the checkout; returns tag, size and seconds."""
     tag = tag or image_tag(image)
-    cmd = build_command(dockerfile(image), tag, ".", build_args(image, root, **kwargs), docker=_docker())
-    print(f"docker build: {shown(cmd)}", file=sys.stderr, flush=True)
+    if image == "train" and not image_exists(image_tag("env")):
+        raise DockerError(f"image {image_tag('env')} not found: the train image starts from the release image's "
+                          "env stage; build that first with `./inv docker.build --image release`")
     t0 = time.monotonic()
-    rc = subprocess.run(cmd, cwd=root).returncode
+    for cmd in build_commands(image, root, tag=tag, **kwargs):
+        print(f"docker build: {shown(cmd)}", file=sys.stderr, flush=True)
+        rc = subprocess.run(cmd, cwd=root).returncode
+        if rc != 0:
+            raise DockerError(f"docker build of {cmd[cmd.index('-t') + 1]} failed with exit status {rc} after "
+                              f"{time.monotonic() - t0:.1f} s (output above)")
     seconds = round(time.monotonic() - t0, 1)
-    if rc != 0:
-        raise DockerError(f"docker build of {tag} failed with exit status {rc} after {seconds} s (output above)")
     size = subprocess.run([_docker(), "image", "inspect", "--format", "{{.Size}}", tag],
                           capture_output=True, text=True).stdout.strip()
     return {"image": image, "tag": tag, "bytes": int(size) if size.isdigit() else None, "seconds": seconds}

@@ -13,7 +13,9 @@ or stage lives. Adding a stage is one module plus one line in ``STAGES`` (and it
 Stages run in order; each is skipped when its manifest says its inputs and spec sections are
 unchanged, and an interrupted one is rebuilt from scratch (or, for training, from its last
 checkpoint) on the next run. ``only`` runs one stage, ``start`` resumes from a stage (earlier
-ones must be built).
+ones must be built). Training stages run on as many processes and hosts as ``launch`` says
+(training/distributed.py); with the docker runner every stage runs in its container image
+(release/docker.py), one ``release --only STAGE`` each.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from typing import Protocol
 from rich.console import Console
 from rich.table import Table
 
-from release import base, card, gguf, hub, merge, modelfile, preflight, quant4, verify
+from release import base, card, docker, gguf, hub, merge, modelfile, preflight, quant4, verify
 from release.artifacts import Manifest, human_bytes, read_manifest, summary_console
 from release.errors import StageError
 from release.spec import Spec
-from training import cpt, curate, sft
+from training import cpt, curate, distributed, sft
 
 
 class Stage(Protocol):
@@ -127,12 +129,20 @@ def select(spec: Spec, only: str | None = None, start: str | None = None, until:
     return names[names.index(start) if start else 0:names.index(until) + 1 if until else None]
 
 
+ONE_PROCESS = distributed.Launch()
+
+
 def run(spec: Spec, *, force: bool = False, only: str | None = None, start: str | None = None,
         until: str | None = None, push: bool = False, progress: bool = True,
-        console: Console | None = None) -> list[StageResult]:
+        console: Console | None = None, launch: distributed.Launch = ONE_PROCESS,
+        runner: str = "local", root: Path | None = None) -> list[StageResult]:
     """Run the stages in order (``start`` to ``until``, or ``only`` one); returns what each did.
     Raises ``StageError`` when verification fails (after recording it), so nothing unverified
-    goes on to the cards and the Hub. ``push`` publishes the Hub plan once it is made."""
+    goes on to the cards and the Hub. ``push`` publishes the Hub plan once it is made.
+    ``launch``: the training stages' processes and hosts; ``runner`` ``docker``: each stage in
+    its container image, from the checkout ``root``."""
+    if runner not in docker.RUNNERS:
+        raise StageError(f"--runner {runner}: expected one of {', '.join(docker.RUNNERS)}")
     console = console or summary_console()
     names = select(spec, only, start, until)
     # before anything is built: refuse in one line when the disk cannot hold what will be written
@@ -142,7 +152,15 @@ def run(spec: Spec, *, force: bool = False, only: str | None = None, start: str 
         s = stage(name)
         if progress:
             console.print(f"[bold]{name}[/bold] …")
-        manifest = s.run(spec, force=force, progress=progress)
+        if runner == "docker":
+            manifest = _in_container(spec, name, root or Path.cwd(), force=force, launch=launch,
+                                     push=push and name == hub.STAGE)
+            results.append(StageResult(name, s.folder(spec), manifest))
+            continue  # the container ran the gate and the push
+        if name in (cpt.STAGE, sft.STAGE):
+            manifest = distributed.run(spec, name, launch, force=force, progress=progress)
+        else:
+            manifest = s.run(spec, force=force, progress=progress)
         results.append(StageResult(name, s.folder(spec), manifest))
         if name == verify.STAGE and not manifest.figures.get("passed"):
             console.print(verify_table(manifest.figures))
@@ -154,6 +172,21 @@ def run(spec: Spec, *, force: bool = False, only: str | None = None, start: str 
             console.print(hub.push_table(spec, pushed))
             manifest.figures["pushed"] = len(pushed)
     return results
+
+
+def _in_container(spec: Spec, name: str, root: Path, *, force: bool, launch: distributed.Launch,
+                  push: bool) -> Manifest:
+    """Stage ``name`` as ``release --only NAME`` in its image (docker.STAGE_IMAGES); its manifest."""
+    before = read_manifest(folder(spec, name))
+    options = {"spec": spec.path, "only": name, "force": force, "push": push}
+    if name in (cpt.STAGE, sft.STAGE):
+        options.update(processes=launch.processes, nodes=launch.nodes, rdzv=launch.rdzv)
+    docker.dispatch("release", "docker", options, root, build_dir=spec.build_dir)
+    after = read_manifest(folder(spec, name))
+    if after is None:
+        raise StageError(f"{name}: the container wrote no manifest in {folder(spec, name)}")
+    after.built = before is None or before.to_json() != after.to_json()
+    return after
 
 
 def status(spec: Spec) -> list[tuple[str, Manifest | None]]:

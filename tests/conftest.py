@@ -29,15 +29,23 @@ def write_spec(folder: Path, text: str | None = None, name: str = "demo.toml") -
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="run the opt-in slow tests")
+    parser.addoption("--gpu", action="store_true", help="run the GPU tests (a host with an NVIDIA GPU)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--slow"):
-        return
-    skip = pytest.mark.skip(reason="slow test: run with --slow (./inv test --slow)")
+    from release import docker
+
+    skips = {}
+    if not config.getoption("--slow"):
+        skips["slow"] = pytest.mark.skip(reason="slow test: run with --slow (./inv test --slow)")
+    if not config.getoption("--gpu"):
+        skips["gpu"] = pytest.mark.skip(reason="GPU test: run with --gpu on a GPU host (./inv test --gpu)")
+    elif not docker.gpu_present():
+        skips["gpu"] = pytest.mark.skip(reason="no NVIDIA GPU here (nvidia-smi -L lists none)")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -45,11 +45,17 @@ def test_hadolint_catches_what_the_images_avoid(tmp_path):
 @pytest.mark.parametrize("image", docker.IMAGES)
 def test_dockerfiles_pin_the_base_and_drop_root(image):
     text = (ROOT / docker.dockerfile(image)).read_text()
+    if image == "train":  # the release image's env stage, which the build passes (no CUDA base image)
+        assert "ARG ENV_IMAGE\nFROM ${ENV_IMAGE}\n" in text and "FROM ${BASE_IMAGE} AS env" in (
+            ROOT / docker.dockerfile("release")).read_text()
+        assert "nvidia/cuda" not in text.replace("# ", "")
+        text = (ROOT / docker.dockerfile("release")).read_text() + text
     base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG BASE_IMAGE="))
     name, _, tag = base.rpartition(":")
     assert name and any(ch.isdigit() for ch in tag) and tag != "latest", base
     assert "constraints" in text and "--no-install-recommends" in text and "rm -rf /var/lib/apt/lists/*" in text
-    assert [line for line in text.splitlines() if line.startswith("USER ")] == ["USER ${UID}:${GID}"]
+    assert [line for line in text.splitlines() if line.startswith("USER ")] == ["USER ${UID}:${GID}"] * (
+        1 + (image == "train"))
     # every file COPY'd from the context is one .dockerignore lets through
     ignored = (ROOT / ".dockerignore").read_text().split()
     for line in text.splitlines():
@@ -117,6 +123,7 @@ def hf_home(tmp_path, monkeypatch):
 def test_plan_mounts_user_gpu_and_secrets(hf_home, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(docker, "gpu_present", lambda: True)  # test_default_runner_... runs the real probe
     outside_build = tmp_path / "elsewhere" / "Qalb"
     cmd = docker.plan("train", {"spec": "specs/demo.toml", "stage": "cpt"}, ROOT, build_dir=outside_build)
     assert cmd[:7] == ["docker", "run", "--rm", "--gpus", "all", "--ipc", "host"]
@@ -131,6 +138,17 @@ def test_plan_mounts_user_gpu_and_secrets(hf_home, tmp_path, monkeypatch):
     cpu = docker.plan("merge", {"spec": "specs/demo.toml"}, ROOT, build_dir=ROOT / "build" / "Qalb")
     assert "--gpus" not in cpu and docker.image_tag("release") in cpu
     assert [cpu[i + 1] for i, a in enumerate(cpu) if a == "-v"] == [f"{ROOT}:{ROOT}", f"{hf_home}:{hf_home}"]
+    # `release --only STAGE` runs in that stage's image; training across hosts uses the host's network
+    two_hosts = docker.plan("release", {"spec": "specs/demo.toml", "only": "cpt", "processes": 8, "nodes": 2,
+                                        "rdzv": "node0:29500"}, ROOT)
+    assert docker.image_tag("train") in two_hosts and "--gpus" in two_hosts
+    assert two_hosts[two_hosts.index("--network") + 1] == "host"
+    assert two_hosts[-14:] == [docker.image_tag("train"), "release", "--spec", "specs/demo.toml", "--only", "cpt",
+                               "--processes", "8", "--nodes", "2", "--rdzv", "node0:29500", "--runner", "local"]
+    for stage, image in (("data", "train"), ("sft", "train"), ("merge", "release"), ("verify", "release")):
+        assert docker.image_for("release", {"only": stage})[0] == image
+    monkeypatch.setattr(docker, "gpu_present", lambda: False)  # no GPU on the host: no --gpus
+    assert "--gpus" not in docker.plan("train", {"spec": "specs/demo.toml", "stage": "cpt"}, ROOT)
 
 
 def test_plan_refuses_paths_the_container_cannot_see(hf_home, tmp_path, monkeypatch):
@@ -355,3 +373,80 @@ def test_train_image_constraints_resolve_with_a_cuda_torch(tmp_path):
     assert len(compared) > 60  # every pinned package the set needs, at its pin
     for name in compared:
         assert got[name.lower().replace("_", "-")] == pins[name], name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None,
+                    reason="installs podman with apt-get and runs rootful podman")
+def test_train_image_trains_as_the_local_runner_does(tiny_model):
+    """Build the train image on the release image's env stage (PyPI's CUDA torch, no CUDA base
+    image), then run the demo's data, cpt and sft stages in it through `./inv release --only STAGE
+    --runner docker` as the caller, with a token in the environment: the curated data and the
+    adapters are the same bytes as `--runner local` writes here (the CUDA build of torch runs the
+    same CPU kernels as the CPU build: no GPU, so Unsloth's CPU path in both). Then 2 processes
+    (torchrun, gloo) in the container keep the 1-process losses, as they do locally."""
+    import time
+
+    from conftest import demo_release
+    from test_training import _losses, _spec_text
+
+    from release import spec as spec_mod
+    from training import stages
+
+    env = _podman_env()
+    inv = [str(Path(sys.executable).with_name("invoke"))]
+    figures = {}
+    for image, extra in (("release", ["--base-image", env["QALB_BASE_IMAGE"], "--wheelhouse", "build/.cache/wheelhouse",
+                                      "--build-arg", "TORCH_INDEX_URL=https://pypi.org/simple"]), ("train", [])):
+        t0 = time.monotonic()
+        build = subprocess.run(inv + ["docker.build", "--image", image] + extra, cwd=ROOT, env=env,
+                               capture_output=True, text=True)
+        figures[image] = time.monotonic() - t0
+        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    tag = docker.image_tag("train")
+    probe = subprocess.run(["docker", "run", "--rm", "--entrypoint", "python", tag, "-c",
+                            "import torch, unsloth, datatrove, llama_cpp, release; "
+                            "print(torch.__version__, torch.version.cuda, torch.cuda.is_available())"],
+                           env=env, capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    version, cuda, available = probe.stdout.split()[-3:]
+    assert version == "2.13.0" and cuda.startswith("13") and available == "False", probe.stdout  # PyPI's CUDA build
+    layers = {}
+    for image in ("env", "train"):
+        out = subprocess.run(["docker", "image", "inspect", "--format", "{{json .RootFS.Layers}}",
+                              docker.image_tag(image)], env=env, capture_output=True, text=True, check=True).stdout
+        layers[image] = json.loads(out)
+    assert layers["train"][:len(layers["env"])] == layers["env"]  # the release env's layers, shared
+
+    work = ROOT / "build" / ".cache" / "docker-train-test"
+    shutil.rmtree(work, ignore_errors=True)
+    runs = {name: spec_mod.load(demo_release(work / name, tiny_model, _spec_text()))
+            for name in ("docker", "local", "ddp")}
+    env.update(HF_TOKEN=TOKEN, HF_HUB_OFFLINE="1")
+    seconds = {}
+    for name, runner, stage_list, more in (("docker", "docker", ("data", "cpt", "sft"), []),
+                                           ("local", "local", ("data", "cpt", "sft"), []),
+                                           ("ddp", "docker", ("data", "cpt"), ["--processes", "2"])):
+        t0 = time.monotonic()
+        for stage in stage_list:
+            done = subprocess.run(inv + ["release", "--spec", str(runs[name].path.relative_to(ROOT)), "--only", stage,
+                                         "--runner", runner] + (more if stage == "cpt" else []),
+                                  cwd=ROOT, env=env, capture_output=True, text=True)
+            assert done.returncode == 0, (name, stage, done.stdout[-3000:] + done.stderr[-3000:])
+            assert TOKEN not in done.stdout + done.stderr
+            if runner == "docker":
+                assert f"-w {ROOT} {docker.image_tag('train')} release" in done.stderr and "-e HF_TOKEN " in done.stderr
+        seconds[name] = time.monotonic() - t0
+    caller = (os.getuid(), os.getgid())
+    for stage, files in (("data", ("cpt.jsonl", "sft.jsonl", "report.json")),
+                         ("cpt", ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json")),
+                         ("sft", ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"))):
+        for f in files:
+            a = runs["docker"].build_dir / stage / f
+            assert (a.stat().st_uid, a.stat().st_gid) == caller, a
+            assert sha256_file(a) == sha256_file(runs["local"].build_dir / stage / f), (stage, f)
+    assert read_manifest(stages.stage_dir(runs["ddp"], "cpt")).figures["processes"] == 2
+    assert _losses(runs["ddp"], "cpt") == pytest.approx(_losses(runs["local"], "cpt"), rel=1e-4)
+    print(f"\nbuild: release {figures['release']:.0f} s, train {figures['train']:.0f} s; data+cpt+sft: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    shutil.rmtree(work, ignore_errors=True)

@@ -292,3 +292,167 @@ def test_two_uninterrupted_runs_give_the_same_adapter(trained, tmp_path_factory,
     stages.run(again, "sft", progress=False)
     for stage in ("cpt", "sft"):
         assert _adapter_sha(again, stage) == _adapter_sha(s, stage), stage
+
+
+# --- many processes: DDP through torchrun (gloo on this CPU) -----------------------------------
+
+INVOKE = str(Path(sys.executable).with_name("invoke"))
+
+
+def _losses(s, stage: str) -> list[float]:
+    state = json.loads((stages.stage_dir(s, stage) / "trainer_state.json").read_text(encoding="utf-8"))
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, tiny_model):
+    """The same release trained by 2 processes: CPT through `./inv train --processes 2`, SFT
+    through `./inv release --only sft --processes 2` (the pipeline's wiring)."""
+    s = _release(tmp_path_factory.mktemp("train-ddp"), tiny_model)
+    for argv in (["train", "--stage", "cpt"], ["release", "--only", "sft"]):
+        done = subprocess.run([INVOKE, *argv, "--spec", str(s.path), "--processes", "2"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "torch.distributed.run --nproc-per-node 2 --nnodes 1 --max-restarts 0 --standalone" in done.stderr
+    return s
+
+
+def test_two_processes_keep_the_global_batch_and_match_one_process(trained, ddp):
+    """2 processes x batch 1 x no accumulation against 1 process x batch 1 x 2 accumulation: the
+    same 2 blocks (chats) make each step, so the losses per step agree. Not bit for bit: DDP
+    averages the two ranks' gradients with an all-reduce, one process adds them up in .grad,
+    and float32 addition in another order differs in the last bits, which a few AdamW steps
+    carry into the weights; 1e-4 relative is ~1000x that rounding and far below the loss's
+    change between steps (~1e-2)."""
+    s, cpt, sft = trained
+    for stage, one in (("cpt", cpt), ("sft", sft)):
+        m = read_manifest_of(ddp, stage)
+        assert m.figures["processes"] == 2 and one.figures["processes"] == 1
+        assert m.figures["steps"] == one.figures["steps"]
+        log = (stages.stage_dir(ddp, stage) / "train.log").read_text(encoding="utf-8")
+        assert "batch 1 x 1 accumulation x 2 processes = 2" in log, log
+        assert "batch 1 x 2 accumulation = 2" in (stages.stage_dir(s, stage) / "train.log").read_text(encoding="utf-8")
+        a, b = _losses(s, stage), _losses(ddp, stage)
+        assert len(a) == len(b) == one.figures["steps"]
+        assert a == pytest.approx(b, rel=1e-4), (stage, a, b)
+        assert len(set(a)) > 1  # the steps differ: the comparison can fail
+
+
+def read_manifest_of(s, stage: str):
+    from release.artifacts import read_manifest
+
+    m = read_manifest(stages.stage_dir(s, stage))
+    assert m is not None
+    return m
+
+
+def test_two_process_adapters_load_in_peft_and_merge(trained, ddp, tmp_path):
+    """The 2-process adapters load in PEFT, and release/merge.py merges the [cpt, sft] chain into
+    weights within bf16 rounding of the 1-process release's (the same training, up to the float
+    order the test above bounds)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from release import base, merge, shards
+
+    s, _, _ = trained
+    ids = torch.arange(10, 42)[None]
+    model = AutoModelForCausalLM.from_pretrained(str(base.model_dir(ddp)), dtype=torch.float32).eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        after = PeftModel.from_pretrained(model, str(stages.stage_dir(ddp, "cpt"))).eval()(input_ids=ids).logits
+    assert (after - before).abs().max() > 1e-3
+    merged = {}
+    for name, release_spec in (("ddp", ddp), ("one", s)):
+        chain = [stages.stage_dir(release_spec, "cpt"), stages.stage_dir(release_spec, "sft")]
+        merge.merge(base.model_dir(release_spec), chain, tmp_path / name, chat_spec=release_spec.chat, inference=release_spec.inference,
+                    expected_base=release_spec.base.model, progress=False)
+        merged[name] = {k: load_file(str(p))[k] for k, p in shards.model_files(tmp_path / name).items()}
+    assert set(merged["ddp"]) == set(merged["one"])
+    changed = 0
+    for k, w in merged["ddp"].items():
+        ref = merged["one"][k].float()
+        # a bf16 weight is within 2 units in the last place (2**-7 relative) of the other run's
+        assert torch.allclose(w.float(), ref, rtol=2 ** -6, atol=1e-6), k
+        changed += not torch.equal(w, merged["one"][k])
+    assert changed < len(merged["ddp"])  # most tensors are the same bytes; the bound is not vacuous
+
+
+def _workers(spec_path: Path) -> list:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "training.distributed" in cmd and str(spec_path) in cmd:
+            out.append(p)
+    return out
+
+
+def test_sigkilled_launcher_takes_its_workers_and_the_rerun_resumes(ddp, tmp_path_factory, tiny_model):
+    """torchrun SIGKILLed after the second checkpoint: its workers die with it (no orphan keeps
+    training or holding a device), and `./inv train --processes 2` resumes from checkpoint-2 and
+    writes the same adapter and trainer state bytes as the uninterrupted 2-process run."""
+    from training import distributed
+
+    killed = _release(tmp_path_factory.mktemp("train-ddp-killed"), tiny_model)
+    launcher = subprocess.Popen(distributed.command(killed.path, "cpt", distributed.Launch(2)), cwd=ROOT,
+                                env=dict(os.environ, QALB_PROGRESS="0"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and launcher.poll() is None:
+            done = [p for p in (killed.build_dir / ".checkpoints").glob("cpt-*/trainer/checkpoint-2")
+                    if stages._last_checkpoint(p.parent) == p]
+            if done:
+                os.kill(launcher.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if launcher.poll() is None:
+            os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    assert launcher.returncode == -signal.SIGKILL, "the run ended before its second checkpoint"
+    for _ in range(100):
+        if not _workers(killed.path):
+            break
+        time.sleep(0.1)
+    assert not _workers(killed.path), "workers outlived their launcher"
+    assert not (stages.stage_dir(killed, "cpt") / "manifest.json").exists()
+    rerun = subprocess.run([INVOKE, "train", "--stage", "cpt", "--spec", str(killed.path), "--processes", "2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    m = read_manifest_of(killed, "cpt")
+    assert m.figures["resumed_from"] == "checkpoint-2" and m.figures["processes"] == 2
+    for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
+        ours, theirs = stages.stage_dir(killed, "cpt") / name, stages.stage_dir(ddp, "cpt") / name
+        assert sha256_file(ours) == sha256_file(theirs), name
+
+
+def test_launch_options_and_the_derived_batch():
+    from release.errors import StageError
+    from training import distributed
+
+    assert distributed.batch(4, 2, 1) == (2, 2)
+    assert distributed.batch(4, 2, 2) == (2, 1)
+    assert distributed.batch(4, 2, 4) == (1, 1)
+    assert distributed.batch(64, 8, 8) == (8, 1) and distributed.batch(64, 2, 8) == (2, 4)
+    assert distributed.batch(24, 5, 2) == (4, 3)  # the largest per-device batch up to 5 that divides 12
+    with pytest.raises(StageError, match="effective_batch_size 4 is not a multiple of the 3 training processes"):
+        distributed.batch(4, 2, 3)
+    assert distributed.launch("8", "1", None) == distributed.Launch(8, 1, None)
+    with pytest.raises(StageError, match=r"--nodes 2: give the rendezvous with --rdzv HOST:PORT"):
+        distributed.launch(8, 2, None)
+    with pytest.raises(StageError, match="--rdzv node0: expected HOST:PORT"):
+        distributed.launch(8, 2, "node0")
+    with pytest.raises(StageError, match="at least 1"):
+        distributed.launch(0, 1, None)
+    two_hosts = distributed.command(Path("specs/qalb.toml"), "cpt", distributed.launch(8, 2, "node0:29500"), force=True)
+    assert two_hosts[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2",
+                             "--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29500",
+                             "--rdzv-id", "qalb-cpt", "-m", "training.distributed", "--spec", "specs/qalb.toml",
+                             "--stage", "cpt", "--force"]
+    bad = subprocess.run([INVOKE, "train", "--stage", "cpt", "--nodes", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --nodes 2: give the rendezvous"), bad.stderr

@@ -20,6 +20,10 @@ from its last checkpoint; a changed input or spec section has another fingerprin
 fresh. Training is seeded (LoRA init, data order, dropout), so an interrupted and resumed run
 gives the same adapter bytes as an uninterrupted one on the same machine.
 
+Many processes (training/distributed.py): under torchrun every rank runs ``run``; rank 0 decides
+whether the stage is up to date and tells the others, prepares the shared inputs first, and alone
+writes checkpoints, the adapter, the log and the manifest. The global batch is the spec's.
+
 Hardware: ``adapt`` is the one place where the spec's options meet this machine (on a host
 without a GPU Unsloth runs through its CPU fallback). Every change it makes is written to the run
 log and to the manifest's ``adaptations``.
@@ -40,6 +44,7 @@ from release.artifacts import (
     Manifest,
     fingerprint,
     input_digest,
+    read_manifest,
     run_stage,
     summary_console,
     tool_versions,
@@ -48,6 +53,7 @@ from release.artifacts import (
 )
 from release.errors import StageError
 from release.spec import Spec
+from training import distributed
 
 STAGES = ("cpt", "sft")
 DATA = "data"
@@ -167,27 +173,30 @@ def _curated(spec: Spec, name: str) -> Path:
 
 
 class _Log:
-    """The run log: every line to ``train.log`` and, when wanted, the console."""
+    """The run log: every line to ``train.log`` and, when wanted, the console (rank 0's only:
+    the other ranks' ``path`` is None and they do not echo)."""
 
-    def __init__(self, path: Path, echo: bool):
-        self.path, self.echo = path, echo
+    def __init__(self, path: Path | None, echo: bool):
+        self.path, self.echo = path, echo and path is not None
         self.lines: list[str] = []
 
     def __call__(self, line: str) -> None:
         self.lines.append(line)
+        if self.path is None:
+            return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
         if self.echo:
             print(f"[train] {line}")
 
 
-def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = True) -> dict:
+def train(spec: Spec, stage: str, out: Path | None, work: Path, *, progress: bool = True) -> dict:
     """Train one stage into ``out`` (adapter, trainer state, log); checkpoints go to ``work``.
-    Returns the manifest figures."""
+    Returns the manifest figures. Ranks other than 0 train and write nothing (``out`` None)."""
     work.mkdir(parents=True, exist_ok=True)
     # The run log lives beside the checkpoints, so a resumed run's log keeps the interrupted
     # attempt's lines too; it is copied into the stage folder at the end.
-    log = _Log(work / "train.log", progress)
+    log = _Log(work / "train.log" if out is not None else None, progress)
     log(f"--- start {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     start = time.perf_counter()
     fast_model = _import_unsloth(spec, work)
@@ -199,7 +208,8 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     for note in notes:
         log(f"adaptation: {note}")
     model, tokenizer, trainable = _peft_model(fast_model, spec, stage, settings, work, log)
-    dataset, tokens = _dataset(spec, stage, tokenizer, work, log)
+    with distributed.rank0_first():
+        dataset, tokens = _dataset(spec, stage, tokenizer, work, log)
     args = _plan(spec, stage, settings, work, len(dataset), progress, log)
     trainer, tokens, label_tokens = _trainer(spec, stage, model, tokenizer, dataset, args, tokens, log)
     _bar_only(trainer)
@@ -207,6 +217,8 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
     if resume:
         log(f"resuming from {resume.name}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if out is None:
+        return {}
     history = _save(spec, trainer, out, work)
 
     losses = [e["loss"] for e in history if "loss" in e]
@@ -228,6 +240,7 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
         "optimizer": str(getattr(args.optim, "value", args.optim)),
         "bf16": bool(args.bf16),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "processes": args.world_size,
         "threads": torch.get_num_threads(),
         "adaptations": notes,
     }
@@ -239,7 +252,10 @@ def train(spec: Spec, stage: str, out: Path, work: Path, *, progress: bool = Tru
 def _import_unsloth(spec: Spec, work: Path):
     """Unsloth's ``FastLanguageModel``. Unsloth patches transformers/TRL/PEFT when imported first,
     and writes its compiled-code cache into the working directory: keep that in the work folder."""
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(checkpoints_root(spec) / "unsloth_compiled_cache"))
+    # one cache per local rank: the ranks of a host would otherwise write the same files at once
+    rank = distributed.world()[1]
+    cache = "unsloth_compiled_cache" + (f"-rank{rank}" if distributed.world()[2] > 1 else "")
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(checkpoints_root(spec) / cache))
     cwd = os.getcwd()
     os.chdir(work)
     try:
@@ -256,11 +272,15 @@ def _peft_model(fast_model, spec: Spec, stage: str, settings: dict, work: Path, 
     import torch
 
     st = getattr(spec.training, stage)
-    model_dir = _base_model(spec) if stage == "cpt" else _merged_cpt_model(spec, work, log)
+    with distributed.rank0_first():
+        model_dir = _base_model(spec) if stage == "cpt" else _merged_cpt_model(spec, work, log)
+    placement = {}
+    if torch.cuda.is_available() and distributed.world()[2] > 1:  # DDP: each rank's copy on its own GPU
+        placement["device_map"] = {"": f"cuda:{distributed.world()[1]}"}
     model, tokenizer = fast_model.from_pretrained(
         model_name=str(model_dir), max_seq_length=spec.training.sequence_length,
         dtype=getattr(torch, settings["load_dtype"]), load_in_4bit=False,
-        use_gradient_checkpointing=settings["gradient_checkpointing"])
+        use_gradient_checkpointing=settings["gradient_checkpointing"], **placement)
     targets = list(spec.lora.target_modules) + list(st.modules_to_save)
     model = fast_model.get_peft_model(
         model, r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
@@ -299,14 +319,17 @@ def _dataset(spec: Spec, stage: str, tokenizer, work: Path, log) -> tuple:
 
 
 def _plan(spec: Spec, stage: str, settings: dict, work: Path, examples: int, progress: bool, log):
-    """The trainer arguments, with the batch and schedule they give written to the log."""
+    """The trainer arguments, with the batch and schedule they give written to the log. The
+    global batch is the spec's whatever the process count (training/distributed.py)."""
     st = getattr(spec.training, stage)
-    accumulation = st.effective_batch_size // st.per_device_batch_size
-    steps_per_epoch = math.ceil(math.ceil(examples / st.per_device_batch_size) / accumulation)
-    args = _arguments(spec, stage, settings, work / "trainer", accumulation, progress)
-    log(f"batch {st.per_device_batch_size} x {accumulation} accumulation = {st.effective_batch_size}; "
-        f"{st.epochs} epoch(s), {steps_per_epoch} step(s) per epoch; lr {st.learning_rate} {st.lr_scheduler}, "
-        f"warmup {st.warmup_ratio}; optimizer {args.optim}; bf16 {args.bf16}; seed {spec.training.seed}")
+    processes = distributed.world()[2]
+    device, accumulation = distributed.batch(st.effective_batch_size, st.per_device_batch_size, processes)
+    steps_per_epoch = math.ceil(examples / st.effective_batch_size)
+    args = _arguments(spec, stage, settings, work / "trainer", device, accumulation, progress)
+    log(f"batch {device} x {accumulation} accumulation" + (f" x {processes} processes" if processes > 1 else "")
+        + f" = {st.effective_batch_size}; {st.epochs} epoch(s), {steps_per_epoch} step(s) per epoch; "
+        f"lr {st.learning_rate} {st.lr_scheduler}, warmup {st.warmup_ratio}; optimizer {args.optim}; "
+        f"bf16 {args.bf16}; seed {spec.training.seed}")
     return args
 
 
@@ -314,7 +337,7 @@ def _trainer(spec: Spec, stage: str, model, tokenizer, dataset, args, tokens: in
     """``(trainer, tokens, label_tokens)``: UnslothTrainer for CPT (every token is a label), TRL's
     SFTTrainer for SFT, with the loss on assistant turns only when the spec says so."""
     st = getattr(spec.training, stage)
-    callbacks = [_log_lines(log)]
+    callbacks = [_log_lines(log), _mark_complete()]
     if stage == "cpt":
         from unsloth import UnslothTrainer
 
@@ -349,6 +372,25 @@ def _log_lines(log):
                                                               for k, v in logs.items()))
 
     return LogLines()
+
+
+COMPLETE = "checkpoint-complete"
+
+
+def _mark_complete():
+    """A trainer callback that marks a checkpoint complete once every rank has written its part
+    (rank 0 the model, optimizer and state; every rank its RNG state, with no barrier between
+    them in the Trainer): ``_last_checkpoint`` resumes only from a marked one."""
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, _control, **kwargs):
+            distributed.barrier()
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                write_text(folder / COMPLETE, "ok\n")
+
+    return MarkComplete()
 
 
 def _bar_only(trainer) -> None:
@@ -387,11 +429,18 @@ def _save(spec: Spec, trainer, out: Path, work: Path) -> list[dict]:
     return history
 
 
-def _arguments(spec: Spec, stage: str, settings: dict, output_dir: Path, accumulation: int, progress: bool):
+def _arguments(spec: Spec, stage: str, settings: dict, output_dir: Path, device_batch: int, accumulation: int,
+               progress: bool):
+    import torch
+
     st = getattr(spec.training, stage)
+    ddp = {}
+    if distributed.world()[2] > 1:
+        # the process group is already up (distributed.init); LoRA leaves no parameter unused
+        ddp = dict(ddp_backend="nccl" if torch.cuda.is_available() else "gloo", ddp_find_unused_parameters=False)
     common = dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=st.per_device_batch_size,
+        per_device_train_batch_size=device_batch,
         gradient_accumulation_steps=accumulation,
         num_train_epochs=st.epochs,
         max_steps=st.max_steps if st.max_steps is not None else -1,
@@ -413,6 +462,7 @@ def _arguments(spec: Spec, stage: str, settings: dict, output_dir: Path, accumul
         max_length=spec.training.sequence_length,
         dataset_num_proc=None,
         # gradient checkpointing is Unsloth's (get_peft_model), not the trainer's
+        **ddp,
     )
     if stage == "cpt":
         from unsloth import UnslothTrainingArguments
@@ -424,14 +474,14 @@ def _arguments(spec: Spec, stage: str, settings: dict, output_dir: Path, accumul
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete trainer checkpoint. The trainer writes ``trainer_state.json`` last, in
-    place: a checkpoint whose state is missing or unreadable was cut short and is skipped."""
+    """The newest complete trainer checkpoint: marked complete (``_mark_complete``) and with a
+    readable trainer state; one cut short by a kill is skipped."""
     def complete(p: Path) -> bool:
         try:
             json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-        return p.name.split("-")[-1].isdigit()
+        return p.name.split("-")[-1].isdigit() and (p / COMPLETE).is_file()
 
     return max((p for p in folder.glob("checkpoint-*") if complete(p)),
                key=lambda p: int(p.name.split("-")[-1]), default=None)
@@ -479,15 +529,25 @@ def run(spec: Spec, stage: str, *, force: bool = False, progress: bool = True) -
     sections = _sections(spec, stage)
     key = fingerprint({k: input_digest(v) for k, v in inputs.items()}, sections, tool_versions(*TOOLS))
     work = checkpoints_root(spec) / f"{stage}-{key[:16]}"
+    distributed.init()
+    if distributed.world()[0] != 0:  # another rank: train if rank 0 builds, write nothing
+        if distributed.share(False):
+            train(spec, stage, None, work, progress=False)
+        distributed.barrier()
+        return read_manifest(stage_dir(spec, stage))
     for stale in checkpoints_root(spec).glob(f"{stage}-*"):
         if stale != work or force:
             shutil.rmtree(stale, ignore_errors=True)
 
     def build(out: Path) -> dict:
+        distributed.share(True)
         return train(spec, stage, out, work, progress=progress)
 
     manifest = run_stage(stage, stage_dir(spec, stage), build, release=spec.release.name, inputs=inputs,
                               spec_sections=sections, tools=TOOLS, force=force)
+    if not manifest.built:
+        distributed.share(False)
+    distributed.barrier()
     if manifest.built:
         shutil.rmtree(work, ignore_errors=True)
     return manifest

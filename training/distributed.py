@@ -1,0 +1,207 @@
+"""Training on many processes: DDP launched with torchrun (``torch.distributed.run``).
+
+``./inv train --stage cpt --processes 8`` runs ``torchrun --standalone --nproc-per-node 8 -m
+training.distributed ...``; with ``--nodes 2 --rdzv HOST:PORT`` every host runs the same command
+and torchrun's c10d rendezvous at HOST:PORT joins them. Each worker runs the stage exactly as one
+process does (training/stages.py), with these differences, all in stages.py behind ``world()``:
+
+- the Trainer wraps the model in DDP (NCCL on GPUs, gloo on CPUs); each rank trains on its own
+  share of every global batch, and the per-device batch and gradient accumulation are derived so
+  that the global batch stays the spec's ``effective_batch_size`` (``batch``);
+- rank 0 prepares the shared inputs (the tokenized data, SFT's merged base) while the others
+  wait, then they read them; rank 0 alone writes checkpoints, the adapter, the log and the
+  manifest. The build folder must be one filesystem for every host (checkpoints are resumed from
+  it);
+- a worker dies with its launcher (``PR_SET_PDEATHSIG``): a SIGKILLed torchrun leaves no process
+  holding GPUs, and the rerun resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from release.errors import StageError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How many training processes, on how many hosts, meeting where."""
+
+    processes: int = 1  # per host
+    nodes: int = 1
+    rdzv: str | None = None  # HOST:PORT of the c10d rendezvous (required with nodes > 1)
+
+    @property
+    def world(self) -> int:
+        return self.processes * self.nodes
+
+
+def launch(processes: int | str = 1, nodes: int | str = 1, rdzv: str | None = None) -> Launch:
+    """The launch options as given on the command line, checked."""
+    try:
+        p, n = int(processes), int(nodes)
+    except ValueError:
+        raise StageError(f"--processes {processes} --nodes {nodes}: expected whole numbers") from None
+    if p < 1 or n < 1:
+        raise StageError(f"--processes {p} --nodes {n}: both must be at least 1")
+    if n > 1 and not rdzv:
+        raise StageError(f"--nodes {n}: give the rendezvous with --rdzv HOST:PORT (a host every node reaches; "
+                         "the same on every node)")
+    if rdzv and (":" not in rdzv or not rdzv.rpartition(":")[2].isdigit()):
+        raise StageError(f"--rdzv {rdzv}: expected HOST:PORT, e.g. node0.example:29500")
+    return Launch(p, n, rdzv or None)
+
+
+def world() -> tuple[int, int, int]:
+    """``(rank, local rank, world size)`` of this process as torchrun set them (``(0, 0, 1)`` alone)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def batch(effective: int, per_device: int, world_size: int) -> tuple[int, int]:
+    """``(per-device batch, accumulation)`` with ``per_device * accumulation * world_size ==
+    effective``: the largest per-device batch up to the spec's that divides the global batch."""
+    if effective % world_size:
+        raise StageError(f"effective_batch_size {effective} is not a multiple of the {world_size} training "
+                         "processes; choose a process count that divides it (the global batch is the spec's)")
+    share = effective // world_size
+    device = max(d for d in range(1, min(per_device, share) + 1) if share % d == 0)
+    return device, share // device
+
+
+def init() -> None:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs), once, before the
+    Trainer: the stage's own coordination (``share``, ``barrier``) needs it first; the Trainer
+    then uses it as it is."""
+    import torch
+    import torch.distributed as dist
+
+    if world()[2] == 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world()[1])
+    else:
+        # accelerate names a CPU rank's device cpu:<rank>, a location torch.load cannot restore
+        # to, and the Trainer loads a checkpoint's optimizer state there on resume
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def share(flag: bool) -> bool:
+    """Rank 0's ``flag``, on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+class rank0_first:
+    """``with rank0_first(): ...``: rank 0 runs the block (preparing a shared file) while the
+    other ranks wait; then they run it (and find the file ready)."""
+
+    def __enter__(self):
+        if world()[0] != 0:
+            barrier()
+
+    def __exit__(self, kind, value, tb):
+        if world()[0] == 0 and kind is None:
+            barrier()
+        return False
+
+
+def command(spec: Path, stage: str, how: Launch, *, force: bool = False) -> list[str]:
+    """The torchrun command line that trains ``stage`` of ``spec`` as ``how`` says."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(how.processes),
+           "--nnodes", str(how.nodes), "--max-restarts", "0"]
+    if how.nodes == 1 and not how.rdzv:
+        cmd.append("--standalone")
+    else:
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(how.rdzv), "--rdzv-id", f"qalb-{stage}"]
+    cmd += ["-m", "training.distributed", "--spec", str(spec), "--stage", stage]
+    return cmd + (["--force"] if force else [])
+
+
+def run(spec, stage: str, how: Launch, *, force: bool = False, progress: bool = True):
+    """Train ``stage`` as ``how`` says and return its manifest: in this process when it is one
+    process, else through torchrun (this host's share of the workers)."""
+    from release.artifacts import read_manifest
+    from training import stages
+
+    if how.world == 1:
+        return stages.run(spec, stage, force=force, progress=progress)
+    folder = stages.stage_dir(spec, stage)
+    before = read_manifest(folder)
+    env = dict(os.environ, QALB_PROGRESS="1" if progress else "0")
+    cmd = command(spec.path, stage, how, force=force)
+    if progress:
+        print(f"torchrun: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise StageError(f"{stage}: torchrun ended with exit status {rc} (the workers' errors are above); "
+                         "run the same command again to resume from the last checkpoint")
+    after = read_manifest(folder)
+    if after is None:
+        raise StageError(f"{folder}: no manifest after training; on several hosts the build folder must be one "
+                         "shared filesystem (rank 0 writes it)")
+    after.built = before is None or before.to_json() != after.to_json()
+    return after
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent (torchrun) dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A torchrun worker: one rank of ``stage``."""
+    parser = argparse.ArgumentParser(prog="training.distributed")
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--stage", required=True)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    die_with_parent()
+    from release import spec as spec_mod
+    from release.errors import ReleaseError
+    from training import stages
+
+    import torch.distributed as dist
+
+    rank = world()[0]
+    try:
+        stages.run(spec_mod.load(Path(args.spec)), args.stage, force=args.force,
+                   progress=rank == 0 and os.environ.get("QALB_PROGRESS", "1") == "1")
+    except ReleaseError as e:
+        print(f"error: [rank {rank}] {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
