@@ -121,7 +121,7 @@ def tool(name: str) -> Path:
 def sdist(version: str, dest: Path) -> Path:
     """llama-cpp-python's source distribution of ``version``, from pip's cache or the index."""
     out = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-                          "--no-deps", "--no-binary", ":all:", "-d", str(dest), f"{PACKAGE}=={version}"],
+                          "--no-deps", "--no-binary", PACKAGE, "-d", str(dest), f"{PACKAGE}=={version}"],
                          capture_output=True, text=True)
     found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
     if out.returncode != 0 or not found:
@@ -142,7 +142,10 @@ def extract(archive: Path, dest: Path, keep: tuple[str, ...] = SOURCES,
             if m.name.startswith(prefix) and (m.isfile() or m.isdir()) and rel.startswith(keep):
                 m.name = rel
                 members.append(m)
-        tar.extractall(dest, members=members, filter="data")
+        # extraction filters came with Python 3.11.4 (Debian 12's is 3.11.2); without them the
+        # members are still only plain files and folders under the known source folders
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **safe)
     if not (dest / expect).is_file():
         raise GGUFError(f"{archive}: no vendor/llama.cpp/{expect} inside")
     return dest

@@ -384,7 +384,8 @@ def test_train_image_trains_as_the_local_runner_does(tiny_model):
     --runner docker` as the caller, with a token in the environment: the curated data and the
     adapters are the same bytes as `--runner local` writes here (the CUDA build of torch runs the
     same CPU kernels as the CPU build: no GPU, so Unsloth's CPU path in both). Then 2 processes
-    (torchrun, gloo) in the container keep the 1-process losses, as they do locally."""
+    (torchrun, gloo) in the container keep the 1-process losses, as they do locally, and a
+    SIGKILLed torchrun in the container is resumed to the same bytes."""
     import time
 
     from conftest import demo_release
@@ -447,6 +448,41 @@ def test_train_image_trains_as_the_local_runner_does(tiny_model):
             assert sha256_file(a) == sha256_file(runs["local"].build_dir / stage / f), (stage, f)
     assert read_manifest(stages.stage_dir(runs["ddp"], "cpt")).figures["processes"] == 2
     assert _losses(runs["ddp"], "cpt") == pytest.approx(_losses(runs["local"], "cpt"), rel=1e-4)
+
+    # torchrun inside the container SIGKILLed (from the host, which sees the container's processes)
+    # after the second checkpoint: its workers die with it, and the rerun resumes and writes the
+    # bytes of the uninterrupted 2-process run in the container
+    import psutil
+
+    killed = spec_mod.load(demo_release(work / "killed", tiny_model, _spec_text()))
+    argv = inv + ["train", "--stage", "cpt", "--spec", str(killed.path.relative_to(ROOT)), "--processes", "2",
+                  "--runner", "docker"]
+    assert subprocess.run(inv + ["data", "--spec", str(killed.path.relative_to(ROOT))], cwd=ROOT, env=env,
+                          capture_output=True).returncode == 0
+    client = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def launchers() -> list:
+        return [q for q in psutil.process_iter(["cmdline"]) if "torch.distributed.run" in (q.info["cmdline"] or [])
+                and str(killed.path.relative_to(ROOT)) in " ".join(q.info["cmdline"])]
+
+    deadline, victim = time.time() + 900, None
+    while time.time() < deadline and client.poll() is None and victim is None:
+        done = [c for c in (killed.build_dir / ".checkpoints").glob("cpt-*/trainer/checkpoint-2")
+                if stages._last_checkpoint(c.parent) == c]
+        if done and launchers():
+            victim = launchers()[0]
+            victim.kill()
+        time.sleep(0.05)
+    client.wait(timeout=300)
+    assert victim is not None and client.returncode != 0, "the run ended before its second checkpoint"
+    assert not [q for q in psutil.process_iter(["cmdline"]) if "training.distributed" in (q.info["cmdline"] or [])
+                and str(killed.path.relative_to(ROOT)) in (q.info["cmdline"] or [])]
+    rerun = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert read_manifest(stages.stage_dir(killed, "cpt")).figures["resumed_from"] == "checkpoint-2"
+    for f in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
+        ours, theirs = stages.stage_dir(killed, "cpt") / f, stages.stage_dir(runs["ddp"], "cpt") / f
+        assert sha256_file(ours) == sha256_file(theirs), f
     print(f"\nbuild: release {figures['release']:.0f} s, train {figures['train']:.0f} s; data+cpt+sft: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     shutil.rmtree(work, ignore_errors=True)
