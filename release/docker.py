@@ -82,14 +82,15 @@ def build_command(dockerfile: str | Path, tag: str, context: str | Path = ".",
 def run_command(task_argv: Sequence[str], tag: str, *, workdir: str | Path,
                 mounts: Sequence[str | Path], user: tuple[int, int], gpus: bool = False,
                 env_names: Sequence[str] = PASSED, env: Mapping[str, str] | None = None,
-                docker: str = "docker", host_network: bool = False) -> list[str]:
-    """``docker run --rm`` of one task with ``--runner local`` inside.
+                docker: str = "docker", host_network: bool = False, name: str | None = None) -> list[str]:
+    """``docker run --rm`` of one task with ``--runner local`` inside (``--name NAME`` instead of
+    ``--rm`` when given: the caller removes the container; see ``dispatch``).
 
     ``mounts`` are host folders mounted read-write at the same path; ``env_names`` are passed by
     name (the value stays in docker's environment); ``env`` holds non-secret values such as
     paths and refuses secret names. ``host_network``: training across hosts (torchrun's
     rendezvous and the collectives use the host's addresses)."""
-    cmd = [docker, "run", "--rm"]
+    cmd = [docker, "run"] + (["--name", name] if name else ["--rm"])
     if gpus:
         cmd += ["--gpus", "all", "--ipc", "host"]
     if host_network:
@@ -166,7 +167,7 @@ def _inside(path: Path, folders: Sequence[Path]) -> bool:
 
 
 def plan(task: str, options: Mapping[str, object], root: Path, *, build_dir: Path | None = None,
-         tag: str | None = None) -> list[str]:
+         tag: str | None = None, container: str | None = None) -> list[str]:
     """The ``docker run`` command for ``task``: mounts, user, GPU and image derived from the
     task, the checkout ``root`` and the spec's ``build_dir``."""
     root = root.resolve()
@@ -189,7 +190,8 @@ def plan(task: str, options: Mapping[str, object], root: Path, *, build_dir: Pat
     return run_command(task_argv(task, options), tag or image_tag(image),
                        workdir=cwd if _inside(cwd, [root]) else root, mounts=mounts,
                        user=(os.getuid(), os.getgid()), gpus=gpus and gpu_present(),
-                       env={k: str(v) for k, v in hf.items()}, host_network=int(options.get("nodes") or 1) > 1)
+                       env={k: str(v) for k, v in hf.items()}, host_network=int(options.get("nodes") or 1) > 1,
+                       name=container)
 
 
 def image_for(task: str, options: Mapping[str, object]) -> tuple[str, bool]:
@@ -226,13 +228,20 @@ def dispatch(task: str, runner: str | None, options: Mapping[str, object], root:
         return False
     image = image_for(task, options)[0]
     tag = image_tag(image)
-    cmd = plan(task, options, root, build_dir=build_dir, tag=tag)
+    # A named container, removed here, rather than --rm: with --rm the docker CLI waits for the
+    # container's removal, and Podman before 4.6 (Debian 12 has 4.3) answers that wait with exit
+    # status 0 whatever the stage's (containers/podman#18889), so failures would pass unseen.
+    name = f"qalb-{task}-{os.getpid()}-{time.time_ns() % 10**9}"
+    cmd = plan(task, options, root, build_dir=build_dir, tag=tag, container=name)
     if not image_exists(tag):
         raise DockerError(f"image {tag} not found: build it with `./inv docker.build --image {image}`")
     for folder in hf_folders().values():  # or docker creates them owned by root
         folder.mkdir(parents=True, exist_ok=True)
     print(f"docker runner: {shown(cmd)}", file=sys.stderr, flush=True)
-    rc = subprocess.run(cmd).returncode
+    try:
+        rc = subprocess.run(cmd).returncode
+    finally:
+        subprocess.run([_docker(), "rm", "-f", name], capture_output=True)
     if rc != 0:
         raise DockerError(f"{task} in container {tag} failed with exit status {rc} (its errors are above)")
     return True

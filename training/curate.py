@@ -49,6 +49,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from release.artifacts import (
     Manifest,
@@ -63,8 +64,10 @@ from release.artifacts import (
 from release.errors import CurationError
 from release.spec import Spec
 from training.clean import normalize, repetition, script_ratio  # noqa: F401  (the stage's measures, by name)
-from training.steps import Problems, Source, reader
 from training.tokens import Counter, counter
+
+if TYPE_CHECKING:
+    from training.steps import Problems, Source
 
 STAGE = "data"
 CPT_FILE = "cpt.jsonl"
@@ -110,6 +113,8 @@ def sources(spec: Spec) -> list[Source]:
     """Every input file of the text corpora, in CPT order: the Urdu corpora, then the English
     replay corpora, each in spec order, files sorted. Task ``rank`` of a per-file job reads
     ``sources[rank]``."""
+    from training.steps import Source  # datatrove: in the train image, not the release image
+
     out = [Source(c.name, c.language, c.format, str(f), (c.text_field,))
            for c in cpt_order(spec) for f in corpus_files(spec.resolve(c.path), c.format)]
     if len(out) > MAX_FILES:
@@ -121,6 +126,8 @@ def read_records(path: Path, fmt: str, fields: tuple[str, ...], problems: Proble
                  ) -> Iterator[tuple[str, dict]]:
     """``(where, record)`` of every good record of a corpus, ``where`` = ``file:line`` (or
     ``file:row N``); bad ones go to ``problems`` (default: refused, one line)."""
+    from training.steps import Problems, Source, reader  # datatrove: in the train image, not the release image
+
     problems = problems or Problems("refuse")
     for f in corpus_files(path, fmt):
         src = Source("", None, fmt, str(f), fields)
@@ -438,6 +445,8 @@ def _write_sft(spec: Spec, out: Path, count: Counter, problems: list[str]) -> di
     corpus = spec.data.instruct
     tally = Tally()
     seen: set[bytes] = set()
+    from training.steps import Problems
+
     bad = Problems(spec.data.on_bad_data)
     with atomic_path(out / SFT_FILE) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for _, record in read_records(spec.resolve(corpus.path), corpus.format, ALIF_FIELDS, bad):
