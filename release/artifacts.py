@@ -179,6 +179,13 @@ def fingerprint(inputs: dict[str, str], spec_sections: dict[str, str], tools: di
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def built_elsewhere(before: Manifest | None, after: Manifest) -> Manifest:
+    """``after``, read back once another process (torchrun's rank 0, a container) ran the stage,
+    with ``built`` set when that process wrote a new manifest."""
+    after.built = before is None or before.to_json() != after.to_json()
+    return after
+
+
 def read_manifest(stage_dir: Path) -> Manifest | None:
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from release import base, card, docker, gguf, hub, merge, modelfile, preflight, quant4, verify
-from release.artifacts import Manifest, human_bytes, read_manifest, summary_console
+from release.artifacts import Manifest, built_elsewhere, human_bytes, read_manifest, summary_console
 from release.errors import StageError
 from release.spec import Spec
 from training import cpt, curate, distributed, sft
@@ -185,8 +185,7 @@ def _in_container(spec: Spec, name: str, root: Path, *, force: bool, launch: dis
     after = read_manifest(folder(spec, name))
     if after is None:
         raise StageError(f"{name}: the container wrote no manifest in {folder(spec, name)}")
-    after.built = before is None or before.to_json() != after.to_json()
-    return after
+    return built_elsewhere(before, after)
 
 
 def status(spec: Spec) -> list[tuple[str, Manifest | None]]:

@@ -253,17 +253,12 @@ stages.run(spec.load({spec!r}), "cpt", progress=False)
 """
 
 
-def test_resumed_after_sigkill_gives_the_same_adapter(trained, tmp_path_factory, tiny_model):
-    """Same machine, same seed: a run SIGKILLed (in another process) after its second checkpoint,
-    then resumed here, writes the same adapter and trainer state bytes as the uninterrupted run."""
-    s, cpt, _ = trained
-    killed = _release(tmp_path_factory.mktemp("train-c"), tiny_model)
-    proc = subprocess.Popen([sys.executable, "-c", KILLED.format(root=str(ROOT), spec=str(killed.path))],
-                            cwd=killed.build_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+def _kill_after_second_checkpoint(proc: subprocess.Popen, s, timeout: float) -> None:
+    """SIGKILL ``proc`` as soon as the cpt stage of ``s`` has a complete checkpoint-2."""
+    deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None:
-            ckpt = [p for p in (killed.build_dir / ".checkpoints").glob("cpt-*/trainer/checkpoint-2")
+            ckpt = [p for p in (s.build_dir / ".checkpoints").glob("cpt-*/trainer/checkpoint-2")
                     if stages._last_checkpoint(p.parent) == p]
             if ckpt:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -274,6 +269,16 @@ def test_resumed_after_sigkill_gives_the_same_adapter(trained, tmp_path_factory,
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before its second checkpoint"
+
+
+def test_resumed_after_sigkill_gives_the_same_adapter(trained, tmp_path_factory, tiny_model):
+    """Same machine, same seed: a run SIGKILLed (in another process) after its second checkpoint,
+    then resumed here, writes the same adapter and trainer state bytes as the uninterrupted run."""
+    s, cpt, _ = trained
+    killed = _release(tmp_path_factory.mktemp("train-c"), tiny_model)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED.format(root=str(ROOT), spec=str(killed.path))],
+                            cwd=killed.build_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_after_second_checkpoint(proc, killed, timeout=300)
     assert not (stages.stage_dir(killed, "cpt") / "manifest.json").exists()
     resumed = stages.run(killed, "cpt", progress=False)
     ran = resumed.built
@@ -401,20 +406,7 @@ def test_sigkilled_launcher_takes_its_workers_and_the_rerun_resumes(ddp, tmp_pat
     launcher = subprocess.Popen(distributed.command(killed.path, "cpt", distributed.Launch(2)), cwd=ROOT,
                                 env=dict(os.environ, QALB_PROGRESS="0"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and launcher.poll() is None:
-            done = [p for p in (killed.build_dir / ".checkpoints").glob("cpt-*/trainer/checkpoint-2")
-                    if stages._last_checkpoint(p.parent) == p]
-            if done:
-                os.kill(launcher.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if launcher.poll() is None:
-            os.kill(launcher.pid, signal.SIGKILL)
-        launcher.wait()
-    assert launcher.returncode == -signal.SIGKILL, "the run ended before its second checkpoint"
+    _kill_after_second_checkpoint(launcher, killed, timeout=600)
     for _ in range(100):
         if not _workers(killed.path):
             break

@@ -142,7 +142,7 @@ def command(spec: Path, stage: str, how: Launch, *, force: bool = False) -> list
 def run(spec, stage: str, how: Launch, *, force: bool = False, progress: bool = True):
     """Train ``stage`` as ``how`` says and return its manifest: in this process when it is one
     process, else through torchrun (this host's share of the workers)."""
-    from release.artifacts import read_manifest
+    from release.artifacts import built_elsewhere, read_manifest
     from training import stages
 
     if how.world == 1:
@@ -161,8 +161,7 @@ def run(spec, stage: str, how: Launch, *, force: bool = False, progress: bool = 
     if after is None:
         raise StageError(f"{folder}: no manifest after training; on several hosts the build folder must be one "
                          "shared filesystem (rank 0 writes it)")
-    after.built = before is None or before.to_json() != after.to_json()
-    return after
+    return built_elsewhere(before, after)
 
 
 def die_with_parent() -> None:
