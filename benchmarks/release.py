@@ -7,7 +7,8 @@ r=128, alpha=32, the seven projections, embed_tokens and lm_head in full, as Uns
 SFT: r=128, alpha=32, the seven projections), then runs the release of ``specs/qalb.toml`` with
 only the base and the adapters swapped in: merge (BF16 + FP16), bnb4, gguf (F16 and the spec's
 quant types), verify, modelfiles, cards, and the Hub step with ``--push`` to a local Hub
-(release/localhub.py). Each stage runs as ``invoke release --only STAGE`` in its own process, so
+(release/localhub.py, which checks every pushed byte's sha256 but, unless ``--hub-copy``, keeps
+no second copy on the disk). Each stage runs as ``invoke release --only STAGE`` in its own process, so
 its memory is its own. Per stage it prints: wall seconds; peak anonymous memory (RssAnon, sampled
 every 0.1 s over the process tree) beside VmHWM, and the file-backed pages mapped (RssFile:
 llama.cpp and safetensors map their files; the kernel reclaims those pages, so they are reported,
@@ -208,6 +209,9 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the built release (default: deleted after the report)")
     p.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0],
                    help="go on from this stage in the kept build folder of an earlier run (with --keep)")
+    p.add_argument("--hub-copy", action="store_true",
+                   help="the local Hub stores what is pushed (default: it reads and checks every byte's sha256 but "
+                        "stores sparse files, so the disk need not hold the release twice)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -217,7 +221,7 @@ def main() -> None:
     from release.localhub import HubServer
     from release.spec import load
 
-    with HubServer(work / "hub", tokens=(TOKEN,)) as hub:
+    with HubServer(work / "hub", tokens=(TOKEN,), keep_lfs=args.hub_copy) as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN}
         subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "release", "--spec",
                         str(spec_path), "--only", "base"], env=env, cwd=ROOT, check=True, capture_output=True)

@@ -4,6 +4,7 @@ talks to it, the token is never printed, Ctrl-C stops it in one line."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import select
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
@@ -47,6 +49,29 @@ def test_local_hub_multipart_pagination_and_write_auth(tmp_path, monkeypatch):
             anonymous.upload_file(path_or_fileobj=b"x", path_in_repo="y.txt", repo_id="org/m")
         assert e.value.response.status_code == 401 and server.stats["unauthorized"] >= 1
         assert [f.path for f in api.list_repo_tree("org/m")] == [".gitattributes", "w"]
+
+
+def test_local_hub_without_lfs_copies_checks_hashes_and_keeps_sizes(tmp_path, monkeypatch):
+    """keep_lfs=False (the release benchmark's Hub, whose disk cannot hold a second copy of the
+    release): uploads are still read in full and checked against their sha256, the repo lists them
+    with their sizes, and the objects take no disk (sparse files)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    data = os.urandom(8_000_000)
+    with HubServer(tmp_path / "hub", tokens=(TOKEN,), keep_lfs=False) as server:
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo("org/m")
+        api.upload_file(path_or_fileobj=data, path_in_repo="x.safetensors", repo_id="org/m")
+        assert server.stats["lfs_bytes"] == len(data) and len(server.stats["lfs_completed"]) == 1
+        info = next(f for f in api.list_repo_tree("org/m") if f.path == "x.safetensors")
+        assert info.size == len(data) and info.lfs.sha256 == hashlib.sha256(data).hexdigest()
+        objects = [p for p in (tmp_path / "hub").rglob("*") if p.is_file() and p.stat().st_size == len(data)]
+        assert len(objects) == 1 and objects[0].stat().st_blocks * 512 < 1 << 20  # sparse: < 1 MB on disk
+        # a body whose hash is not the announced oid is refused, as with keep_lfs=True
+        oid = hashlib.sha256(b"something else").hexdigest()
+        r = httpx.put(f"{server.url}/__lfs/org/m/{oid}", data=b"not it",
+                         headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 400 and "sha256 mismatch" in r.text
 
 
 # --- run as a tool ------------------------------------------------------------------------------
