@@ -80,6 +80,35 @@ def test_script_ratio_and_repetition():
     assert repetition("a b c x a b c y") == pytest.approx(6 / 8)
 
 
+def test_boilerplate_prefilter_is_exact():
+    """The whole-text prefilter (a text none of the patterns matches is returned as it is) gives
+    what the line-by-line removal gives, for the spec's patterns and for constructs that behave
+    differently on a line and inside a text (^ and $, lookbehinds, \\b); the constructs that could
+    match a line but not the text (\\A, \\Z, negative lookarounds) turn the prefilter off."""
+    import random
+    import re
+
+    from release import spec as spec_mod
+    from training.clean import strip_boilerplate, whole_text
+
+    patterns = list(spec_mod.load(ROOT / "specs" / "qalb.toml").data.filters.boilerplate)
+    patterns += [r"^ends here$", r"(?<=\s)tail\b", r"\bword\B", r"(?s)a.b", r"\s$"]
+    assert whole_text(patterns) is not None
+    for unsafe in (r"\Aintro", r"outro\Z", r"x(?!\s)", r"(?<!\S)y", r"(?(1)a|b)"):
+        assert whole_text([*patterns, unsafe]) is None
+    compiled, whole = [re.compile(p) for p in patterns], whole_text(patterns)
+    pieces = ["مزید پڑھیں: یہاں", "شیئر کریں", "جملہ حقوق محفوظ ہیں", "Read more", "ALL RIGHTS RESERVED", "©",
+              "ends here", "tail", " tail", "wordy", "word", "a", "b", "x", " ", "", "یہ اردو ہے۔", "  "]
+    rng = random.Random(0)
+    changed = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) + rng.choice(["\n", " ", "", "\n\n"]) for _ in range(rng.randint(0, 8)))
+        expected = strip_boilerplate(text, compiled)
+        assert strip_boilerplate(text, compiled, whole) == expected, repr(text)
+        changed += expected != text.strip()
+    assert changed > 500  # the texts exercise removal, not only the prefilter's early return
+
+
 def test_script_ratio_counts_as_release_urdu_does():
     """The filter counts letters with character classes (for speed); release/urdu.py's
     count_letters (str.isalpha over its script's blocks) is the definition: equal on the demo

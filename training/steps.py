@@ -299,9 +299,10 @@ class Boilerplate(Measured):
     def __init__(self, patterns: list[str], count: Counter):
         super().__init__("boilerplate")
         self.patterns, self.count = [re.compile(p) for p in patterns], count
+        self.whole = clean.whole_text(patterns)
 
     def apply(self, doc: Document) -> bool:
-        text = clean.strip_boilerplate(doc.text, self.patterns)
+        text = clean.strip_boilerplate(doc.text, self.patterns, self.whole)
         if text != doc.text:
             doc.text, doc.metadata["tokens"] = text, self.count(text)
         return bool(text)
