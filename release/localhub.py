@@ -473,8 +473,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
                    {"Content-Type": "application/vnd.git-lfs+json"})
 
-    def _receive(self, dest: Path, oid_hint: str | None) -> tuple[int, str]:
-        """Stream the request body into ``dest``, hashing it; honour a stall fault."""
+    def _receive(self, dest: Path, oid_hint: str | None, keep: bool = True) -> tuple[int, str]:
+        """Stream the request body into ``dest``, hashing it; honour a stall fault. ``keep=False``:
+        ``dest`` becomes a sparse file of the body's size."""
         hub = self.hub
         n = int(self.headers.get("Content-Length") or 0)
         fault = hub.faults.get(oid_hint or "")
@@ -492,7 +493,7 @@ class Handler(BaseHTTPRequestHandler):
                 block = self.rfile.read(want)
                 if not block:
                     raise ConnectionAbortedError("client went away")
-                if hub.keep_lfs:
+                if keep:
                     f.write(block)
                 h.update(block)
                 got += len(block)
@@ -500,7 +501,7 @@ class Handler(BaseHTTPRequestHandler):
                     hub.stats["lfs_bytes"] += len(block)
                     if oid_hint:
                         hub.stats["lfs_uploads"][oid_hint] += len(block)
-            if not hub.keep_lfs:
+            if not keep:
                 f.truncate(got)
         return got, h.hexdigest()
 
@@ -509,7 +510,7 @@ class Handler(BaseHTTPRequestHandler):
         target = self.store.lfs_path(repo, oid)
         tmp = target.with_name(f".{oid}.{threading.get_ident()}.tmp")
         try:
-            size, sha = self._receive(tmp, oid)
+            size, sha = self._receive(tmp, oid, keep=self.hub.keep_lfs)
         except ConnectionAbortedError:
             tmp.unlink(missing_ok=True)
             self.close_connection = True
@@ -538,14 +539,18 @@ class Handler(BaseHTTPRequestHandler):
         folder = self.store.path(repo) / "parts" / oid
         target = self.store.lfs_path(repo, oid)
         tmp = target.with_name(f".{oid}.tmp")
-        h = hashlib.sha256()
-        with open(tmp, "wb") as out:
+        h, size = hashlib.sha256(), 0
+        with open(tmp, "wb") as out:  # parts are always kept: the whole object's sha256 needs them
             for p in body["parts"]:
                 data = (folder / f"{p['partNumber']:05d}").read_bytes()
                 if f'"{hashlib.md5(data).hexdigest()}"' != p["etag"] and hashlib.md5(data).hexdigest() != p["etag"]:
                     raise HubError(400, f"part {p['partNumber']}: etag mismatch")
-                out.write(data)
+                if self.hub.keep_lfs:
+                    out.write(data)
                 h.update(data)
+                size += len(data)
+            if not self.hub.keep_lfs:
+                out.truncate(size)
         if h.hexdigest() != oid:
             tmp.unlink()
             raise HubError(400, "sha256 mismatch after completing the multipart upload")

@@ -57,20 +57,24 @@ def test_local_hub_without_lfs_copies_checks_hashes_and_keeps_sizes(tmp_path, mo
     with their sizes, and the objects take no disk (sparse files)."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    data = os.urandom(8_000_000)
-    with HubServer(tmp_path / "hub", tokens=(TOKEN,), keep_lfs=False) as server:
+    data, big = os.urandom(8_000_000), os.urandom(12_500_000)  # big: a multipart upload
+    with HubServer(tmp_path / "hub", tokens=(TOKEN,), keep_lfs=False, multipart_threshold=10_000_000,
+                   multipart_chunk=5_000_000) as server:
         api = HfApi(endpoint=server.url, token=TOKEN)
         api.create_repo("org/m")
         api.upload_file(path_or_fileobj=data, path_in_repo="x.safetensors", repo_id="org/m")
-        assert server.stats["lfs_bytes"] == len(data) and len(server.stats["lfs_completed"]) == 1
-        info = next(f for f in api.list_repo_tree("org/m") if f.path == "x.safetensors")
-        assert info.size == len(data) and info.lfs.sha256 == hashlib.sha256(data).hexdigest()
-        objects = [p for p in (tmp_path / "hub").rglob("*") if p.is_file() and p.stat().st_size == len(data)]
-        assert len(objects) == 1 and objects[0].stat().st_blocks * 512 < 1 << 20  # sparse: < 1 MB on disk
+        api.upload_file(path_or_fileobj=big, path_in_repo="y.safetensors", repo_id="org/m")
+        assert server.stats["requests"]["PUT lfs_part"] == 3
+        assert server.stats["lfs_bytes"] == len(data) + len(big) and len(server.stats["lfs_completed"]) == 2
+        tree = {f.path: f for f in api.list_repo_tree("org/m")}
+        for name, blob in (("x.safetensors", data), ("y.safetensors", big)):
+            assert tree[name].size == len(blob) and tree[name].lfs.sha256 == hashlib.sha256(blob).hexdigest()
+            objects = [p for p in (tmp_path / "hub").rglob("*") if p.is_file() and p.stat().st_size == len(blob)]
+            assert len(objects) == 1 and objects[0].stat().st_blocks * 512 < 1 << 20  # sparse: < 1 MB on disk
         # a body whose hash is not the announced oid is refused, as with keep_lfs=True
         oid = hashlib.sha256(b"something else").hexdigest()
         r = httpx.put(f"{server.url}/__lfs/org/m/{oid}", data=b"not it",
-                         headers={"Authorization": f"Bearer {TOKEN}"})
+                      headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 400 and "sha256 mismatch" in r.text
 
 
