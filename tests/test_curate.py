@@ -342,6 +342,15 @@ def test_interrupted_curation_resumes_to_the_same_bytes(demo_data, tmp_path, tin
     assert _outputs(out) == _outputs(curate.folder(s0))
 
 
+def test_cpt_lines_are_json_dumps_bytes():
+    """cpt.jsonl lines are written with orjson for speed; they must be the bytes the standard
+    library writes (``ensure_ascii=False``), which the line format was defined by: checked on
+    every code point but the surrogates (which normalisation removes), and on escapes."""
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    for text in (every, "", 'a "quoted" \\ back\tslash\n\x00\x7f\u2028'):
+        assert curate.cpt_line(text) == (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def test_cluster_executors_take_the_same_plan(demo_spec, tmp_path):
     """The same jobs handed to datatrove's Slurm and Ray executors: one executor per job, the
     same pipeline objects and task counts, each depending on the one before (running the last
@@ -351,8 +360,8 @@ def test_cluster_executors_take_the_same_plan(demo_spec, tmp_path):
 
     work = curate.Work(tmp_path / "work")
     jobs = curate.plan(demo_spec, tmp_path / "out", work, tokens.Counter(tmp_path / "tokenizer.json", True))
-    assert [j.name for j in jobs] == ["clean", "exact", "minhash", "buckets", "verify", "cluster", "assemble"]
-    assert [j.tasks for j in jobs] == [2, 1, 2, 14, 1, 1, 1]  # 2 input files; 14 LSH bands
+    assert [j.name for j in jobs] == ["clean", "exact", "minhash", "buckets", "verify", "cluster", "keep", "assemble"]
+    assert [j.tasks for j in jobs] == [2, 1, 2, 14, 1, 1, 2, 1]  # 2 input files; 14 LSH bands
     for kind, cls, options in (("slurm", SlurmPipelineExecutor, {"partition": "cpu", "time": "4:00:00"}),
                                ("ray", RayPipelineExecutor, {})):
         chain = curate.executors(jobs, work, kind, **options)

@@ -12,8 +12,10 @@ every core by default, or handed unchanged to its Slurm or Ray executor (``execu
   verify    (1 task)                   candidate pairs kept when their estimated Jaccard
                                        similarity reaches the threshold
   cluster   (1 task)                   datatrove's MinhashDedupCluster: one document per cluster
-  assemble  (1 task)                   exact and near-duplicate filters -> English replay budget
-                                       -> cpt.jsonl; the instruct set -> sft.jsonl; report.json
+  keep      (one task per input file)  exact and near-duplicate filters -> the file's cpt.jsonl
+                                       lines, their token counts, its filter counts
+  assemble  (1 task)                   the files' lines in order (English: within the replay
+                                       budget) -> cpt.jsonl; the instruct set -> sft.jsonl; report.json
 
 Memory does not grow with the corpus: documents stream through each task, the dedup stages
 work from sorted files on disk, and the only in-memory indexes are per task (about 0.2 KB per
@@ -213,6 +215,7 @@ def plan(spec: Spec, out: Path, work: Work, count: Counter) -> list[Job]:
         Job("buckets", [MinhashDedupBuckets(at("minhash/buckets"), at("minhash/pairs"), config=mh)], mh.num_buckets),
         Job("verify", [verify], 1),
         Job("cluster", [MinhashDedupCluster(at("minhash/verified"), at("minhash/remove"), config=mh)], 1),
+        Job("keep", [Keep(str(work.root))], files),
         Job("assemble", [Assemble(spec, str(out), str(work.root), count)], 1),
     ]
 
@@ -335,6 +338,49 @@ def kept_documents(work: Work, rank: int, files: int, tally: Tally) -> Iterator:
         tally.add_step(step)
 
 
+def cpt_line(text: str) -> bytes:
+    """One line of cpt.jsonl: the bytes of ``json.dumps({"text": text}, ensure_ascii=False)``
+    (a test checks them equal on every code point), at orjson's speed."""
+    import orjson
+
+    return b'{"text": ' + orjson.dumps(text) + b"}\n"
+
+
+class Keep:
+    """The ``keep`` job (one task per input file): the documents of file ``rank`` that both
+    duplicate filters keep, as cpt.jsonl lines (``kept/<rank>.jsonl``), their token counts
+    (``kept/<rank>.tokens``, uint32 per line) and the file's filter counts (``kept/<rank>.json``).
+    Written under temporary names and renamed, the counts last: a task cut short leaves no
+    counts, and datatrove runs it again."""
+
+    def __init__(self, work: str):
+        self.work = work
+
+    def __call__(self, data=None, rank: int = 0, world_size: int = 1):
+        import numpy as np
+
+        work, tally = Work(Path(self.work)), Tally()
+        folder = Path(work.at("kept"))
+        folder.mkdir(parents=True, exist_ok=True)
+        lines, tokens = folder / f"{rank:05d}.jsonl", folder / f"{rank:05d}.tokens"
+        n = 0
+        with atomic_path(lines) as tmp_lines, atomic_path(tokens) as tmp_tokens, \
+                open(tmp_lines, "wb") as fh, open(tmp_tokens, "wb") as th:
+            batch: list[int] = []
+            for doc in kept_documents(work, rank, world_size, tally):
+                fh.write(cpt_line(doc.text))
+                batch.append(doc.metadata["tokens"])
+                n += 1
+                if len(batch) == 65536:
+                    th.write(np.asarray(batch, dtype=np.uint32).tobytes())
+                    batch = []
+            th.write(np.asarray(batch, dtype=np.uint32).tobytes())
+            fh.flush()
+            th.flush()
+        write_json(folder / f"{rank:05d}.json", {"docs": n, "steps": [vars(x) for x in tally.steps.values()]})
+        return data
+
+
 class Assemble:
     """The last job (one task): the kept documents of every input file, in order, with the
     English replay budget -> ``cpt.jsonl``; the instruct set -> ``sft.jsonl``; the report. A
@@ -349,30 +395,42 @@ class Assemble:
 
 
 def assemble(spec: Spec, out: Path, work: Work, count: Counter) -> dict:
-    """Write cpt.jsonl, sft.jsonl, report.json (and bad_data.txt) into ``out``; return the report."""
+    """Write cpt.jsonl, sft.jsonl, report.json (and bad_data.txt) into ``out``; return the report.
+    A file without a replay budget is copied as the ``keep`` job wrote it; only the English
+    replay files are read line by line, to spend the budget."""
+    import numpy as np
+
     srcs = sources(spec)
     share = spec.data.replay_share
     report: dict = {"corpora": {}, "replay": {}, "instruct": {}}
     tallies = {c.name: Tally() for c in spec.data.corpora}
     kept = {"ur": 0, "en": 0}
     docs = 0
-    with atomic_path(out / CPT_FILE) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    folder = Path(work.at("kept"))
+    with atomic_path(out / CPT_FILE) as tmp, open(tmp, "wb") as fh:
         for rank, src in enumerate(srcs):
             tally = tallies[src.corpus]
-            budget = None
-            if src.language == "en" and share < 1:
+            info = json.loads((folder / f"{rank:05d}.json").read_text(encoding="utf-8"))
+            for step in info["steps"]:
+                tally.add_step(Step(**step))
+            tokens = np.fromfile(folder / f"{rank:05d}.tokens", dtype=np.uint32)
+            lang = "en" if src.language == "en" else "ur"
+            with open(folder / f"{rank:05d}.jsonl", "rb") as lines:
+                if src.language != "en" or share >= 1:
+                    shutil.copyfileobj(lines, fh, 1 << 20)
+                    kept[lang] += int(tokens.sum(dtype=np.uint64))
+                    docs += len(tokens)
+                    continue
                 budget = int(kept["ur"] * share / (1 - share)) - kept["en"]
-            for doc in kept_documents(work, rank, len(srcs), tally):
-                n = doc.metadata["tokens"]
-                if budget is not None:
+                for line, n in zip(lines, map(int, tokens), strict=True):
                     if n > budget:
                         tally.add("replay", n, None)
                         continue
                     budget -= n
                     tally.add("replay", n, n)
-                kept["en" if src.language == "en" else "ur"] += n
-                fh.write(json.dumps({"text": doc.text}, ensure_ascii=False) + "\n")
-                docs += 1
+                    kept[lang] += n
+                    fh.write(line)
+                    docs += 1
         fh.flush()
     for c in cpt_order(spec):
         order = TEXT_FILTERS + (("replay",) if c.language == "en" and share < 1 else ())
