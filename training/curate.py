@@ -350,34 +350,27 @@ class Keep:
     """The ``keep`` job (one task per input file): the documents of file ``rank`` that both
     duplicate filters keep, as cpt.jsonl lines (``kept/<rank>.jsonl``), their token counts
     (``kept/<rank>.tokens``, uint32 per line) and the file's filter counts (``kept/<rank>.json``).
-    Written under temporary names and renamed, the counts last: a task cut short leaves no
-    counts, and datatrove runs it again."""
+    Each is written under a temporary name and renamed, so ``assemble`` never reads half a file;
+    a task cut short has no datatrove completion mark and runs again from the start."""
 
     def __init__(self, work: str):
         self.work = work
 
     def __call__(self, data=None, rank: int = 0, world_size: int = 1):
-        import numpy as np
+        from array import array
 
         work, tally = Work(Path(self.work)), Tally()
         folder = Path(work.at("kept"))
         folder.mkdir(parents=True, exist_ok=True)
-        lines, tokens = folder / f"{rank:05d}.jsonl", folder / f"{rank:05d}.tokens"
-        n = 0
-        with atomic_path(lines) as tmp_lines, atomic_path(tokens) as tmp_tokens, \
-                open(tmp_lines, "wb") as fh, open(tmp_tokens, "wb") as th:
-            batch: list[int] = []
+        counts = array("I")  # 4 bytes per kept document of this one file
+        assert counts.itemsize == 4
+        with atomic_path(folder / f"{rank:05d}.jsonl") as tmp, open(tmp, "wb") as fh:
             for doc in kept_documents(work, rank, world_size, tally):
                 fh.write(cpt_line(doc.text))
-                batch.append(doc.metadata["tokens"])
-                n += 1
-                if len(batch) == 65536:
-                    th.write(np.asarray(batch, dtype=np.uint32).tobytes())
-                    batch = []
-            th.write(np.asarray(batch, dtype=np.uint32).tobytes())
-            fh.flush()
-            th.flush()
-        write_json(folder / f"{rank:05d}.json", {"docs": n, "steps": [vars(x) for x in tally.steps.values()]})
+                counts.append(doc.metadata["tokens"])
+        with atomic_path(folder / f"{rank:05d}.tokens") as tmp, open(tmp, "wb") as fh:
+            counts.tofile(fh)
+        write_json(folder / f"{rank:05d}.json", {"docs": len(counts), "steps": [vars(x) for x in tally.steps.values()]})
         return data
 
 
