@@ -1,13 +1,19 @@
-"""Tasks of the Qalb release toolchain (`./inv --list`). Thin: parse arguments, call release/."""
+"""Tasks of the Qalb release toolchain (`./inv --list`). Thin: parse arguments, call release/.
+
+Each stage of the pipeline has a task of the same name (``train --stage`` for cpt and sft), run
+through ``release/pipeline.py`` so that it gets its inputs and the disk preflight like a release.
+"""
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from invoke import Collection, Exit, task
 
+ROOT = Path(__file__).parent
 DEMO = "specs/demo.toml"
 RUNNER_HELP = "docker: run in the task's container image; local: here (default: docker for training on a GPU host)"
 LAUNCH_HELP = {
@@ -41,30 +47,40 @@ def _spec(path: str):
     return _guarded(lambda: spec.load(path))
 
 
-def _runner(name: str, runner: str | None, **options: object) -> bool:
-    """With the docker runner, run task ``name`` with ``options`` in its container and return True."""
+def _runner(name: str, runner: str | None, image: tuple[str, bool] | None = None, **options: object) -> bool:
+    """With the docker runner, run task ``name`` with ``options`` in ``image`` (default: the
+    release image) and return True."""
     from release import docker
 
     def build_dir() -> Path | None:
         return _spec(str(options["spec"])).build_dir if options.get("spec") else None
 
-    return bool(_guarded(lambda: docker.dispatch(name, runner, options, Path(__file__).parent,
+    return bool(_guarded(lambda: docker.dispatch(name, runner, options, ROOT, image=image or docker.RELEASE_IMAGE,
                                                  build_dir=build_dir() if runner != "local" else None)))
+
+
+def _stage(spec_path: str, name: str, *, force: bool = False, **kwargs: object):
+    """Run pipeline stage ``name`` of the spec alone (its inputs must be built); its result."""
+    from release import pipeline
+
+    s = _spec(spec_path)
+    return s, _guarded(lambda: pipeline.run(s, only=name, force=force, root=ROOT, **kwargs))[0]
 
 
 @task(help={"slow": "also run the opt-in slow tests", "k": "only tests matching this expression",
             "gpu": "run only the GPU tests (CUDA kernels, NCCL, the train image with --gpus all): on a GPU host",
             "args": "extra arguments for pytest"})
 def test(c, slow=False, k="", gpu=False, args=""):
-    """Run the test suite (tiny models, CPU only, offline); --gpu: the GPU tests instead."""
-    cmd = [sys.executable, "-m", "pytest", "-q"]
+    """Run the test suite (tiny models, CPU only, offline) and list its 15 slowest tests; --gpu:
+    the GPU tests instead."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "--durations=15"]
     if slow:
         cmd.append("--slow")
     if gpu:
         cmd += ["--gpu", "-m", "gpu"]
     if k:
-        cmd += ["-k", repr(k)]
-    c.run(" ".join(cmd + ([args] if args else [])), pty=False)
+        cmd += ["-k", k]
+    c.run(shlex.join(cmd) + (f" {args}" if args else ""), pty=False)
 
 
 @task(help={"spec": "release spec to check (default: both bundled specs)"})
@@ -102,8 +118,7 @@ def _disk_estimate(s) -> None:
 
     config = _guarded(lambda: preflight.base_config(s, online=False))
     if config is None:
-        print(f"  disk estimate: needs {s.base.model}'s config.json (not cached; `./inv release --only base` "
-              "fetches the base)")
+        print(f"  disk estimate: needs {s.base.model}'s config.json (not cached; `./inv base` fetches the base)")
         return
     needs = preflight.estimate(s, config)
     table = Table(title=f"disk estimate: {s.release.name}")
@@ -117,54 +132,224 @@ def _disk_estimate(s) -> None:
 
 
 @task(help={
-    "spec": f"release spec whose base model to build (default {DEMO})",
-    "out": "write a standalone model to this folder instead of the spec's build folder",
-    "shape": "with --out: 'spec' (the spec's [base.scaffold]) or '8b' (Llama 3.1 8B layer shapes)",
+    "out": "folder to write the model to",
+    "spec": f"release spec whose [base.scaffold] and tokenizer facts to use (default {DEMO})",
+    "shape": "'spec' (the spec's [base.scaffold]) or '8b' (Llama 3.1 8B layer shapes)",
     "layers": "with --shape 8b: number of layers",
-    "seed": "with --out: random seed",
+    "seed": "random seed",
     "force": "rebuild even if up to date",
     "runner": RUNNER_HELP,
 })
-def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=False, runner=None):
-    """Build a random-init Llama-3 base model (real Llama 3 tokenizer).
-
-    By default the spec's [base.scaffold] into its build folder; with --out a standalone model,
-    e.g. one with Llama 3.1 8B layer shapes for benchmarks."""
-    from dataclasses import replace
-
-    from release import base, pipeline
+def scaffold(c, out=None, spec=DEMO, shape="spec", layers="2", seed="0", force=False, runner=None):
+    """Write a standalone random-init Llama-3 model (real Llama 3 tokenizer) to --out, e.g. one with
+    Llama 3.1 8B layer shapes for benchmarks. A release's base model is the base stage's: ./inv base."""
     from release import scaffold as kit
+    from release.artifacts import human_bytes
+    from release.errors import UsageError
+
+    def build():
+        if out is None:
+            raise UsageError("scaffold: give --out DIR (a release's base model is built by ./inv base)")
+        return kit.standalone(_spec(spec), Path(out), shape=shape, layers=layers, seed=seed, force=force)
 
     if _runner("scaffold", runner, spec=spec, out=out, shape=shape, layers=layers, seed=seed, force=force):
         return
-    s = _spec(spec)
-    if out is None:
-        if s.base.scaffold is None:
-            print(f"error: {spec}: has no [base.scaffold]; give --out to build a standalone model",
-                  file=sys.stderr)
-            raise Exit(code=2)
-        manifest = _guarded(lambda: base.run(s, force=force))
-        pipeline.summary(s, [pipeline.StageResult(base.STAGE, base.folder(s), manifest)])
-        return
-    if not (str(layers).isdigit() and int(layers) > 0 and str(seed).isdigit()):
-        print(f"error: --layers {layers} --seed {seed}: expected a positive layer count and a seed >= 0", file=sys.stderr)
-        raise Exit(code=2)
-    if shape == "8b":
-        sc = kit.eight_b_shaped(int(layers), int(seed))
-    elif shape == "spec" and s.base.scaffold is not None:
-        sc = replace(s.base.scaffold, seed=int(seed))
-    else:
-        print(f"error: --shape {shape}: expected 'spec' (with a [base.scaffold]) or '8b'", file=sys.stderr)
-        raise Exit(code=2)
-    from release.artifacts import run_stage
+    f = _guarded(build).figures
+    print(f"{out}: {f['parameters']:,} parameters, {human_bytes(f['bytes'])} in {f['shards']} shard(s)")
 
-    # built aside and swapped in with a manifest, like every stage: an interrupted run leaves no model
-    manifest = _guarded(lambda: run_stage(
-        "scaffold", Path(out), lambda tmp: kit.write_model(tmp, sc, s.chat, max_shard_bytes=s.max_shard_bytes,
-                                                          progress=True),
-        release=s.release.name, spec_sections={"scaffold": kit.describe(sc)}, force=force))
+
+@task(help={"spec": f"release spec (default {DEMO})", "force": "rebuild even if up to date", "runner": RUNNER_HELP})
+def base(c, spec=DEMO, force=False, runner=None):
+    """Stage base: the spec's base model (built from [base.scaffold], recorded from base.path, or
+    downloaded from the Hub into its cache)."""
+    from release import pipeline
+
+    if _runner("base", runner, spec=spec, force=force):
+        return
+    s, result = _stage(spec, "base", force=force)
+    pipeline.summary(s, [result])
+
+
+@task(help={"spec": f"release spec (default {DEMO})", "force": "curate again even if up to date",
+            "runner": RUNNER_HELP})
+def data(c, spec=DEMO, force=False, runner=None):
+    """Stage data: curate the corpora into the CPT and SFT sets with a retention report."""
+    from training import data as stage
+
+    if _runner("data", runner, image=(stage.TRAITS.image, stage.TRAITS.gpu), spec=spec, force=force):
+        return
+    s, result = _stage(spec, stage.STAGE, force=force)
+    stage.summary(s, result.manifest)
+
+
+@task(help={"stage": "cpt (continued pre-training) or sft (instruction fine-tuning)",
+            "spec": f"release spec (default {DEMO})", "force": "train again even if up to date",
+            "runner": RUNNER_HELP, **LAUNCH_HELP})
+def train(c, stage=None, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None):
+    """Stages cpt and sft: train a LoRA with Unsloth (build/<release>/<stage>); an interrupted run resumes."""
+    from release.errors import UsageError
+    from training import cpt, distributed, sft, stages
+
+    def launch():
+        if stage not in (cpt.STAGE, sft.STAGE):
+            given = "give --stage" if stage is None else f"--stage {stage}: expected"
+            raise UsageError(f"train: {given} {cpt.STAGE} (continued pre-training) or {sft.STAGE} "
+                             "(instruction fine-tuning)")
+        return distributed.launch(processes, nodes, rdzv)
+
+    how = _guarded(launch)
+    traits = cpt.TRAITS
+    if _runner("train", runner, image=(traits.image, traits.gpu), stage=stage, spec=spec, force=force,
+               processes=how.processes, nodes=how.nodes, rdzv=how.rdzv):
+        return
+    s, result = _stage(spec, stage, force=force, launch=how)
+    stages.summary(s, stage, result.manifest)
+
+
+@task(iterable=["adapter"], help={
+    "spec": f"release spec (default {DEMO})",
+    "base": "base model folder (default: the base stage's); with --adapter",
+    "adapter": "PEFT adapter folder; repeat for several, applied in order (CPT, then SFT); default: the "
+               "release's cpt and sft stages",
+    "out": "output folder, with --adapter (default build/<release>/merge); gets bf16/ and, if the spec has it, fp16/",
+    "force": "merge again even if up to date",
+    "runner": RUNNER_HELP,
+})
+def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=None):
+    """Stage merge: LoRA adapters into the base model, streamed BF16 (and FP16) safetensors."""
+    from release import merge as stage
+    from release import pipeline
+    from release.artifacts import human_bytes
+    from release.errors import UsageError
+
+    if _runner("merge", runner, spec=spec, base=base, adapter=adapter, out=out, force=force):
+        return
+    if not adapter:
+        if base or out:
+            _guarded(lambda: (_ for _ in ()).throw(UsageError("--base/--out: give the adapters too (--adapter FOLDER, "
+                                                                "repeated); without them the release's stages are merged")))
+        s, result = _stage(spec, stage.STAGE, force=force)
+        manifest, out_dir = result.manifest, result.directory
+    else:
+        s = _spec(spec)
+        base_dir = Path(base) if base else pipeline.base_model_dir(s)
+        out_dir = Path(out) if out else pipeline.folder(s, stage.STAGE)
+        manifest = _guarded(lambda: stage.run_merge(s, base_dir, [Path(a) for a in adapter], out_dir, force=force))
     f = manifest.figures
-    print(f"{out}: {f['parameters']:,} parameters, {pipeline.human_bytes(f['bytes'])} in {f['shards']} shard(s)")
+    print(f"{out_dir}: {'built' if manifest.built else 'up to date'}, {len(manifest.outputs)} files")
+    print(f"{f['tensors']} tensors ({f['lora_merged']} LoRA merges, {f['replaced']} replaced), "
+          f"{human_bytes(f['bytes_written'])} written in {f['seconds']} s, peak RSS {f['peak_rss_mb']} MB")
+
+
+@task(help={"spec": f"release spec (default {DEMO})", "force": "quantize again even if up to date",
+            "runner": RUNNER_HELP})
+def bnb4(c, spec=DEMO, force=False, runner=None):
+    """Stage bnb4: the bitsandbytes 4-bit variant of the merged BF16 model."""
+    from release import pipeline
+
+    if _runner("bnb4", runner, spec=spec, force=force):
+        return
+    s, result = _stage(spec, "bnb4", force=force)
+    pipeline.summary(s, [result])
+
+
+@task(help={
+    "spec": f"release spec (default {DEMO})",
+    "model": "HF Llama folder to convert (default: the spec's merged BF16 model)",
+    "force": "convert again even if up to date",
+    "runner": RUNNER_HELP,
+})
+def gguf(c, spec=DEMO, model=None, force=False, runner=None):
+    """Stage gguf: convert to GGUF (F16/BF16/Q8_0) and quantize with llama.cpp (the spec's quant types)."""
+    from rich.table import Table
+
+    from release import gguf as stage
+    from release.artifacts import summary_console
+
+    if _runner("gguf", runner, spec=spec, model=model, force=force):
+        return
+    if model is None:
+        s, result = _stage(spec, stage.STAGE, force=force)
+        manifest = result.manifest
+    else:
+        s = _spec(spec)
+        manifest = _guarded(lambda: stage.run(s, {"model": Path(model)}, force=force))
+    table = Table(title=f"GGUF files of {s.release.name} ({'built' if manifest.built else 'up to date'})")
+    for col in ("type", "file", "size", "bits/weight", "sha256", "seconds"):
+        table.add_column(col)
+    for row in stage.summary_rows(manifest.figures["files"]):
+        table.add_row(*row)
+    summary_console().print(table)
+
+
+@task(help={"spec": f"release spec (default {DEMO})", "force": "verify again even if up to date"})
+def verify(c, spec=DEMO, force=False):
+    """Stage verify: build what verification needs, then run the release gates on every variant
+    (exit 2 on a failure)."""
+    from release import pipeline
+    from release import verify as stage
+    from release.artifacts import read_manifest, summary_console
+
+    s = _spec(spec)
+    results = _guarded(lambda: pipeline.run(s, until=stage.STAGE, force={stage.STAGE} if force else False))
+    pipeline.summary(s, results, artifacts=True)
+    summary_console().print(pipeline.verify_table(read_manifest(pipeline.folder(s, stage.STAGE)).figures))
+    print(f"{s.release.name} {s.release.version}: every release gate passed")
+
+
+@task(help={
+    "spec": "release spec (default specs/qalb.toml)",
+    "out": "folder for the Modelfiles (default modelfiles/)",
+    "check": "validate this Modelfile with Ollama's grammar instead of writing",
+    "runner": RUNNER_HELP,
+})
+def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None, runner=None):
+    """Stage modelfiles' files into --out (one Ollama Modelfile per GGUF type, named after its tag,
+    the hf.co template/system/params files and the LICENSE), or --check one Modelfile."""
+    from release import modelfiles as stage
+
+    if _runner("modelfiles", runner, spec=spec, out=out, check=check):
+        return
+    if check:
+        mf = _guarded(lambda: stage.check_file(Path(check)))
+        print(f"{check}: ok: FROM {mf.model}; {len(mf.parameters)} parameters "
+              f"({', '.join(mf.parameters)}); template {'set' if mf.template else 'not set'}; "
+              f"system {'set' if mf.system else 'not set'}")
+        return
+    s = _spec(spec)
+    written = _guarded(lambda: stage.write_all(s, Path(out)))
+    for qtype in s.gguf_types():
+        path = Path(out) / stage.modelfile_name(s, qtype)
+        print(f"{path}: {s.ollama.model}:{s.ollama.tags[qtype]} from {s.gguf_file_name(qtype)}")
+    print(f"{len(written)} files in {out}: " + ", ".join(p.name for p in written if p.suffix != ".Modelfile"))
+
+
+@task(help={"spec": f"release spec (default {DEMO})", "force": "write the cards again even if up to date"})
+def cards(c, spec=DEMO, force=False):
+    """Stage cards: the model card of every repo, build/<release>/cards/<variant>/README.md."""
+    from release import pipeline
+
+    s, result = _stage(spec, "cards", force=force)
+    pipeline.summary(s, [result])
+    if not result.manifest.figures.get("verified"):
+        print("note: no verification manifest yet, so the variants table has no figures; "
+              "run ./inv release --from verify")
+
+
+@task(help={"spec": f"release spec (default {DEMO})", "push": "upload and tag (default: show the plan only)"})
+def publish(c, spec=DEMO, push=False):
+    """Stage publish: plan the Hub upload of every repo (files to add, change, delete); --push
+    uploads and tags.
+
+    Refuses weight files that the verification manifest does not list as passed with the same
+    bytes. Token from HF_TOKEN or `hf auth login`. Re-run an interrupted push to resume it."""
+    from release import pipeline
+    from release import publish as stage
+
+    s, result = _stage(spec, stage.STAGE, push=push)
+    pipeline.summary(s, [result])
+    if not push:
+        print("plan only: nothing was uploaded; add --push to publish")
 
 
 @task(help={
@@ -179,7 +364,7 @@ def scaffold(c, spec=DEMO, out=None, shape="spec", layers="2", seed="0", force=F
 })
 def release(c, spec=DEMO, force=False, only=None, from_=None, push=False, runner="local", processes=1, nodes=1,
             rdzv=None):
-    """Run the release pipeline: data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, hub."""
+    """Run the release pipeline: base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, publish."""
     import time
 
     from release import pipeline
@@ -189,171 +374,10 @@ def release(c, spec=DEMO, force=False, only=None, from_=None, push=False, runner
     how = _guarded(lambda: distributed.launch(processes, nodes, rdzv))
     start = time.perf_counter()
     results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_, push=push, launch=how,
-                                            runner=runner, root=Path(__file__).parent))
+                                            runner=runner, root=ROOT))
     pipeline.summary(s, results, artifacts=True)
     print(f"{s.release.name} {s.release.version}: {len(results)} stages in {time.perf_counter() - start:.0f} s"
           + ("" if push else "; nothing left this machine (add --push to publish)"))
-
-
-@task(help={
-    "spec": "release spec (default specs/qalb.toml)",
-    "out": "folder for the Modelfiles (default modelfiles/)",
-    "check": "validate this Modelfile with Ollama's grammar instead of writing",
-    "runner": RUNNER_HELP,
-})
-def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None, runner=None):
-    """Write the modelfiles stage's files (one Ollama Modelfile per GGUF type, named after its tag,
-    the hf.co template/system/params files and the LICENSE), or --check one Modelfile."""
-    from release import modelfile
-
-    if _runner("modelfiles", runner, spec=spec, out=out, check=check):
-        return
-
-    if check:
-        mf = _guarded(lambda: modelfile.check_file(Path(check)))
-        print(f"{check}: ok: FROM {mf.model}; {len(mf.parameters)} parameters "
-              f"({', '.join(mf.parameters)}); template {'set' if mf.template else 'not set'}; "
-              f"system {'set' if mf.system else 'not set'}")
-        return
-    s = _spec(spec)
-    written = _guarded(lambda: modelfile.write_all(s, Path(out)))
-    for qtype in s.gguf_types():
-        path = Path(out) / modelfile.modelfile_name(s, qtype)
-        print(f"{path}: {s.ollama.model}:{s.ollama.tags[qtype]} from {s.gguf_file_name(qtype)}")
-    print(f"{len(written)} files in {out}: " + ", ".join(p.name for p in written if p.suffix != ".Modelfile"))
-
-
-@task(iterable=["adapter"], help={
-    "spec": f"release spec (default {DEMO})",
-    "base": "base model folder (default: the spec's built base stage)",
-    "adapter": "PEFT adapter folder; repeat for several, applied in order (CPT, then SFT)",
-    "out": "output folder (default build/<release>/merge); gets bf16/ and, if the spec has it, fp16/",
-    "force": "merge again even if up to date",
-    "runner": RUNNER_HELP,
-})
-def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=None):
-    """Merge LoRA adapters into the base model: streamed BF16 (and FP16) safetensors."""
-    from release import base as base_stage
-    from release import merge as merger
-    from release import pipeline
-
-    if _runner("merge", runner, spec=spec, base=base, adapter=adapter, out=out, force=force):
-        return
-
-    s = _spec(spec)
-    if not adapter:
-        print("error: give at least one --adapter FOLDER", file=sys.stderr)
-        raise Exit(code=2)
-    base_dir = Path(base) if base else base_stage.model_dir(s)
-    out_dir = Path(out) if out else merger.folder(s)
-    manifest = _guarded(lambda: merger.run_merge(s, base_dir, [Path(a) for a in adapter], out_dir, force=force))
-    f = manifest.figures
-    print(f"{out_dir}: {'built' if manifest.built else 'up to date'}, {len(manifest.outputs)} files")
-    print(f"{f['tensors']} tensors ({f['lora_merged']} LoRA merges, {f['replaced']} replaced), "
-          f"{pipeline.human_bytes(f['bytes_written'])} written in {f['seconds']} s, peak RSS {f['peak_rss_mb']} MB")
-
-
-@task(help={"spec": f"release spec (default {DEMO})", "force": "verify again even if up to date"})
-def verify(c, spec=DEMO, force=False):
-    """Build what verification needs, then run the release gates on every variant (exit 2 on a failure)."""
-    from release import pipeline
-    from release.artifacts import read_manifest, summary_console
-
-    s = _spec(spec)
-    names = pipeline.applicable(s)
-    stage = pipeline.verify.STAGE
-    before = names[names.index(stage) - 1]
-    results = _guarded(lambda: pipeline.run(s, until=before) + pipeline.run(s, only=stage, force=force))
-    pipeline.summary(s, results, artifacts=True)
-    summary_console().print(pipeline.verify_table(read_manifest(pipeline.folder(s, stage)).figures))
-    print(f"{s.release.name} {s.release.version}: every release gate passed")
-
-
-@task(help={
-    "spec": f"release spec (default {DEMO})",
-    "model": "HF Llama folder to convert (default: the spec's merged BF16 model)",
-    "force": "convert again even if up to date",
-    "runner": RUNNER_HELP,
-})
-def gguf(c, spec=DEMO, model=None, force=False, runner=None):
-    """Convert to GGUF (F16/BF16/Q8_0) and quantize with llama.cpp (the spec's quant types)."""
-    from rich.table import Table
-
-    from release import gguf as converter
-    from release.artifacts import summary_console
-
-    if _runner("gguf", runner, spec=spec, model=model, force=force):
-        return
-
-    s = _spec(spec)
-    source = Path(model) if model else converter.inputs(s)["model"]
-    manifest = _guarded(lambda: converter.run_from(s, source, force=force))
-    table = Table(title=f"GGUF files of {s.release.name} ({'built' if manifest.built else 'up to date'})")
-    for col in ("type", "file", "size", "bits/weight", "sha256", "seconds"):
-        table.add_column(col)
-    for row in converter.summary_rows(manifest.figures["files"]):
-        table.add_row(*row)
-    summary_console().print(table)
-
-
-@task(help={"spec": f"release spec (default {DEMO})", "force": "write the cards again even if up to date"})
-def cards(c, spec=DEMO, force=False):
-    """Write the model card of every repo: build/<release>/cards/<variant>/README.md."""
-    from release import card, pipeline
-
-    s = _spec(spec)
-    manifest = _guarded(lambda: card.run(s, force=force))
-    pipeline.summary(s, [pipeline.StageResult(card.STAGE, card.folder(s), manifest)])
-    if not manifest.figures.get("verified"):
-        print("note: no verification manifest yet, so the variants table has no figures; "
-              "run ./inv release --from verify")
-
-
-@task(help={"spec": f"release spec (default {DEMO})", "push": "upload and tag (default: show the plan only)"})
-def push(c, spec=DEMO, push=False):
-    """Plan the Hub upload of every repo (files to add, change, delete); --push uploads and tags.
-
-    Refuses weight files that the verification manifest does not list as passed with the same
-    bytes. Token from HF_TOKEN or `hf auth login`. Re-run an interrupted push to resume it."""
-    from release import hub
-    from release.artifacts import summary_console
-
-    s = _spec(spec)
-    plans = _guarded(lambda: hub.plan(s))
-    if not push:
-        print("plan only: nothing was uploaded; add --push to publish")
-        return
-    results = _guarded(lambda: hub.push(s, plans))
-    summary_console().print(hub.push_table(s, results))
-
-
-@task(help={"spec": f"release spec (default {DEMO})", "force": "curate again even if up to date",
-            "runner": RUNNER_HELP})
-def data(c, spec=DEMO, force=False, runner=None):
-    """Curate the corpora into the CPT and SFT sets with a retention report (build/<release>/data)."""
-    from training import curate
-
-    if _runner("data", runner, spec=spec, force=force):
-        return
-
-    s = _spec(spec)
-    curate.summary(s, _guarded(lambda: curate.run(s, force=force)))
-
-
-@task(help={"stage": "cpt (continued pre-training) or sft (instruction fine-tuning)",
-            "spec": f"release spec (default {DEMO})", "force": "train again even if up to date",
-            "runner": RUNNER_HELP, **LAUNCH_HELP})
-def train(c, stage, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None):
-    """Train a LoRA stage with Unsloth (build/<release>/<stage>); an interrupted run resumes."""
-    from training import distributed, stages
-
-    how = _guarded(lambda: distributed.launch(processes, nodes, rdzv))
-    if _runner("train", runner, stage=stage, spec=spec, force=force, processes=how.processes, nodes=how.nodes,
-               rdzv=how.rdzv):
-        return
-
-    s = _spec(spec)
-    stages.summary(s, stage, _guarded(lambda: distributed.run(s, stage, how, force=force)))
 
 
 def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None, ca_bundle=None, build_arg=None):
@@ -362,25 +386,26 @@ def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None
 
     from rich.table import Table
 
-    from release import docker, pipeline
-    from release.artifacts import summary_console
+    from release import docker
+    from release.artifacts import human_bytes, summary_console
+    from release.errors import UsageError
 
-    extra = {}
-    for item in build_arg or []:
-        key, eq, value = item.partition("=")
-        if not (key and eq):
-            print(f"error: --build-arg {item}: expected KEY=VALUE", file=sys.stderr)
-            raise Exit(code=2)
-        extra[key] = value
-    ca = ca_bundle or os.environ.get("PIP_CERT")
-    info = _guarded(lambda: docker.build(
-        image, Path(__file__).parent, tag=tag or None, base_image=base_image, extra=extra,
-        wheelhouse=Path(wheelhouse) if wheelhouse else None, ca_bundle=Path(ca) if ca else None))
+    def build():
+        extra = {}
+        for item in build_arg or []:
+            key, eq, value = item.partition("=")
+            if not (key and eq):
+                raise UsageError(f"--build-arg {item}: expected KEY=VALUE")
+            extra[key] = value
+        ca = ca_bundle or os.environ.get("PIP_CERT")
+        return docker.build(image, ROOT, tag=tag or None, base_image=base_image, extra=extra,
+                            wheelhouse=Path(wheelhouse) if wheelhouse else None, ca_bundle=Path(ca) if ca else None)
+
+    info = _guarded(build)
     table = Table(title="docker build")
     for col in ("image", "tag", "size", "seconds"):
         table.add_column(col)
-    table.add_row(info["image"], info["tag"], pipeline.human_bytes(info["bytes"]) if info["bytes"] else "?",
-                  str(info["seconds"]))
+    table.add_row(info["image"], info["tag"], human_bytes(info["bytes"]) if info["bytes"] else "?", str(info["seconds"]))
     summary_console().print(table)
 
 

@@ -10,7 +10,7 @@ Arabic-keyboard letter forms and zero-width junk; written as gzip (Urdu) and zst
 replay) JSONL shards of ~32 MB. Then, each in its own process tree (peak memory sampled from
 /proc every 0.1 s: RssAnon summed over the tree, and the largest VmHWM of any one process):
 
-- curation: ``training.curate.curate`` on the demo spec with its corpora pointed at the shards
+- curation: ``training.data.curate`` on the demo spec with its corpora pointed at the shards
   (``--workers`` processes); MB/s of raw text, documents/s;
 - tokenize + pack: ``training.pack.pack_cpt`` on the curated ``cpt.jsonl`` with the real Llama 3
   tokenizer; tokens/s;
@@ -19,7 +19,7 @@ replay) JSONL shards of ~32 MB. Then, each in its own process tree (peak memory 
   English in the corpus's shares), best of two passes. The issue measured it at 9.7 MB/s and asked for 5 MB/s of
   curation, a ratio of 0.515; the ratio is printed, so a slower or busier machine does not move the
   goal;
-- the implementation before this one (training/curate.py at commit ``OLD_COMMIT``, single
+- the implementation before this one (training/data.py at commit ``OLD_COMMIT``, single
   process) on a smaller corpus (``--old-size``), side by side with the new one on the same corpus.
 
 It prints a table, the machine's load average next to each figure, and the extrapolation to
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 SHARD_BYTES = 32 * 2**20
 URDU_SHARE = 0.93  # of the generated text; the rest is English replay
 QALB_GB = 10.0  # ~2B tokens kept after a cleaning pass that kept 67.8%: ~10 GB of raw text
-OLD_COMMIT = "4a94e8d"  # training/curate.py before datatrove (one process, in-memory LSH)
+OLD_COMMIT = "4a94e8d"  # training/data.py before datatrove (one process, in-memory LSH)
 
 
 # --- the corpus --------------------------------------------------------------------------------
@@ -291,11 +291,11 @@ CURATE = """
 import json, sys
 from pathlib import Path
 from release import spec
-from training import curate, tokens
+from training import data, tokens
 if __name__ == "__main__":
     s = spec.load(sys.argv[1])
     out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
-    f = curate.curate(s, out, work=Path(sys.argv[3]), count=tokens.counter(Path(sys.argv[4])),
+    f = data.curate(s, out, work=Path(sys.argv[3]), count=tokens.counter(Path(sys.argv[4])),
                       workers=int(sys.argv[5]), progress=False)
     print(json.dumps(f))
 """
@@ -426,7 +426,7 @@ def check_counts(cpt: Path, tok: Path, n: int = 300) -> int:
 def old_module(work: Path) -> Path:
     folder = work / "old"
     folder.mkdir(parents=True, exist_ok=True)
-    src = subprocess.run(["git", "show", f"{OLD_COMMIT}:training/curate.py"], cwd=ROOT, capture_output=True, text=True,
+    src = subprocess.run(["git", "show", f"{OLD_COMMIT}:training/data.py"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     (folder / "curate_old.py").write_text(src, encoding="utf-8")
     return folder

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # not this folder on the path: its gguf.py would shadow the gguf package that spec checks import
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 
-STAGES = ("merge", "bnb4", "gguf", "verify", "modelfiles", "cards", "hub")
-IO_ONLY = ("merge", "hub")  # the GGUF F16 conversion is timed from the gguf manifest
+STAGES = ("merge", "bnb4", "gguf", "verify", "modelfiles", "cards", "publish")
+IO_ONLY = ("merge", "publish")  # the GGUF F16 conversion is timed from the gguf manifest
 TOKEN = "hf_bench_local"
 
 
@@ -190,7 +190,7 @@ def run_stages(spec_path: Path, build: Path, env: dict, start: str = STAGES[0]) 
         before = shutil.disk_usage(build.parent).free / 1e9
         subprocess.run(["sync"])
         cmd = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "release", "--spec", str(spec_path),
-               "--only", stage] + (["--push"] if stage == "hub" else [])
+               "--only", stage] + (["--push"] if stage == "publish" else [])
         print(f"{stage} ...", flush=True)
         row = measure(cmd, env, ROOT)
         row.stage = stage
@@ -244,8 +244,8 @@ def _floors(spec, rows: list[Row], write_bw: float, read_bw: float) -> None:
             adapters = sum(p.stat().st_size for s in ("cpt", "sft") for p in pipeline.folder(spec, s).glob("*"))
             written = sum(e.size for e in m.outputs)
             row.floor_s = (base + adapters) / read_bw + written / write_bw
-        elif row.stage == "hub":
-            staged = sum(p.stat().st_size for p in pipeline.folder(spec, "hub").rglob("*") if p.is_file())
+        elif row.stage == "publish":
+            staged = sum(p.stat().st_size for p in pipeline.folder(spec, "publish").rglob("*") if p.is_file())
             row.floor_s = staged / read_bw  # hashing reads every staged byte once; the links write nothing
     g = read_manifest(pipeline.folder(spec, "gguf"))
     f16 = g.figures["files"].get("F16") if g else None

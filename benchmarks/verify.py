@@ -4,7 +4,7 @@ whole model loaded in float32 (how the reference was computed before), side by s
     .venv/bin/python benchmarks/verify.py [--layers 2] [--work build/bench]
 
 Builds (once) an 8B-shaped BF16 model with N layers, as benchmarks/merge.py does, and its NF4
-variant (``release.quant4``). Then runs, each in its own process so its memory is its own, on the
+variant (``release.bnb4``). Then runs, each in its own process so its memory is its own, on the
 Qalb spec's fidelity text and chunks (8 x 512 = 4,096 positions):
 
 - before: ``AutoModelForCausalLM.from_pretrained(dtype=float32)``, one chunk per call;
@@ -104,16 +104,16 @@ report(seconds=seconds, tokens_per_s=sum(len(g.tokens) for g in gens) / seconds)
 
 
 def nf4_variant(work: Path, base: Path, layers: int) -> Path:
-    from release import quant4, spec
+    from release import bnb4, spec
 
     out = work / f"nf4-8b-{layers}l"
     if not (out / "config.json").is_file():
         print(f"building the NF4 variant in {out} ...", flush=True)
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        _, v = quant4.variant(spec.load(ROOT / "specs" / "qalb.toml"))
-        quant4.quantize_model(base, tmp, v, max_shard_bytes=5_000_000_000, progress=False)
-        quant4.write_model_files(base, tmp, v)
+        _, v = bnb4.variant(spec.load(ROOT / "specs" / "qalb.toml"))
+        bnb4.quantize_model(base, tmp, v, max_shard_bytes=5_000_000_000, progress=False)
+        bnb4.write_model_files(base, tmp, v)
         tmp.rename(out)
     return out
 

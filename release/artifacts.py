@@ -29,6 +29,22 @@ SCHEMA = 1
 
 
 @dataclass(frozen=True)
+class Traits:
+    """What a stage declares about how it runs (``TRAITS`` in its module), read by the pipeline
+    and the docker runner instead of checking stage names."""
+
+    image: str = "release"  # the container image it runs in: ``release`` (CPU) or ``train``
+    gpu: bool = False  # asks for the GPUs in a container
+    distributed: bool = False  # may run as many processes and hosts (torchrun)
+    publishes: bool = False  # has a ``push`` that uploads what ``run`` planned
+
+
+def stage_dir(build_dir: Path, name: str) -> Path:
+    """``build/<release>/<stage>``: where stage ``name`` writes. The one folder rule."""
+    return Path(build_dir) / name
+
+
+@dataclass(frozen=True)
 class FileEntry:
     path: str  # relative to the stage folder, '/' separated
     size: int

@@ -13,37 +13,31 @@ and the sha256 of each weight file, so later stages can tell when the base chang
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from release import scaffold
-from release.artifacts import Manifest, run_stage, sha256_file, write_json
+from release.artifacts import Manifest, Traits, run_stage, sha256_file, stage_dir, write_json
 from release.errors import StageError
 from release.spec import Spec
 
 STAGE = "base"
+TRAITS = Traits()
 SOURCE = "source.json"
 TOOLS = ("torch", "safetensors", "tokenizers", "transformers", "llama-models")
 
 
-def folder(spec: Spec) -> Path:
-    return spec.build_dir / STAGE
-
-
-def inputs(spec: Spec) -> dict[str, Path]:
-    """None from other stages: the base comes from the spec (a scaffold, a local path or the Hub)."""
-    return {}
-
-
-def model_dir(spec: Spec) -> Path:
-    """The folder holding the base model's files, once the stage has run."""
-    out = folder(spec)
-    source = out / SOURCE
+def model_dir(folder: Path) -> Path:
+    """The folder holding the base model's files, once the stage has run in ``folder``: the
+    scaffold itself, or the local or downloaded copy its ``source.json`` records."""
+    source = folder / SOURCE
     if source.is_file():
         return Path(json.loads(source.read_text(encoding="utf-8"))["path"])
-    return out
+    return folder
 
 
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``base``; it reads no other stage (``inputs`` is empty): the base comes from the spec."""
     sections = {k: spec.section_hash(k) for k in ("base", "chat.bos_token", "chat.eos_token", "chat.pad_token")}
 
     def build(out: Path) -> dict:
@@ -54,18 +48,20 @@ def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
         source = spec.resolve(spec.base.path) if spec.base.path else _download(spec.base.model)
         return _record(source, out)
 
-    return run_stage(STAGE, folder(spec), build, release=spec.release.name,
+    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name,
                      spec_sections=sections, tools=TOOLS, force=force)
 
 
 def _download(repo_id: str) -> Path:
+    import httpx
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:  # network, auth, gated repo: say which repo and what to do
+    except (httpx.HTTPError, OSError, HFValidationError) as e:  # network, auth, gated, offline, bad id
         raise StageError(f"base model {repo_id}: download failed ({type(e).__name__}); "
-                         "log in with `hf auth login` or set base.path to a local copy") from None
+                         "log in with `hf auth login` or set base.path to a local copy") from e
 
 
 def _record(folder: Path, out: Path) -> dict:

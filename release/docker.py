@@ -34,17 +34,10 @@ RUNNERS = ("docker", "local")
 # that the stages read and that should mean the same inside.
 SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 PASSED = SECRETS + ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER", "CUDA_VISIBLE_DEVICES")
-# task -> (image, uses a GPU). Tasks not listed run in the release image without a GPU.
-TASK_IMAGES: dict[str, tuple[str, bool]] = {
-    "data": ("train", False),
-    "train": ("train", True),
-}
-# pipeline stage -> (image, uses a GPU), for `release --only STAGE`; the others: the release image
-STAGE_IMAGES: dict[str, tuple[str, bool]] = {
-    "data": ("train", False),
-    "cpt": ("train", True),
-    "sft": ("train", True),
-}
+# (image, uses a GPU): what a task runs in. The stages declare theirs (``TRAITS.image``,
+# ``TRAITS.gpu``) and the callers pass them; everything else runs in the release image.
+Image = tuple[str, bool]
+RELEASE_IMAGE: Image = ("release", False)
 # Options of stage tasks that name files or folders: they must be visible in the container.
 PATH_OPTIONS = ("spec", "base", "adapter", "out", "model", "check")
 # Folder inside the build context where `build` stages the wheelhouse and the CA bundle
@@ -145,9 +138,10 @@ def gpu_present() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
-def default_runner(task: str) -> str:
-    """``docker`` for the training tasks on a GPU host, ``local`` otherwise."""
-    return "docker" if task in TASK_IMAGES and gpu_present() else "local"
+def default_runner(image: Image) -> str:
+    """``docker`` for what runs in the train image (curation, training) on a GPU host, ``local``
+    otherwise."""
+    return "docker" if image[0] == "train" and gpu_present() else "local"
 
 
 def hf_folders() -> dict[str, Path]:
@@ -166,12 +160,12 @@ def _inside(path: Path, folders: Sequence[Path]) -> bool:
     return any(path == f or path.is_relative_to(f) for f in folders)
 
 
-def plan(task: str, options: Mapping[str, object], root: Path, *, build_dir: Path | None = None,
-         tag: str | None = None, container: str | None = None) -> list[str]:
-    """The ``docker run`` command for ``task``: mounts, user, GPU and image derived from the
-    task, the checkout ``root`` and the spec's ``build_dir``."""
+def plan(task: str, options: Mapping[str, object], root: Path, *, image: Image = RELEASE_IMAGE,
+         build_dir: Path | None = None, tag: str | None = None, container: str | None = None) -> list[str]:
+    """The ``docker run`` command for ``task`` in ``image``: mounts, user and GPU derived from
+    the image, the checkout ``root`` and the spec's ``build_dir``."""
     root = root.resolve()
-    image, gpus = image_for(task, options)
+    image, gpus = image
     hf = hf_folders()
     mounts = [root]
     if build_dir is not None and not _inside(build_dir.resolve(), mounts):
@@ -194,13 +188,6 @@ def plan(task: str, options: Mapping[str, object], root: Path, *, build_dir: Pat
                        name=container)
 
 
-def image_for(task: str, options: Mapping[str, object]) -> tuple[str, bool]:
-    """``(image, uses a GPU)`` of ``task``; ``release --only STAGE`` runs in that stage's image."""
-    if task == "release" and options.get("only"):
-        return STAGE_IMAGES.get(str(options["only"]), ("release", False))
-    return TASK_IMAGES.get(task, ("release", False))
-
-
 # --- running ----------------------------------------------------------------------------------
 
 
@@ -218,23 +205,22 @@ def image_exists(tag: str) -> bool:
 
 
 def dispatch(task: str, runner: str | None, options: Mapping[str, object], root: Path,
-             *, build_dir: Path | None = None) -> bool:
-    """Run ``task`` in its container when the runner is ``docker`` (default: `default_runner`) and
+             *, image: Image = RELEASE_IMAGE, build_dir: Path | None = None) -> bool:
+    """Run ``task`` in ``image`` when the runner is ``docker`` (default: `default_runner`) and
     return True; return False when it should run here."""
-    runner = runner or default_runner(task)
+    runner = runner or default_runner(image)
     if runner not in RUNNERS:
         raise DockerError(f"--runner {runner}: expected one of {', '.join(RUNNERS)}")
     if runner == "local":
         return False
-    image = image_for(task, options)[0]
-    tag = image_tag(image)
+    tag = image_tag(image[0])
     # A named container, removed here, rather than --rm: with --rm the docker CLI waits for the
     # container's removal, and Podman before 4.6 (Debian 12 has 4.3) answers that wait with exit
     # status 0 whatever the stage's (containers/podman#18889), so failures would pass unseen.
     name = f"qalb-{task}-{os.getpid()}-{time.time_ns() % 10**9}"
-    cmd = plan(task, options, root, build_dir=build_dir, tag=tag, container=name)
+    cmd = plan(task, options, root, image=image, build_dir=build_dir, tag=tag, container=name)
     if not image_exists(tag):
-        raise DockerError(f"image {tag} not found: build it with `./inv docker.build --image {image}`")
+        raise DockerError(f"image {tag} not found: build it with `./inv docker.build --image {image[0]}`")
     for folder in hf_folders().values():  # or docker creates them owned by root
         folder.mkdir(parents=True, exist_ok=True)
     print(f"docker runner: {shown(cmd)}", file=sys.stderr, flush=True)

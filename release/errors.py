@@ -9,13 +9,18 @@ toolchain and keeps its traceback. This module imports nothing, so every module 
 from __future__ import annotations
 
 __all__ = [
-    "ReleaseError", "SpecError", "TemplateError", "ModelfileError", "StageError", "CurationError",
-    "MergeError", "Quant4Error", "GGUFError", "VerifyError", "PublishError", "DockerError", "LocalHubError",
+    "ReleaseError", "UsageError", "SpecError", "TemplateError", "ModelfileError", "StageError", "CurationError",
+    "MergeError", "Bnb4Error", "GGUFError", "VerifyError", "PublishError", "DockerError", "LocalHubError",
 ]
 
 
 class ReleaseError(Exception):
     """The base of everything a user can cause; ``str()`` is one line per problem."""
+
+
+class UsageError(ReleaseError):
+    """A command line that cannot be carried out: a missing or malformed option, or options that
+    do not go together."""
 
 
 class SpecError(ReleaseError):
@@ -46,7 +51,7 @@ class MergeError(StageError):
     """An adapter that does not fit its base (shapes, names, base model, PEFT type)."""
 
 
-class Quant4Error(StageError):
+class Bnb4Error(StageError):
     """A model the bitsandbytes 4-bit stage cannot quantize."""
 
 

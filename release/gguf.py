@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,12 @@ import numpy as np
 import torch
 
 from release import chat, shards
-from release.artifacts import Manifest, atomic_path, sha256_file
+from release.artifacts import Manifest, Traits, atomic_path, sha256_file, stage_dir
 from release.errors import GGUFError
 from release.spec import CONVERTED, Spec
 
 STAGE = "gguf"
+TRAITS = Traits()
 K_QUANTS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 IQ_QUANTS = ("IQ4_XS",)
 # types whose blocks are 256 weights of a row (QK_K): rows must be multiples of 256
@@ -525,17 +527,6 @@ def describe(path: Path) -> dict:
 # --- stage ------------------------------------------------------------------------------------
 
 
-def folder(spec: Spec) -> Path:
-    return spec.build_dir / STAGE
-
-
-def inputs(spec: Spec) -> dict[str, Path]:
-    """The flagship BF16 model (from the pipeline)."""
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    return pipeline.upstream(spec, STAGE)
-
-
 def build(spec: Spec, model_dir: Path, out: Path, progress: bool = True) -> dict:
     """Every GGUF file of the spec into ``out``: the converted types, then llama.cpp's quants of
     the F16/BF16 one, with their sizes and bits per weight. Fidelity against BF16 is the verify
@@ -570,21 +561,18 @@ def build(spec: Spec, model_dir: Path, out: Path, progress: bool = True) -> dict
     return figures
 
 
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``gguf``: every GGUF type of the spec from the flagship BF16 model."""
-    return run_from(spec, inputs(spec)["model"], force=force, progress=progress)
-
-
-def run_from(spec: Spec, model_dir: Path, *, force: bool = False, progress: bool = True) -> Manifest:
-    """The gguf stage from the model in ``model_dir`` (``./inv gguf --model DIR``)."""
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``gguf``: every GGUF type of the spec from ``inputs["model"]``, the flagship BF16
+    model (or the folder ``./inv gguf --model DIR`` names)."""
     from release.artifacts import run_stage
 
+    model_dir = inputs["model"]
     if not (Path(model_dir) / "config.json").is_file():
         raise GGUFError(f"{model_dir}: no config.json; build the merge stage first or give --model")
     sections = {k: spec.section_hash(k) for k in ("release", "base.model", "chat", "variants")}
     im = spec.gguf_imatrix()
     feeds = {"model": Path(model_dir), **({"calibration": spec.resolve(im.calibration)} if im else {})}
-    return run_stage(STAGE, folder(spec), lambda out: build(spec, Path(model_dir), out, progress),
+    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), lambda out: build(spec, Path(model_dir), out, progress),
                      release=spec.release.name, inputs=feeds, spec_sections=sections,
                      tools=("gguf", "llama-cpp-python", "torch", "transformers"), force=force)
 

@@ -21,18 +21,19 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from release import chat, llama3, shards
-from release.artifacts import Manifest, peak_rss_mb, run_stage, track, write_json
+from release.artifacts import Manifest, Traits, peak_rss_mb, run_stage, stage_dir, track, write_json
 from release.errors import MergeError
 from release.spec import Spec
 
 STAGE = "merge"
+TRAITS = Traits()
 TOOLS = ("torch", "safetensors")
 PREFIXES = ("base_model.model.",)
 FP16_MAX = 65504.0
@@ -349,27 +350,21 @@ def write_model_files(base_dir: Path, out: Path, dtype: str, chat_spec, inferenc
 # --- stage ------------------------------------------------------------------------------------
 
 
-def folder(spec: Spec) -> Path:
-    return spec.build_dir / STAGE
-
-
 def subfolder(dtype: str) -> str:
     """The folder inside the stage's that holds the model of ``dtype``."""
     return {"bfloat16": "bf16", "float16": "fp16"}[dtype]
 
 
-def inputs(spec: Spec) -> dict[str, Path]:
-    """The base model and the adapters, in the order they are merged (from the pipeline)."""
-    from release import pipeline  # imported here: the pipeline imports the stages
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``merge``: ``inputs["base"]`` (the base model's folder) plus the adapters
+    ``inputs["adapter0"]``, ``["adapter1"]``, ... merged in that order."""
+    adapters = [inputs[k] for k in sorted(inputs, key=_adapter_index) if k.startswith("adapter")]
+    return run_merge(spec, inputs["base"], adapters, stage_dir(spec.build_dir, STAGE), force=force,
+                     progress=progress)
 
-    return pipeline.upstream(spec, STAGE)
 
-
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``merge``: the base plus the training stages' adapters."""
-    found = inputs(spec)
-    adapters = [found[k] for k in sorted(found) if k.startswith("adapter")]
-    return run_merge(spec, found["base"], adapters, folder(spec), force=force, progress=progress)
+def _adapter_index(key: str) -> int:
+    return int(key.removeprefix("adapter")) if key.startswith("adapter") else -1
 
 
 def run_merge(spec: Spec, base_dir: Path, adapters: list[Path], out: Path, *, force: bool = False,

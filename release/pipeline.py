@@ -1,25 +1,29 @@
 """The release pipeline: stage order, which stage feeds which, skip/resume, the summary tables.
 
     base -> data -> cpt -> sft -> merge (BF16 + FP16) -> bnb4 -> gguf (+ quants) -> verify
-         -> modelfiles -> cards -> hub (plan; push with --push)
+         -> modelfiles -> cards -> publish (plan; push with --push)
 
-Every stage has the same face: ``STAGE`` (its name), ``folder(spec)``, ``inputs(spec)`` and
-``run(spec, *, force, progress) -> Manifest``. This module is the only place that knows their
-order and which stage's output feeds which input: a stage asks ``upstream(spec, STAGE)`` for the
-folders it reads, and cards, hub, spec and tasks ask ``variant_dir`` / ``folder`` where a variant
-or stage lives. Adding a stage is one module plus one line in ``STAGES`` (and its line in
-``upstream`` when it reads another stage's output).
+Every stage module has the same face: ``STAGE`` (its name: also its module's, its folder's and its
+task's), ``TRAITS`` (how it runs: container image, GPU, many processes, publishing) and
+``run(spec, inputs, *, force, progress) -> Manifest``. This module is the only place that knows
+their order, where each writes (``folder``: ``build/<release>/<STAGE>``) and which stage's output
+feeds which input (``upstream``): it hands each stage its inputs, as datatrove's executor hands
+each step its data, so a stage never asks for them and runs alone in a test
+(``bnb4.run(spec, {"model": folder})``). Adding a stage is one module plus one line in ``STAGES``
+(and its line in ``upstream`` when it reads another stage's output).
 
 Stages run in order; each is skipped when its manifest says its inputs and spec sections are
 unchanged, and an interrupted one is rebuilt from scratch (or, for training, from its last
 checkpoint) on the next run. ``only`` runs one stage, ``start`` resumes from a stage (earlier
-ones must be built). Training stages run on as many processes and hosts as ``launch`` says
+ones must be built). Distributed stages run on as many processes and hosts as ``launch`` says
 (training/distributed.py); with the docker runner every stage runs in its container image
-(release/docker.py), one ``release --only STAGE`` each.
+(release/docker.py), one ``release --only STAGE`` each. A stage whose manifest records
+``passed: false`` (verify's gates) stops the run before anything is published.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,27 +31,25 @@ from typing import Protocol
 from rich.console import Console
 from rich.table import Table
 
-from release import base, card, docker, gguf, hub, merge, modelfile, preflight, quant4, verify
-from release.artifacts import Manifest, built_elsewhere, human_bytes, read_manifest, summary_console
+from release import base, bnb4, cards, docker, gguf, merge, modelfiles, preflight, publish, verify
+from release.artifacts import Manifest, Traits, built_elsewhere, human_bytes, read_manifest, stage_dir, summary_console
 from release.errors import StageError
 from release.spec import Spec
-from training import cpt, curate, distributed, sft
+from training import cpt, data, distributed, sft
 
 
 class Stage(Protocol):
     """What the pipeline needs of a stage module."""
 
     STAGE: str
+    TRAITS: Traits
 
-    def folder(self, spec: Spec) -> Path: ...
-
-    def inputs(self, spec: Spec) -> dict[str, Path]: ...
-
-    def run(self, spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest: ...
+    def run(self, spec: Spec, inputs: Mapping[str, Path], *, force: bool = False,
+            progress: bool = True) -> Manifest: ...
 
 
 # The stages, in data-flow order.
-STAGES: tuple[Stage, ...] = (base, curate, cpt, sft, merge, quant4, gguf, verify, modelfile, card, hub)
+STAGES: tuple[Stage, ...] = (base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, publish)
 NAMES = [s.STAGE for s in STAGES]
 
 
@@ -57,21 +59,21 @@ def stage(name: str) -> Stage:
 
 def folder(spec: Spec, name: str) -> Path:
     """Where stage ``name`` writes its files."""
-    return stage(name).folder(spec)
+    return stage_dir(spec.build_dir, name)
 
 
 def variant_dir(spec: Spec, key: str) -> Path:
     """The folder variant ``key`` (a ``[variants]`` key) is built in: what is verified and published."""
     v = spec.variants[key]
     if v.format == "safetensors":
-        return merge.folder(spec) / merge.subfolder(v.dtype)
-    return {"bnb-4bit": quant4, "gguf": gguf}[v.format].folder(spec)
+        return folder(spec, merge.STAGE) / merge.subfolder(v.dtype)
+    return folder(spec, {"bnb-4bit": bnb4, "gguf": gguf}[v.format].STAGE)
 
 
 def base_model_dir(spec: Spec) -> Path:
     """The folder holding the base model's files: the base stage's, or the local or downloaded
     copy it records."""
-    return base.model_dir(spec)
+    return base.model_dir(folder(spec, base.STAGE))
 
 
 def models(spec: Spec) -> dict[str, Path]:
@@ -82,19 +84,21 @@ def models(spec: Spec) -> dict[str, Path]:
 def upstream(spec: Spec, name: str) -> dict[str, Path]:
     """What stage ``name`` reads from other stages: input name -> folder or file."""
     flagship = variant_dir(spec, spec.flagship_key)
-    trained = {"base": base.folder(spec), "data": curate.folder(spec)}
+    trained = {"base": base_model_dir(spec), "data": folder(spec, data.STAGE)}
     feeds = {
-        curate.STAGE: lambda: {"tokenizer": base_model_dir(spec) / "tokenizer.json"},
+        data.STAGE: lambda: {"tokenizer": base_model_dir(spec) / "tokenizer.json"},
         cpt.STAGE: lambda: trained,
-        sft.STAGE: lambda: {**trained, "cpt": cpt.folder(spec)},
+        sft.STAGE: lambda: {**trained, "cpt": folder(spec, cpt.STAGE)},
         # adapters in the order they are merged
-        merge.STAGE: lambda: {"base": base_model_dir(spec), "adapter0": cpt.folder(spec), "adapter1": sft.folder(spec)},
-        quant4.STAGE: lambda: {"model": flagship},
+        merge.STAGE: lambda: {"base": base_model_dir(spec), "adapter0": folder(spec, cpt.STAGE),
+                              "adapter1": folder(spec, sft.STAGE)},
+        bnb4.STAGE: lambda: {"model": flagship},
         gguf.STAGE: lambda: {"model": flagship},
         verify.STAGE: lambda: models(spec),
-        card.STAGE: lambda: {"verify": verify.folder(spec), "gguf": gguf.folder(spec), "model": flagship},
-        hub.STAGE: lambda: {"verify": verify.folder(spec), "cards": card.folder(spec),
-                            "modelfiles": modelfile.folder(spec), **models(spec)},
+        cards.STAGE: lambda: {"verify": folder(spec, verify.STAGE), "gguf": folder(spec, gguf.STAGE),
+                              "model": flagship, **{cards.VARIANT + k: p for k, p in models(spec).items()}},
+        publish.STAGE: lambda: {"verify": folder(spec, verify.STAGE), "cards": folder(spec, cards.STAGE),
+                                "modelfiles": folder(spec, modelfiles.STAGE), **models(spec)},
     }
     return feeds[name]() if name in feeds else {}
 
@@ -102,9 +106,14 @@ def upstream(spec: Spec, name: str) -> dict[str, Path]:
 def applicable(spec: Spec) -> list[str]:
     """The stages this spec needs (no bnb4 stage without a bitsandbytes variant, ...)."""
     formats = {v.format for v in spec.variants.values()}
-    skip = {quant4.STAGE} if "bnb-4bit" not in formats else set()
-    skip |= {gguf.STAGE, modelfile.STAGE} if "gguf" not in formats else set()
+    skip = {bnb4.STAGE} if "bnb-4bit" not in formats else set()
+    skip |= {gguf.STAGE, modelfiles.STAGE} if "gguf" not in formats else set()
     return [n for n in NAMES if n not in skip]
+
+
+def run_one(spec: Spec, name: str, *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``name`` alone, in this process, with the inputs the pipeline hands it."""
+    return stage(name).run(spec, upstream(spec, name), force=force, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -132,7 +141,7 @@ def select(spec: Spec, only: str | None = None, start: str | None = None, until:
 ONE_PROCESS = distributed.Launch()
 
 
-def run(spec: Spec, *, force: bool = False, only: str | None = None, start: str | None = None,
+def run(spec: Spec, *, force: bool | Collection[str] = False, only: str | None = None, start: str | None = None,
         until: str | None = None, push: bool = False, progress: bool = True,
         console: Console | None = None, launch: distributed.Launch = ONE_PROCESS,
         runner: str = "local", root: Path | None = None) -> list[StageResult]:
@@ -140,48 +149,52 @@ def run(spec: Spec, *, force: bool = False, only: str | None = None, start: str 
     Raises ``StageError`` when verification fails (after recording it), so nothing unverified
     goes on to the cards and the Hub. ``push`` publishes the Hub plan once it is made.
     ``launch``: the training stages' processes and hosts; ``runner`` ``docker``: each stage in
-    its container image, from the checkout ``root``."""
+    its container image, from the checkout ``root``. ``force``: rebuild every stage run (True)
+    or the stages named."""
     if runner not in docker.RUNNERS:
         raise StageError(f"--runner {runner}: expected one of {', '.join(docker.RUNNERS)}")
     console = console or summary_console()
     names = select(spec, only, start, until)
+    forced = set(names) if force is True else set(force or ())
     # before anything is built: refuse in one line when the disk cannot hold what will be written
-    preflight.check(spec, names, force=force, built={n for n in names if read_manifest(folder(spec, n))})
+    preflight.check(spec, names, built={n for n in names if n not in forced and read_manifest(folder(spec, n))})
     results = []
     for name in names:
         s = stage(name)
         if progress:
             console.print(f"[bold]{name}[/bold] …")
         if runner == "docker":
-            manifest = _in_container(spec, name, root or Path.cwd(), force=force, launch=launch,
-                                     push=push and name == hub.STAGE)
-            results.append(StageResult(name, s.folder(spec), manifest))
+            manifest = _in_container(spec, s, root or Path.cwd(), force=name in forced, launch=launch,
+                                     push=push and s.TRAITS.publishes)
+            results.append(StageResult(name, folder(spec, name), manifest))
             continue  # the container ran the gate and the push
-        if name in (cpt.STAGE, sft.STAGE):
-            manifest = distributed.run(spec, name, launch, force=force, progress=progress)
+        inputs = upstream(spec, name)
+        if s.TRAITS.distributed and launch.world > 1:
+            manifest = distributed.run(spec, name, inputs, launch, force=name in forced, progress=progress)
         else:
-            manifest = s.run(spec, force=force, progress=progress)
-        results.append(StageResult(name, s.folder(spec), manifest))
-        if name == verify.STAGE and not manifest.figures.get("passed"):
+            manifest = s.run(spec, inputs, force=name in forced, progress=progress)
+        results.append(StageResult(name, folder(spec, name), manifest))
+        if manifest.figures.get("passed") is False:
             console.print(verify_table(manifest.figures))
-            raise StageError("verify: release gates failed (recorded in "
-                             f"{verify.folder(spec) / 'verification.json'}):\n"
+            raise StageError(f"{name}: release gates failed (recorded in {folder(spec, name) / 'verification.json'}):\n"
                              + "\n".join(verify.failures(manifest.figures)))
-        if name == hub.STAGE and push:
-            pushed = hub.push(spec, hub.read_plans(spec), console=console, progress=progress)
-            console.print(hub.push_table(spec, pushed))
+        if s.TRAITS.publishes and push:
+            pushed = publish.push(spec, publish.read_plans(spec), console=console, progress=progress)
+            console.print(publish.push_table(spec, pushed))
             manifest.figures["pushed"] = len(pushed)
     return results
 
 
-def _in_container(spec: Spec, name: str, root: Path, *, force: bool, launch: distributed.Launch,
+def _in_container(spec: Spec, s: Stage, root: Path, *, force: bool, launch: distributed.Launch,
                   push: bool) -> Manifest:
-    """Stage ``name`` as ``release --only NAME`` in its image (docker.STAGE_IMAGES); its manifest."""
+    """Stage ``s`` as ``release --only STAGE`` in its image (``TRAITS.image``); its manifest."""
+    name = s.STAGE
     before = read_manifest(folder(spec, name))
     options = {"spec": spec.path, "only": name, "force": force, "push": push}
-    if name in (cpt.STAGE, sft.STAGE):
+    if s.TRAITS.distributed:
         options.update(processes=launch.processes, nodes=launch.nodes, rdzv=launch.rdzv)
-    docker.dispatch("release", "docker", options, root, build_dir=spec.build_dir)
+    docker.dispatch("release", "docker", options, root, build_dir=spec.build_dir,
+                    image=(s.TRAITS.image, s.TRAITS.gpu))
     after = read_manifest(folder(spec, name))
     if after is None:
         raise StageError(f"{name}: the container wrote no manifest in {folder(spec, name)}")
@@ -189,7 +202,7 @@ def _in_container(spec: Spec, name: str, root: Path, *, force: bool, launch: dis
 
 
 def status(spec: Spec) -> list[tuple[str, Manifest | None]]:
-    return [(s.STAGE, read_manifest(s.folder(spec))) for s in STAGES]
+    return [(s.STAGE, read_manifest(folder(spec, s.STAGE))) for s in STAGES]
 
 
 # --- summary ----------------------------------------------------------------------------------
@@ -205,12 +218,12 @@ def summary(spec: Spec, results: list[StageResult], console: Console | None = No
         table.add_column(col, justify="right" if col in ("files", "size", "seconds") else "left")
     for r in results:
         size = sum(e.size for e in r.manifest.outputs)
-        status = ("pushed" if r.manifest.figures.get("pushed") else "planned") if r.name == hub.STAGE else \
+        status = ("pushed" if r.manifest.figures.get("pushed") else "planned") if stage(r.name).TRAITS.publishes else \
             "built" if r.ran else "up to date"
         table.add_row(r.name, status, str(len(r.manifest.outputs)), human_bytes(size),
                       f"{r.manifest.seconds:.1f}", _short(r.directory))
     console.print(table)
-    vm = read_manifest(verify.folder(spec)) if artifacts else None
+    vm = read_manifest(folder(spec, verify.STAGE)) if artifacts else None
     if vm is not None:
         console.print(artifact_table(spec, vm.figures))
     return table

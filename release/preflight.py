@@ -85,7 +85,9 @@ def base_config(spec: Spec, *, online: bool = True) -> dict | None:
     if spec.base.path:
         path = spec.resolve(spec.base.path) / "config.json"
     else:
+        import httpx
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
 
         cached = try_to_load_from_cache(spec.base.model, "config.json")
         if isinstance(cached, str):
@@ -95,9 +97,9 @@ def base_config(spec: Spec, *, online: bool = True) -> dict | None:
         else:
             try:
                 path = Path(hf_hub_download(spec.base.model, "config.json"))
-            except Exception as e:  # offline, gated: say what the estimate needs
+            except (httpx.HTTPError, OSError, HFValidationError) as e:  # offline, gated: say what the estimate needs
                 raise StageError(f"base model {spec.base.model}: cannot read its config.json for the disk "
-                                 f"estimate ({type(e).__name__}); log in (hf auth login) or set base.path") from None
+                                 f"estimate ({type(e).__name__}); log in (hf auth login) or set base.path") from e
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from release import llama3, shards
-from release.artifacts import write_json
-from release.spec import Chat, Scaffold
+from release.artifacts import Manifest, run_stage, write_json
+from release.errors import UsageError
+from release.spec import Chat, Scaffold, Spec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -112,3 +113,25 @@ def _progress(items: list, enabled: bool, desc: str) -> Iterator:
     from rich.progress import track
 
     yield from track(items, description=desc)
+
+
+SHAPES = ("spec", "8b")
+
+
+def standalone(spec: Spec, out: Path, *, shape: str = "spec", layers: int | str = 2, seed: int | str = 0,
+               force: bool = False, progress: bool = True) -> Manifest:
+    """A random-init model in ``out`` outside any release (``./inv scaffold --out``): the spec's
+    ``[base.scaffold]`` (``shape`` ``spec``) or Llama 3.1 8B's layer shapes (``8b``) with
+    ``layers`` layers, built aside and swapped in with a manifest like a stage, so an interrupted
+    run leaves no model."""
+    if not (str(layers).isdigit() and int(layers) > 0 and str(seed).isdigit()):
+        raise UsageError(f"--layers {layers} --seed {seed}: expected a positive layer count and a seed >= 0")
+    if shape == "8b":
+        sc = eight_b_shaped(int(layers), int(seed))
+    elif shape == "spec" and spec.base.scaffold is not None:
+        sc = replace(spec.base.scaffold, seed=int(seed))
+    else:
+        raise UsageError(f"--shape {shape}: expected 'spec' (with a [base.scaffold] in {spec.path}) or '8b'")
+    return run_stage("scaffold", Path(out),
+                     lambda tmp: write_model(tmp, sc, spec.chat, max_shard_bytes=spec.max_shard_bytes, progress=progress),
+                     release=spec.release.name, spec_sections={"scaffold": describe(sc)}, force=force)

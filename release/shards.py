@@ -331,7 +331,7 @@ class ShardedWriter:
             if self._error is None:
                 try:
                     self._write(item[0], item[1])
-                except BaseException as e:  # handed to the caller on its next write or close
+                except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread on its next write or close
                     self._error = e
             with self._changed:
                 self._queue.popleft()

@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from release.artifacts import Manifest
+from release.artifacts import Manifest, Traits, stage_dir
 from release.errors import VerifyError
 from release.spec import Gate, Spec
 
@@ -243,6 +243,7 @@ def prompts(spec: Spec) -> list[str]:
 # --- the verify stage -------------------------------------------------------------------------
 
 STAGE = "verify"
+TRAITS = Traits()
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ def check(spec: Spec, t: Target, ref: Reference, tok, device: str) -> dict:
                          else gguf_generations(t.path, tok, spec))
         generated = sum(len(g.tokens) for g in gens)
         row.update(generated_tokens=generated, generation_tokens_per_s=round(generated / seconds, 2))
-    except Exception as e:  # a variant that does not load or run fails its gate; the message says why
+    except Exception as e:  # noqa: BLE001  any failure of the variant under test is its failed gate, recorded with its type
         row.update(loads=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:300], stopped=False,
                    urdu_purity=0.0, passed=False, seconds=round(time.perf_counter() - start, 2))
         return row
@@ -429,24 +430,8 @@ def verify(spec: Spec, models: dict[str, Path], progress: bool = True, workdir: 
             "enforced": {"urdu_purity": ev.enforce_urdu_purity, "stop_token": ev.enforce_stop_token}}
 
 
-def folder(spec: Spec) -> Path:
-    return spec.build_dir / STAGE
-
-
-def inputs(spec: Spec) -> dict[str, Path]:
-    """Every variant's folder, by ``[variants]`` key (from the pipeline)."""
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    return pipeline.upstream(spec, STAGE)
-
-
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``verify``: every variant the spec publishes."""
-    return run_on(spec, inputs(spec), force=force, progress=progress)
-
-
-def run_on(spec: Spec, models: dict[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
-    """Verify every variant in ``models`` (variant key -> folder) as a stage.
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``verify``: every variant in ``inputs`` (variant key -> the folder it is built in).
 
     The manifest's figures: ``passed`` (every enforced gate of every variant), ``artifacts``
     (weight file path relative to the build folder -> sha256, size, variant, quant, passed),
@@ -463,9 +448,10 @@ def run_on(spec: Spec, models: dict[str, Path], *, force: bool = False, progress
         return figures
 
     sections = {k: spec.section_hash(k) for k in ("chat", "inference", "evaluation", "gates", "variants")}
+    models = dict(inputs)
     feeds = {k: Path(v) for k, v in sorted(models.items())}
     feeds["fidelity_text"] = spec.resolve(spec.evaluation.fidelity_text)
-    return run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs=feeds, spec_sections=sections,
+    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs=feeds, spec_sections=sections,
                      tools=("transformers", "llama-cpp-python", "bitsandbytes", "torch"), force=force)
 
 

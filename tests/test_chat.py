@@ -160,9 +160,9 @@ def test_render_is_what_transformers_renders(demo_spec, rendered, name):
 
 
 def test_the_card_shows_the_rendered_prompt(qalb_spec):
-    from release import card
+    from release import cards
 
-    body = str(card.render(qalb_spec, "bf16"))
+    body = str(cards.render(qalb_spec, "bf16"))
     expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + qalb_spec.chat.system_prompt
                 + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{user_message}<|eot_id|>"
                 "<|start_header_id|>assistant<|end_header_id|>\n\n")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from release import docker
+from release import docker, pipeline
 from release.artifacts import FileEntry, read_manifest, sha256_file
+from training import cpt, data
 
 ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
@@ -70,7 +71,7 @@ def test_release_image_needs_no_training_packages():
     pipeline and the tasks still import and list, so `release --only merge` runs in it."""
     blocked = ("datatrove", "orjson", "zstandard", "unsloth", "unsloth_zoo", "datasketch")
     code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
-            + "import tasks, release.pipeline, release.verify, release.gguf, release.hub\n"
+            + "import tasks, release.pipeline, release.verify, release.gguf, release.publish\n"
             + "from release import pipeline\nprint(len(pipeline.STAGES))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     from release import pipeline
@@ -138,7 +139,8 @@ def test_plan_mounts_user_gpu_and_secrets(hf_home, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(docker, "gpu_present", lambda: True)  # test_default_runner_... runs the real probe
     outside_build = tmp_path / "elsewhere" / "Qalb"
-    cmd = docker.plan("train", {"spec": "specs/demo.toml", "stage": "cpt"}, ROOT, build_dir=outside_build)
+    train = (cpt.TRAITS.image, cpt.TRAITS.gpu)
+    cmd = docker.plan("train", {"spec": "specs/demo.toml", "stage": "cpt"}, ROOT, image=train, build_dir=outside_build)
     assert cmd[:7] == ["docker", "run", "--rm", "--gpus", "all", "--ipc", "host"]
     assert cmd[cmd.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
     mounts = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-v"]
@@ -153,15 +155,17 @@ def test_plan_mounts_user_gpu_and_secrets(hf_home, tmp_path, monkeypatch):
     assert [cpu[i + 1] for i, a in enumerate(cpu) if a == "-v"] == [f"{ROOT}:{ROOT}", f"{hf_home}:{hf_home}"]
     # `release --only STAGE` runs in that stage's image; training across hosts uses the host's network
     two_hosts = docker.plan("release", {"spec": "specs/demo.toml", "only": "cpt", "processes": 8, "nodes": 2,
-                                        "rdzv": "node0:29500"}, ROOT)
+                                        "rdzv": "node0:29500"}, ROOT, image=train)
     assert docker.image_tag("train") in two_hosts and "--gpus" in two_hosts
     assert two_hosts[two_hosts.index("--network") + 1] == "host"
     assert two_hosts[-14:] == [docker.image_tag("train"), "release", "--spec", "specs/demo.toml", "--only", "cpt",
                                "--processes", "8", "--nodes", "2", "--rdzv", "node0:29500", "--runner", "local"]
-    for stage, image in (("data", "train"), ("sft", "train"), ("merge", "release"), ("verify", "release")):
-        assert docker.image_for("release", {"only": stage})[0] == image
+    # each stage declares its image; the pipeline's docker runner passes it (pipeline._in_container)
+    images = {s.STAGE: (s.TRAITS.image, s.TRAITS.gpu) for s in pipeline.STAGES}
+    assert {k: v for k, v in images.items() if v != docker.RELEASE_IMAGE} == {
+        "data": ("train", False), "cpt": ("train", True), "sft": ("train", True)}
     monkeypatch.setattr(docker, "gpu_present", lambda: False)  # no GPU on the host: no --gpus
-    assert "--gpus" not in docker.plan("train", {"spec": "specs/demo.toml", "stage": "cpt"}, ROOT)
+    assert "--gpus" not in docker.plan("train", {"spec": "specs/demo.toml", "stage": "cpt"}, ROOT, image=train)
 
 
 def test_plan_refuses_paths_the_container_cannot_see(hf_home, tmp_path, monkeypatch):
@@ -179,13 +183,14 @@ def _fake_nvidia_smi(folder: Path, output: str, rc: int = 0) -> None:
 def test_default_runner_docker_only_for_training_on_a_gpu_host(tmp_path, monkeypatch):
     """nvidia-smi cannot run here (no GPU): a stand-in script prints what the real one prints."""
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert docker.default_runner("train") == "local"  # no nvidia-smi at all
+    train, curate = (cpt.TRAITS.image, cpt.TRAITS.gpu), (data.TRAITS.image, data.TRAITS.gpu)
+    assert docker.default_runner(train) == "local"  # no nvidia-smi at all
     _fake_nvidia_smi(tmp_path, "No devices were found", rc=6)
-    assert docker.default_runner("train") == "local"
+    assert docker.default_runner(train) == "local"
     _fake_nvidia_smi(tmp_path, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)")
-    assert docker.default_runner("train") == "docker"
-    assert docker.default_runner("data") == "docker"
-    assert docker.default_runner("merge") == "local"
+    assert docker.default_runner(train) == "docker"
+    assert docker.default_runner(curate) == "docker"
+    assert docker.default_runner(docker.RELEASE_IMAGE) == "local"
 
 
 def test_dispatch_local_and_bad_runner():
@@ -259,7 +264,7 @@ def test_tasks_take_a_runner_and_list_docker_build():
     out = subprocess.run([str(Path(sys.executable).with_name("invoke")), "--list"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "docker.build" in out
-    for name in ("merge", "gguf", "modelfiles", "scaffold", "data", "train"):
+    for name in ("base", "data", "train", "merge", "bnb4", "gguf", "modelfiles", "scaffold"):
         assert name in out
         help_text = subprocess.run([str(Path(sys.executable).with_name("invoke")), "--help", name], cwd=ROOT,
                                    capture_output=True, text=True, check=True).stdout
@@ -288,8 +293,8 @@ def _podman_env() -> dict[str, str]:
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None,
                     reason="installs podman with apt-get and runs rootful podman")
 def test_release_image_runs_a_demo_stage_as_the_caller(tmp_path):
-    """Build the release image (layers reused after the first build), run the demo's `scaffold`
-    stage through `./inv scaffold --runner docker` and `modelfiles` as an unprivileged uid: the
+    """Build the release image (layers reused after the first build), run the demo's `base`
+    stage through `./inv base --runner docker` and `modelfiles` as an unprivileged uid: the
     files on the host belong to the caller and match the manifest's sizes and hashes."""
     import time
 
@@ -310,7 +315,7 @@ def test_release_image_runs_a_demo_stage_as_the_caller(tmp_path):
                            env=env, capture_output=True, text=True)
     assert probe.returncode == 0 and probe.stdout.split() == ["2.13.0+cpu", "None"], probe.stderr[-2000:]
 
-    # 1. `./inv scaffold --runner docker` as the caller (the image's own user is 1000: a file of the
+    # 1. `./inv base --runner docker` as the caller (the image's own user is 1000: a file of the
     #    caller's uid shows that the runner's --user took effect), with a secret in the environment
     work = ROOT / "build" / ".cache" / "docker-test"
     shutil.rmtree(work, ignore_errors=True)
@@ -322,7 +327,7 @@ def test_release_image_runs_a_demo_stage_as_the_caller(tmp_path):
     caller = (os.getuid(), os.getgid())
     env.update(HF_TOKEN=TOKEN, HF_HUB_OFFLINE="1")
     t0 = time.monotonic()
-    run = subprocess.run(inv + ["scaffold", "--spec", str(spec_path.relative_to(ROOT)), "--runner", "docker"],
+    run = subprocess.run(inv + ["base", "--spec", str(spec_path.relative_to(ROOT)), "--runner", "docker"],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     run_s = time.monotonic() - t0
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -340,7 +345,7 @@ def test_release_image_runs_a_demo_stage_as_the_caller(tmp_path):
 
     # 2. an unprivileged uid: the runner's own command for `modelfiles`, into a folder of that uid;
     #    the files are that uid's and are the Modelfiles the host renders
-    from release import modelfile, spec as spec_mod
+    from release import modelfiles, spec as spec_mod
 
     uid = gid = 4321
     out = work / "mf"
@@ -352,10 +357,10 @@ def test_release_image_runs_a_demo_stage_as_the_caller(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     s = spec_mod.load(spec_path)
     for qtype in s.gguf_types():
-        f = out / modelfile.modelfile_name(s, qtype)
+        f = out / modelfiles.modelfile_name(s, qtype)
         assert (f.stat().st_uid, f.stat().st_gid) == (uid, gid)
-        assert f.read_text(encoding="utf-8") == modelfile.render(s, qtype)
-    print(f"\nrelease image build {build_s:.0f} s; `./inv scaffold --runner docker` {run_s:.0f} s")
+        assert f.read_text(encoding="utf-8") == modelfiles.render(s, qtype)
+    print(f"\nrelease image build {build_s:.0f} s; `./inv base --runner docker` {run_s:.0f} s")
 
 
 @pytest.mark.slow
@@ -462,7 +467,7 @@ def test_train_image_trains_as_the_local_runner_does(tiny_model):
             a = runs["docker"].build_dir / stage / f
             assert (a.stat().st_uid, a.stat().st_gid) == caller, a
             assert sha256_file(a) == sha256_file(runs["local"].build_dir / stage / f), (stage, f)
-    assert read_manifest(stages.stage_dir(runs["ddp"], "cpt")).figures["processes"] == 2
+    assert read_manifest(pipeline.folder(runs["ddp"], "cpt")).figures["processes"] == 2
     assert _losses(runs["ddp"], "cpt") == pytest.approx(_losses(runs["local"], "cpt"), rel=1e-4)
 
     # torchrun inside the container SIGKILLed (from the host, which sees the container's processes)
@@ -491,13 +496,13 @@ def test_train_image_trains_as_the_local_runner_does(tiny_model):
         time.sleep(0.05)
     client.wait(timeout=300)
     assert victim is not None and client.returncode != 0, "the run ended before its second checkpoint"
-    assert not [q for q in psutil.process_iter(["cmdline"]) if "training.distributed" in (q.info["cmdline"] or [])
+    assert not [q for q in psutil.process_iter(["cmdline"]) if "training.worker" in (q.info["cmdline"] or [])
                 and str(killed.path.relative_to(ROOT)) in (q.info["cmdline"] or [])]
     rerun = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert read_manifest(stages.stage_dir(killed, "cpt")).figures["resumed_from"] == "checkpoint-2"
+    assert read_manifest(pipeline.folder(killed, "cpt")).figures["resumed_from"] == "checkpoint-2"
     for f in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
-        ours, theirs = stages.stage_dir(killed, "cpt") / f, stages.stage_dir(runs["ddp"], "cpt") / f
+        ours, theirs = pipeline.folder(killed, "cpt") / f, pipeline.folder(runs["ddp"], "cpt") / f
         assert sha256_file(ours) == sha256_file(theirs), f
     print(f"\nbuild: release {figures['release']:.0f} s, train {figures['train']:.0f} s; data+cpt+sft: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))

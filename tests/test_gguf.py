@@ -112,7 +112,7 @@ def stage(demo_spec, merged, tmp_path_factory):
     """The gguf stage of the demo spec on ``merged``: its manifest and folder."""
     root = tmp_path_factory.mktemp("stage")
     spec = replace(demo_spec, build=replace(demo_spec.build, dir=str(root)))
-    return G.run_from(spec, merged, progress=False), root / "Qalb-Demo-1.0-Tiny-Instruct" / "gguf"
+    return G.run(spec, {"model": merged}, progress=False), root / "Qalb-Demo-1.0-Tiny-Instruct" / "gguf"
 
 
 def test_stage_writes_every_type_with_sizes(stage):
@@ -247,7 +247,7 @@ def test_truncated_shard_gives_one_line_error_and_no_file(demo_spec, merged, tmp
     shard.write_bytes(shard.read_bytes()[:-4096])
     spec = replace(demo_spec, build=replace(demo_spec.build, dir=str(tmp_path / "out")))
     with pytest.raises(G.GGUFError) as err:
-        G.run_from(spec, broken, progress=False)
+        G.run(spec, {"model": broken}, progress=False)
     assert "\n" not in str(err.value) and "truncated" in str(err.value)
     assert not any((tmp_path / "out").rglob("*.gguf"))
 

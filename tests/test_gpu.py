@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, demo_release
 from test_training import _spec_text
 
-from release import docker
+from release import docker, pipeline
 from release.artifacts import read_manifest
 
 pytestmark = pytest.mark.gpu
@@ -66,22 +66,21 @@ def test_cpt_on_the_gpu_and_on_every_gpu(train_image, tiny_model):
     of two up to 8, dividing the global batch of 8) its per-step losses stay within 2% of one
     GPU's: bf16 autocast and the GPU kernels' non-deterministic reductions make the runs differ
     in the low bits of every step, far below the loss's change between steps."""
-    from training import stages
 
     work = ROOT / "build" / ".cache" / "gpu-test"
     shutil.rmtree(work, ignore_errors=True)
     one = _train(work / "one", tiny_model, 1)
-    m = read_manifest(stages.stage_dir(one, "cpt"))
+    m = read_manifest(pipeline.folder(one, "cpt"))
     assert m.figures["device"] == "cuda" and m.figures["adaptations"] == []
     assert m.figures["optimizer"] == "adamw_8bit" and m.figures["bf16"] is True
     n = min(8, 1 << (_gpus().bit_length() - 1))
     if n < 2:
         pytest.skip("one GPU: DDP over NCCL needs two")
     many = _train(work / "many", tiny_model, n)
-    assert read_manifest(stages.stage_dir(many, "cpt")).figures["processes"] == n
+    assert read_manifest(pipeline.folder(many, "cpt")).figures["processes"] == n
 
     def losses(s) -> list[float]:
-        state = json.loads((stages.stage_dir(s, "cpt") / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((pipeline.folder(s, "cpt") / "trainer_state.json").read_text(encoding="utf-8"))
         return [e["loss"] for e in state["log_history"] if "loss" in e]
 
     assert losses(many) == pytest.approx(losses(one), rel=2e-2)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from huggingface_hub import HfApi, constants, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import (CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_hf_file_metadata,
+                             hf_hub_download, hf_hub_url)
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionNotFoundError
 
 from conftest import ROOT
 from release.localhub import HubServer
@@ -73,9 +74,48 @@ def test_local_hub_without_lfs_copies_checks_hashes_and_keeps_sizes(tmp_path, mo
             assert len(objects) == 1 and objects[0].stat().st_blocks * 512 < 1 << 20  # sparse: < 1 MB on disk
         # a body whose hash is not the announced oid is refused, as with keep_lfs=True
         oid = hashlib.sha256(b"something else").hexdigest()
-        r = httpx.put(f"{server.url}/__lfs/org/m/{oid}", data=b"not it",
+        r = httpx.put(f"{server.url}/__lfs/org/m/{oid}", content=b"not it",
                       headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 400 and "sha256 mismatch" in r.text
+
+
+def test_local_hub_commits_tags_and_refusals(tmp_path, monkeypatch):
+    """Commits that add and delete, tags, HEAD requests (served by the GET routes) and the Hub's
+    refusals as the client reads them: status, X-Error-Code, message."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with HubServer(tmp_path / "hub", tokens=(TOKEN,)) as server:
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo("org/m")
+        api.create_commit("org/m", [CommitOperationAdd("a.txt", b"a"), CommitOperationAdd("b.txt", b"b")],
+                          commit_message="two")
+        api.create_commit("org/m", [CommitOperationDelete("a.txt")], commit_message="one gone")
+        assert api.list_repo_files("org/m") == [".gitattributes", "b.txt"]
+        assert [c[1:] for c in server.stats["commits"]] == [("two", ["a.txt", "b.txt"], []),
+                                                             ("one gone", [], ["a.txt"])]
+        api.create_tag("org/m", tag="v1")
+        with pytest.raises(HfHubHTTPError) as e:
+            api.create_tag("org/m", tag="v1")
+        assert e.value.response.status_code == 409
+        meta = get_hf_file_metadata(hf_hub_url("org/m", "b.txt", revision="v1", endpoint=server.url), token=TOKEN)
+        assert meta.size == 1 and meta.commit_hash == api.list_repo_refs("org/m").tags[0].target_commit
+        assert server.stats["requests"]["HEAD resolve"] >= 1
+        api.delete_tag("org/m", tag="v1")
+        assert api.list_repo_refs("org/m").tags == []
+        with pytest.raises(RevisionNotFoundError):
+            api.model_info("org/m", revision="v1")
+        with pytest.raises(EntryNotFoundError):
+            hf_hub_download("org/m", "a.txt", endpoint=server.url, token=TOKEN, cache_dir=tmp_path / "c")
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        missing = hashlib.sha256(b"never sent").hexdigest()
+        r = httpx.post(f"{server.url}/api/models/org/m/commit/main", headers=auth,
+                       content=b'{"key": "header", "value": {"summary": "s"}}\n'
+                               b'{"key": "lfsFile", "value": {"path": "w.bin", "oid": "%s"}}' % missing.encode())
+        assert r.status_code == 422 and r.json()["error"] == f"LFS object {missing} for w.bin was never uploaded"
+        r = httpx.get(f"{server.url}/api/models/org/none", headers=auth)
+        assert (r.status_code, r.headers["X-Error-Code"]) == (404, "RepoNotFound")
+        r = httpx.head(f"{server.url}/api/nothing")
+        assert (r.status_code, r.headers["X-Error-Message"], r.content) == (404, "no route HEAD /api/nothing", b"")
 
 
 # --- run as a tool ------------------------------------------------------------------------------

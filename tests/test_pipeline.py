@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SPECS, write_spec
-from release import hub, pipeline
+from release import publish, pipeline
 from release.artifacts import MANIFEST, check_outputs, read_manifest, sha256_file
 from release.spec import load
 
@@ -64,7 +64,7 @@ def artifacts(build: Path) -> dict[str, str]:
         for e in m.outputs:
             path = manifest.parent / e.path
             out[f"{manifest.parent.name}/{e.path}"] = sha256_file(path)
-    for f in sorted((build / "hub").rglob("*")):
+    for f in sorted((build / "publish").rglob("*")):
         if f.is_file() and f.name != "plan.json":
             out[f.relative_to(build).as_posix()] = sha256_file(f)
     return out
@@ -84,12 +84,12 @@ def test_demo_release_runs_end_to_end(uninterrupted):
     assert done.returncode == 0, done.stderr[-3000:]
     spec = load(spec_path)
     for name in pipeline.applicable(spec):
-        if name != hub.STAGE:  # the hub step's record is its plan, made afresh every run
+        if name != publish.STAGE:  # the publish stage's record is its plan, made afresh every run
             assert (pipeline.folder(spec, name) / MANIFEST).is_file(), name
     vm = read_manifest(spec.build_dir / "verify").figures
     assert vm["passed"] and set(vm["variants"]) == {"bf16", "fp16", "bnb4", *(f"gguf:{q}" for q in spec.gguf_types())}
-    # the hub plan staged every repo (nothing was contacted: no HF_ENDPOINT)
-    plan = json.loads((spec.build_dir / "hub" / "plan.json").read_text())
+    # the publishing plan staged every repo (nothing was contacted: no HF_ENDPOINT)
+    plan = json.loads((spec.build_dir / "publish" / "plan.json").read_text())
     assert set(plan["repos"]) == {v.repo for v in spec.variants.values()} and plan["endpoint"] is None
     # stderr holds progress bars only: none of the libraries' notices (release/quiet.py)
     assert notices(done.stderr) == [], notices(done.stderr)
@@ -131,7 +131,7 @@ def test_a_second_run_builds_nothing(uninterrupted):
     before = artifacts(load(spec_path).build_dir)
     again = subprocess.run(release_cmd(spec_path), cwd=spec_path.parent, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
-    built = [n for n in pipeline.applicable(load(spec_path)) if n != hub.STAGE]
+    built = [n for n in pipeline.applicable(load(spec_path)) if n != publish.STAGE]
     assert " built " not in again.stdout and again.stdout.count("up to date") == len(built)
     assert artifacts(load(spec_path).build_dir) == before
 
@@ -183,7 +183,7 @@ def test_killed_inside_each_stage_then_resumed_gives_the_same_artifacts(uninterr
     spec = demo_copy(tmp_path)
     build = load(spec).build_dir
     killed = []
-    for stage in [n for n in pipeline.applicable(load(spec)) if n != hub.STAGE]:
+    for stage in [n for n in pipeline.applicable(load(spec)) if n != publish.STAGE]:
         proc = subprocess.Popen(release_cmd(spec), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
         while proc.poll() is None and not _started(build, stage):
@@ -242,7 +242,7 @@ def test_verify_task_reports_gates_and_a_failed_gate_stops_publishing(uninterrup
     figures = read_manifest(load(strict).build_dir / "verify").figures
     assert figures["passed"] is False and figures["variants"]["gguf:Q8_0"]["passed"] is False
     # the publishing plan refuses the failed file in one line
-    plan = _task("push", strict)
+    plan = _task("publish", strict)
     assert plan.returncode == 2 and "Q8_0.gguf: failed verification" in plan.stderr, plan.stderr[-2000:]
     assert "Traceback" not in plan.stderr
 
@@ -251,23 +251,38 @@ def test_verify_task_reports_gates_and_a_failed_gate_stops_publishing(uninterrup
 
 
 def test_every_stage_has_the_same_face():
+    """``STAGE``, ``TRAITS`` and ``run(spec, inputs, *, force=False, progress=True)``; no stage has
+    a folder rule or an inputs lookup of its own (the pipeline's ``folder`` and ``upstream``)."""
     import inspect
 
+    from release.artifacts import Traits
+
     for s in pipeline.STAGES:
-        assert isinstance(s.STAGE, str) and s.STAGE, s
-        for fn in (s.folder, s.inputs):
-            assert list(inspect.signature(fn).parameters) == ["spec"], (s.STAGE, fn)
+        assert isinstance(s.STAGE, str) and s.STAGE and isinstance(s.TRAITS, Traits), s
+        assert s.__name__.rsplit(".", 1)[1] == s.STAGE  # one word: module, stage, folder, task
+        assert not hasattr(s, "folder") and not hasattr(s, "inputs"), s.STAGE
         params = inspect.signature(s.run).parameters
-        assert list(params) == ["spec", "force", "progress"], s.STAGE
+        assert list(params) == ["spec", "inputs", "force", "progress"], s.STAGE
         assert params["force"].kind is params["progress"].kind is inspect.Parameter.KEYWORD_ONLY
         assert (params["force"].default, params["progress"].default) == (False, True)
     assert len(set(pipeline.NAMES)) == len(pipeline.NAMES)
+    # traits, not names, decide how a stage runs
+    assert [s.STAGE for s in pipeline.STAGES if s.TRAITS.distributed] == ["cpt", "sft"]
+    assert [s.STAGE for s in pipeline.STAGES if s.TRAITS.publishes] == ["publish"]
+
+
+def test_every_stage_has_a_task_of_its_name():
+    from tasks import ns
+
+    tasks = set(ns.task_names)
+    for name in pipeline.NAMES:
+        assert name in tasks or (name in ("cpt", "sft") and "train" in tasks), name
 
 
 def test_stage_folders_and_variant_folders_come_from_the_pipeline():
     spec = load(SPECS / "demo.toml")
     for s in pipeline.STAGES:
-        assert pipeline.folder(spec, s.STAGE) == s.folder(spec) == spec.build_dir / s.STAGE
+        assert pipeline.folder(spec, s.STAGE) == spec.build_dir / s.STAGE
     dirs = pipeline.models(spec)
     assert {k: p.relative_to(spec.build_dir).as_posix() for k, p in dirs.items()} == {
         "bf16": "merge/bf16", "fp16": "merge/fp16", "bnb4": "bnb4", "gguf": "gguf"}
@@ -277,21 +292,32 @@ def test_stage_folders_and_variant_folders_come_from_the_pipeline():
     assert list(pipeline.upstream(spec, "merge"))[1:] == ["adapter0", "adapter1"]
 
 
-def test_no_stage_module_imports_another_stage_or_the_pipeline_at_load():
-    """Arrows point down: stages talk through files and ask the pipeline (imported when called,
-    since the pipeline imports them) for the folders they read."""
+def _imports(path: Path, package: str) -> set[str]:
+    """The project modules ``path`` imports, at module level and inside functions."""
     import ast
-    import inspect
 
-    from training import stages
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module if node.level == 0 else f"{package}.{node.module}"
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
 
-    modules = {inspect.getmodule(s).__name__ for s in pipeline.STAGES} | {"release.pipeline"}
-    for mod in [*map(inspect.getmodule, pipeline.STAGES), stages]:  # and the loop cpt and sft share
-        tree = ast.parse(inspect.getsource(mod))
-        names = set()
-        for node in tree.body:  # module level only
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
-            elif isinstance(node, ast.Import):
-                names |= {a.name for a in node.names}
-        assert not (names & (modules - {mod.__name__})), (mod.__name__, names & modules)
+
+def test_the_import_graph_has_no_cycle_and_only_tasks_import_the_pipeline():
+    """Arrows point down, counting imports inside functions: no cycle among the project's modules,
+    and nothing in release/ or training/ imports the pipeline (it hands the stages their inputs)."""
+    import graphlib
+
+    modules = {f"{p.parent.name}.{p.stem}": p for d in ("release", "training") for p in (ROOT / d).glob("*.py")
+               if p.stem != "__init__"}
+    graph = {m: {i for i in _imports(p, p.parent.name) if i in modules and i != m} for m, p in modules.items()}
+    importers = sorted(m for m, deps in graph.items() if "release.pipeline" in deps)
+    assert importers == [], importers
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        raise AssertionError(f"import cycle: {' -> '.join(e.args[1])}") from None
+    assert order.index("release.errors") < order.index("release.pipeline")

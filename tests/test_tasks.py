@@ -21,6 +21,28 @@ def test_list_shows_the_tasks_with_help():
     assert "Run the release pipeline" in out.stdout
 
 
+def test_every_task_answers_help():
+    """`./inv TASK --help` prints the task's help (a required positional once swallowed
+    `train --help` as its stage)."""
+    from tasks import ns
+
+    for name in ns.task_names:
+        out = inv(name, "--help")
+        assert out.returncode == 0 and out.stdout.startswith(f"Usage: inv[oke] [--core-opts] {name} "), (name, out)
+        assert "Options:" in out.stdout and not out.stderr, (name, out.stderr)
+
+
+def test_usage_errors_are_one_line():
+    for args, line in [(("train",), "error: train: give --stage cpt (continued pre-training) or sft (instruction "
+                                    "fine-tuning)"),
+                       (("train", "--stage", "dpo"), "error: train: --stage dpo: expected cpt (continued pre-training) "
+                                                     "or sft (instruction fine-tuning)"),
+                       (("scaffold",), "error: scaffold: give --out DIR (a release's base model is built by ./inv base)"),
+                       (("docker.build", "--build-arg", "X"), "error: --build-arg X: expected KEY=VALUE")]:
+        out = inv(*args)
+        assert out.returncode == 2 and out.stderr.strip() == line, (args, out.stderr)
+
+
 def test_spec_task_accepts_the_bundled_specs():
     out = inv("spec")
     assert out.returncode == 0, out.stderr
@@ -52,7 +74,7 @@ def test_release_runs_one_stage_then_skips_it(tmp_path):
     bad = inv("release", "--spec", str(spec), "--only", "nope")
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: --only nope: unknown stage (stages: base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, "
-        "cards, hub)")
+        "cards, publish)")
 
 
 def test_standalone_scaffold_is_built_aside_with_a_manifest(tmp_path):

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, demo_release
 
+from release import pipeline
 from release.artifacts import sha256_file
-from training import curate, stages
+from training import stages
 
 # A few optimizer steps are enough to exercise every part of both stages.
 CPT_STEPS, SFT_STEPS = 3, 2
@@ -39,29 +40,29 @@ def _release(folder: Path, tiny_model: Path):
     from release import spec
 
     s = spec.load(demo_release(folder, tiny_model, _spec_text()))
-    curate.run(s, progress=False)
+    pipeline.run_one(s, "data", progress=False)
     return s
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
     s = _release(tmp_path_factory.mktemp("train-a"), tiny_model)
-    cpt = stages.run(s, "cpt", progress=False)
+    cpt = pipeline.run_one(s, "cpt", progress=False)
     ran_cpt = cpt.built
-    sft = stages.run(s, "sft", progress=False)
+    sft = pipeline.run_one(s, "sft", progress=False)
     ran_sft = sft.built
     assert ran_cpt and ran_sft
     return s, cpt, sft
 
 
 def _adapter_sha(s, stage: str) -> str:
-    return sha256_file(stages.stage_dir(s, stage) / "adapter_model.safetensors")
+    return sha256_file(pipeline.folder(s, stage) / "adapter_model.safetensors")
 
 
 def test_stage_outputs_and_manifest(trained):
     s, cpt, sft = trained
     for stage, m, steps in (("cpt", cpt, CPT_STEPS), ("sft", sft, SFT_STEPS)):
-        out = stages.stage_dir(s, stage)
+        out = pipeline.folder(s, stage)
         names = {e.path for e in m.outputs}
         assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "train.log"} <= names
         cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
@@ -84,14 +85,13 @@ def test_stage_outputs_and_manifest(trained):
     # SFT: loss only on the assistant turns, i.e. each answer and its <|eot_id|>
     from tokenizers import Tokenizer
 
-    from release import base
 
-    tok = Tokenizer.from_file(str(base.model_dir(s) / "tokenizer.json"))
-    chats = [json.loads(x)["messages"] for x in (curate.folder(s) / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    tok = Tokenizer.from_file(str(pipeline.base_model_dir(s) / "tokenizer.json"))
+    chats = [json.loads(x)["messages"] for x in (pipeline.folder(s, "data") / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
     answers = sum(len(tok.encode(c[-1]["content"], add_special_tokens=False).ids) + 1 for c in chats)
     assert sft.figures["label_tokens"] == answers < sft.figures["tokens"] / 2
     assert cpt.figures["label_tokens"] == cpt.figures["tokens"] == cpt.figures["examples"] * s.training.sequence_length
-    again = stages.run(s, "cpt", progress=False)
+    again = pipeline.run_one(s, "cpt", progress=False)
     ran = again.built
     assert not ran and again.fingerprint == cpt.fingerprint
 
@@ -105,12 +105,11 @@ def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from release import base
 
     s, cpt, _ = trained
-    base_dir = base.model_dir(s)
+    base_dir = pipeline.base_model_dir(s)
     tok = AutoTokenizer.from_pretrained(str(base_dir))
-    texts = [json.loads(x)["text"] for x in (curate.folder(s) / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
+    texts = [json.loads(x)["text"] for x in (pipeline.folder(s, "data") / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
     blocks, _ = reference_pack_blocks(texts, tok, s.training.sequence_length)
     ids = torch.tensor(blocks)
 
@@ -122,7 +121,7 @@ def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
     with torch.no_grad():
         base_logits = model(input_ids=ids[:1, :32]).logits
     before = loss(model)
-    model = PeftModel.from_pretrained(model, str(stages.stage_dir(s, "cpt"))).eval()
+    model = PeftModel.from_pretrained(model, str(pipeline.folder(s, "cpt"))).eval()
     with torch.no_grad():
         logits = model(input_ids=ids[:1, :32]).logits
     after = loss(model)
@@ -133,7 +132,7 @@ def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
     from release import chat
 
     tok.chat_template = chat.jinja_template(s.chat)
-    chats = [json.loads(x)["messages"] for x in (curate.folder(s) / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    chats = [json.loads(x)["messages"] for x in (pipeline.folder(s, "data") / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
     examples = []
     for messages in chats:
         prompt = tok(tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False),
@@ -153,7 +152,7 @@ def test_adapters_load_in_peft_change_logits_and_lower_the_loss(trained):
 
     merged = model.merge_and_unload()
     before = answer_loss(merged)
-    sft = PeftModel.from_pretrained(merged, str(stages.stage_dir(s, "sft"))).eval()
+    sft = PeftModel.from_pretrained(merged, str(pipeline.folder(s, "sft"))).eval()
     with torch.no_grad():
         assert (sft(input_ids=ids[:1, :32]).logits - logits).abs().max() > 1e-4
     after = answer_loss(sft)
@@ -166,11 +165,11 @@ def test_release_merge_takes_the_chain_and_reproduces_the_sft_base(trained, tmp_
     import torch
     from safetensors.torch import load_file
 
-    from release import base, merge, shards
+    from release import merge, shards
 
     s, _, _ = trained
-    base_dir = base.model_dir(s)
-    cpt_dir, sft_dir = stages.stage_dir(s, "cpt"), stages.stage_dir(s, "sft")
+    base_dir = pipeline.base_model_dir(s)
+    cpt_dir, sft_dir = pipeline.folder(s, "cpt"), pipeline.folder(s, "sft")
     figures = merge.merge(base_dir, [cpt_dir, sft_dir], tmp_path / "chain", chat_spec=s.chat, inference=s.inference,
                           expected_base=s.base.model, progress=False)
     assert figures["adapters"] == 2 and figures["replaced"] == 2  # embed_tokens and lm_head from CPT
@@ -214,7 +213,7 @@ def test_packed_blocks_equal_the_reference_packing(tmp_path, tiny_model):
 
     s = _release(tmp_path / "demo", tiny_model)
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
-    cpt = curate.folder(s) / "cpt.jsonl"
+    cpt = pipeline.folder(s, "data") / "cpt.jsonl"
     texts = [json.loads(x)["text"] for x in cpt.read_text(encoding="utf-8").splitlines()]
     counter = tokens.counter(tiny_model / "tokenizer.json")
     assert counter.engine == "tiktoken"
@@ -249,7 +248,7 @@ import sys
 sys.path.insert(0, {root!r})
 from release import spec
 from training import stages
-stages.run(spec.load({spec!r}), "cpt", progress=False)
+pipeline.run_one(spec.load({spec!r}), "cpt", progress=False)
 """
 
 
@@ -279,22 +278,22 @@ def test_resumed_after_sigkill_gives_the_same_adapter(trained, tmp_path_factory,
     proc = subprocess.Popen([sys.executable, "-c", KILLED.format(root=str(ROOT), spec=str(killed.path))],
                             cwd=killed.build_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _kill_after_second_checkpoint(proc, killed, timeout=300)
-    assert not (stages.stage_dir(killed, "cpt") / "manifest.json").exists()
-    resumed = stages.run(killed, "cpt", progress=False)
+    assert not (pipeline.folder(killed, "cpt") / "manifest.json").exists()
+    resumed = pipeline.run_one(killed, "cpt", progress=False)
     ran = resumed.built
     assert ran and resumed.figures["resumed_from"] == "checkpoint-2"
-    log = (stages.stage_dir(killed, "cpt") / "train.log").read_text(encoding="utf-8")
+    log = (pipeline.folder(killed, "cpt") / "train.log").read_text(encoding="utf-8")
     assert log.count("--- start") == 2 and "step 2: loss" in log and "resuming from checkpoint-2" in log
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
-        assert sha256_file(stages.stage_dir(killed, "cpt") / name) == sha256_file(stages.stage_dir(s, "cpt") / name), name
+        assert sha256_file(pipeline.folder(killed, "cpt") / name) == sha256_file(pipeline.folder(s, "cpt") / name), name
 
 
 @pytest.mark.slow
 def test_two_uninterrupted_runs_give_the_same_adapter(trained, tmp_path_factory, tiny_model):
     s, _, _ = trained
     again = _release(tmp_path_factory.mktemp("train-b"), tiny_model)
-    stages.run(again, "cpt", progress=False)
-    stages.run(again, "sft", progress=False)
+    pipeline.run_one(again, "cpt", progress=False)
+    pipeline.run_one(again, "sft", progress=False)
     for stage in ("cpt", "sft"):
         assert _adapter_sha(again, stage) == _adapter_sha(s, stage), stage
 
@@ -305,7 +304,7 @@ INVOKE = str(Path(sys.executable).with_name("invoke"))
 
 
 def _losses(s, stage: str) -> list[float]:
-    state = json.loads((stages.stage_dir(s, stage) / "trainer_state.json").read_text(encoding="utf-8"))
+    state = json.loads((pipeline.folder(s, stage) / "trainer_state.json").read_text(encoding="utf-8"))
     return [e["loss"] for e in state["log_history"] if "loss" in e]
 
 
@@ -334,9 +333,9 @@ def test_two_processes_keep_the_global_batch_and_match_one_process(trained, ddp)
         m = read_manifest_of(ddp, stage)
         assert m.figures["processes"] == 2 and one.figures["processes"] == 1
         assert m.figures["steps"] == one.figures["steps"]
-        log = (stages.stage_dir(ddp, stage) / "train.log").read_text(encoding="utf-8")
+        log = (pipeline.folder(ddp, stage) / "train.log").read_text(encoding="utf-8")
         assert "batch 1 x 1 accumulation x 2 processes = 2" in log, log
-        assert "batch 1 x 2 accumulation = 2" in (stages.stage_dir(s, stage) / "train.log").read_text(encoding="utf-8")
+        assert "batch 1 x 2 accumulation = 2" in (pipeline.folder(s, stage) / "train.log").read_text(encoding="utf-8")
         a, b = _losses(s, stage), _losses(ddp, stage)
         assert len(a) == len(b) == one.figures["steps"]
         assert a == pytest.approx(b, rel=1e-4), (stage, a, b)
@@ -346,7 +345,7 @@ def test_two_processes_keep_the_global_batch_and_match_one_process(trained, ddp)
 def read_manifest_of(s, stage: str):
     from release.artifacts import read_manifest
 
-    m = read_manifest(stages.stage_dir(s, stage))
+    m = read_manifest(pipeline.folder(s, stage))
     assert m is not None
     return m
 
@@ -360,19 +359,19 @@ def test_two_process_adapters_load_in_peft_and_merge(trained, ddp, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from release import base, merge, shards
+    from release import merge, shards
 
     s, _, _ = trained
     ids = torch.arange(10, 42)[None]
-    model = AutoModelForCausalLM.from_pretrained(str(base.model_dir(ddp)), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(pipeline.base_model_dir(ddp)), dtype=torch.float32).eval()
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        after = PeftModel.from_pretrained(model, str(stages.stage_dir(ddp, "cpt"))).eval()(input_ids=ids).logits
+        after = PeftModel.from_pretrained(model, str(pipeline.folder(ddp, "cpt"))).eval()(input_ids=ids).logits
     assert (after - before).abs().max() > 1e-3
     merged = {}
     for name, release_spec in (("ddp", ddp), ("one", s)):
-        chain = [stages.stage_dir(release_spec, "cpt"), stages.stage_dir(release_spec, "sft")]
-        merge.merge(base.model_dir(release_spec), chain, tmp_path / name, chat_spec=release_spec.chat, inference=release_spec.inference,
+        chain = [pipeline.folder(release_spec, "cpt"), pipeline.folder(release_spec, "sft")]
+        merge.merge(pipeline.base_model_dir(release_spec), chain, tmp_path / name, chat_spec=release_spec.chat, inference=release_spec.inference,
                     expected_base=release_spec.base.model, progress=False)
         merged[name] = {k: load_file(str(p))[k] for k, p in shards.model_files(tmp_path / name).items()}
     assert set(merged["ddp"]) == set(merged["one"])
@@ -391,7 +390,7 @@ def _workers(spec_path: Path) -> list:
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "training.distributed" in cmd and str(spec_path) in cmd:
+        if "training.worker" in cmd and str(spec_path) in cmd:
             out.append(p)
     return out
 
@@ -403,7 +402,8 @@ def test_sigkilled_launcher_takes_its_workers_and_the_rerun_resumes(ddp, tmp_pat
     from training import distributed
 
     killed = _release(tmp_path_factory.mktemp("train-ddp-killed"), tiny_model)
-    launcher = subprocess.Popen(distributed.command(killed.path, "cpt", distributed.Launch(2)), cwd=ROOT,
+    launcher = subprocess.Popen(distributed.command(killed.path, "cpt", pipeline.upstream(killed, "cpt"),
+                                                    distributed.Launch(2)), cwd=ROOT,
                                 env=dict(os.environ, QALB_PROGRESS="0"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     _kill_after_second_checkpoint(launcher, killed, timeout=600)
@@ -412,14 +412,14 @@ def test_sigkilled_launcher_takes_its_workers_and_the_rerun_resumes(ddp, tmp_pat
             break
         time.sleep(0.1)
     assert not _workers(killed.path), "workers outlived their launcher"
-    assert not (stages.stage_dir(killed, "cpt") / "manifest.json").exists()
+    assert not (pipeline.folder(killed, "cpt") / "manifest.json").exists()
     rerun = subprocess.run([INVOKE, "train", "--stage", "cpt", "--spec", str(killed.path), "--processes", "2"],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     m = read_manifest_of(killed, "cpt")
     assert m.figures["resumed_from"] == "checkpoint-2" and m.figures["processes"] == 2
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
-        ours, theirs = stages.stage_dir(killed, "cpt") / name, stages.stage_dir(ddp, "cpt") / name
+        ours, theirs = pipeline.folder(killed, "cpt") / name, pipeline.folder(ddp, "cpt") / name
         assert sha256_file(ours) == sha256_file(theirs), name
 
 
@@ -441,10 +441,12 @@ def test_launch_options_and_the_derived_batch():
         distributed.launch(8, 2, "node0")
     with pytest.raises(StageError, match="at least 1"):
         distributed.launch(0, 1, None)
-    two_hosts = distributed.command(Path("specs/qalb.toml"), "cpt", distributed.launch(8, 2, "node0:29500"), force=True)
+    inputs = {"base": Path("b"), "data": Path("d")}
+    two_hosts = distributed.command(Path("specs/qalb.toml"), "cpt", inputs, distributed.launch(8, 2, "node0:29500"),
+                                    force=True)
     assert two_hosts[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2",
                              "--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29500",
-                             "--rdzv-id", "qalb-cpt", "-m", "training.distributed", "--spec", "specs/qalb.toml",
-                             "--stage", "cpt", "--force"]
+                             "--rdzv-id", "qalb-cpt", "-m", "training.worker", "--spec", "specs/qalb.toml",
+                             "--stage", "cpt", "--inputs", '{"base": "b", "data": "d"}', "--force"]
     bad = subprocess.run([INVOKE, "train", "--stage", "cpt", "--nodes", "2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --nodes 2: give the rendezvous"), bad.stderr

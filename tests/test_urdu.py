@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from release import urdu, verify
-from training.curate import script_ratio
+from training.data import script_ratio
 
 
 @pytest.mark.parametrize("ch,inside", [

@@ -15,7 +15,7 @@ import torch
 from conftest import write_spec
 from release import gguf as G
 from release import merge as merger
-from release import chat, forward, quant4, scaffold, verify
+from release import chat, forward, bnb4, scaffold, verify
 from release.artifacts import read_manifest, sha256_file
 from release.shards import row_blocks
 from release.spec import Gate, load
@@ -46,12 +46,12 @@ def built(tiny_model, tmp_path_factory):
     adapter = make_adapter(tiny_model, root / "adapter", seed=5)
     merger.merge(tiny_model, [adapter], b / "merge" / "bf16", out_fp16=b / "merge" / "fp16", chat_spec=spec.chat,
                  inference=spec.inference, progress=False)
-    _, v = quant4.variant(spec)
-    quant4.quantize_model(b / "merge" / "bf16", b / "bnb4", v, None, progress=False)
-    quant4.write_model_files(b / "merge" / "bf16", b / "bnb4", v)
+    _, v = bnb4.variant(spec)
+    bnb4.quantize_model(b / "merge" / "bf16", b / "bnb4", v, None, progress=False)
+    bnb4.write_model_files(b / "merge" / "bf16", b / "bnb4", v)
     gguf_figures = G.build(spec, b / "merge" / "bf16", b / "gguf", progress=False)
     models = {"bf16": b / "merge" / "bf16", "fp16": b / "merge" / "fp16", "bnb4": b / "bnb4", "gguf": b / "gguf"}
-    manifest = verify.run_on(spec, models, progress=False)
+    manifest = verify.run(spec, models, progress=False)
     assert manifest.built
     return spec, models, manifest, gguf_figures
 
@@ -138,7 +138,7 @@ def test_gguf_fidelity(built):
 
 def test_stage_is_skipped_when_nothing_changed(built):
     spec, models, manifest, _ = built
-    again = verify.run_on(spec, models, progress=False)
+    again = verify.run(spec, models, progress=False)
     ran = again.built
     assert not ran and again.fingerprint == manifest.fingerprint
 

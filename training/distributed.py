@@ -1,9 +1,9 @@
 """Training on many processes: DDP launched with torchrun (``torch.distributed.run``).
 
 ``./inv train --stage cpt --processes 8`` runs ``torchrun --standalone --nproc-per-node 8 -m
-training.distributed ...``; with ``--nodes 2 --rdzv HOST:PORT`` every host runs the same command
+training.worker ...``; with ``--nodes 2 --rdzv HOST:PORT`` every host runs the same command
 and torchrun's c10d rendezvous at HOST:PORT joins them. Each worker runs the stage exactly as one
-process does (training/stages.py), with these differences, all in stages.py behind ``world()``:
+process does (training/worker.py, training/stages.py), with these differences, all in stages.py behind ``world()``:
 
 - the Trainer wraps the model in DDP (NCCL on GPUs, gloo on CPUs); each rank trains on its own
   share of every global batch, and the per-device batch and gradient accumulation are derived so
@@ -18,12 +18,13 @@ process does (training/stages.py), with these differences, all in stages.py behi
 
 from __future__ import annotations
 
-import argparse
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,30 +128,28 @@ class rank0_first:
         return False
 
 
-def command(spec: Path, stage: str, how: Launch, *, force: bool = False) -> list[str]:
-    """The torchrun command line that trains ``stage`` of ``spec`` as ``how`` says."""
+def command(spec: Path, stage: str, inputs: Mapping[str, Path], how: Launch, *, force: bool = False) -> list[str]:
+    """The torchrun command line that trains ``stage`` of ``spec`` from ``inputs`` as ``how`` says."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(how.processes),
            "--nnodes", str(how.nodes), "--max-restarts", "0"]
     if how.nodes == 1 and not how.rdzv:
         cmd.append("--standalone")
     else:
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(how.rdzv), "--rdzv-id", f"qalb-{stage}"]
-    cmd += ["-m", "training.distributed", "--spec", str(spec), "--stage", stage]
+    cmd += ["-m", "training.worker", "--spec", str(spec), "--stage", stage,
+            "--inputs", json.dumps({k: str(v) for k, v in inputs.items()}, sort_keys=True)]
     return cmd + (["--force"] if force else [])
 
 
-def run(spec, stage: str, how: Launch, *, force: bool = False, progress: bool = True):
-    """Train ``stage`` as ``how`` says and return its manifest: in this process when it is one
-    process, else through torchrun (this host's share of the workers)."""
-    from release.artifacts import built_elsewhere, read_manifest
-    from training import stages
+def run(spec, stage: str, inputs: Mapping[str, Path], how: Launch, *, force: bool = False, progress: bool = True):
+    """Train ``stage`` through torchrun (this host's share of the workers, training/worker.py)
+    and return its manifest, which rank 0 wrote."""
+    from release.artifacts import built_elsewhere, read_manifest, stage_dir
 
-    if how.world == 1:
-        return stages.run(spec, stage, force=force, progress=progress)
-    folder = stages.stage_dir(spec, stage)
+    folder = stage_dir(spec.build_dir, stage)
     before = read_manifest(folder)
     env = dict(os.environ, QALB_PROGRESS="1" if progress else "0")
-    cmd = command(spec.path, stage, how, force=force)
+    cmd = command(spec.path, stage, inputs, how, force=force)
     if progress:
         print(f"torchrun: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     rc = subprocess.run(cmd, env=env).returncode
@@ -173,34 +172,3 @@ def die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the call
         os._exit(1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """A torchrun worker: one rank of ``stage``."""
-    parser = argparse.ArgumentParser(prog="training.distributed")
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--stage", required=True)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    die_with_parent()
-    from release import spec as spec_mod
-    from release.errors import ReleaseError
-    from training import stages
-
-    import torch.distributed as dist
-
-    rank = world()[0]
-    try:
-        stages.run(spec_mod.load(Path(args.spec)), args.stage, force=args.force,
-                   progress=rank == 0 and os.environ.get("QALB_PROGRESS", "1") == "1")
-    except ReleaseError as e:
-        print(f"error: [rank {rank}] {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Stages ``cpt`` and ``sft``: LoRA training with Unsloth -> PEFT adapters.
+"""The training loop of stages ``cpt`` and ``sft`` (training/cpt.py, training/sft.py): LoRA
+training with Unsloth -> PEFT adapters.
 
 - ``cpt`` (continued pre-training): the base model, raw text from ``data/cpt.jsonl`` packed into
   blocks of ``training.sequence_length`` tokens (each document ``<|begin_of_text|> text
@@ -36,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 
 from release import chat, llama3, quiet
@@ -46,6 +47,7 @@ from release.artifacts import (
     input_digest,
     read_manifest,
     run_stage,
+    stage_dir,
     summary_console,
     tool_versions,
     write_json,
@@ -68,42 +70,8 @@ ASSISTANT_HEADER = f"{chat.HEADER_START}assistant{chat.HEADER_END}\n\n"
 VOLATILE_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "num_tokens", "train_loss")
 
 
-def stage_dir(spec: Spec, stage: str) -> Path:
-    return spec.build_dir / stage
-
-
-def face(stage: str) -> tuple[str, Callable[[Spec], Path], Callable[[Spec], dict[str, Path]], Callable[..., Manifest]]:
-    """``STAGE, folder, inputs, run`` of training stage ``stage``: what training/cpt.py and
-    training/sft.py expose, so each training stage has the face of every other stage."""
-
-    def folder(spec: Spec) -> Path:
-        return stage_dir(spec, stage)
-
-    def inputs(spec: Spec) -> dict[str, Path]:
-        """The base, the curated data and, for SFT, the CPT adapter (from the pipeline)."""
-        return _inputs(spec, stage)
-
-    def run_stage_(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
-        return run(spec, stage, force=force, progress=progress)
-
-    return stage, folder, inputs, run_stage_
-
-
 def checkpoints_root(spec: Spec) -> Path:
     return spec.build_dir / ".checkpoints"
-
-
-def _base_model(spec: Spec) -> Path:
-    """The folder holding the base model's files (the pipeline knows where the base stage put them)."""
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    return pipeline.base_model_dir(spec)
-
-
-def _inputs(spec: Spec, stage: str) -> dict[str, Path]:
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    return pipeline.upstream(spec, stage)
 
 
 def _sections(spec: Spec, stage: str) -> dict[str, str]:
@@ -162,8 +130,8 @@ def adapt(spec: Spec, stage: str, *, gpu: bool | None = None, bf16_native: bool 
 # --- data -------------------------------------------------------------------------------------
 
 
-def _curated(spec: Spec, name: str) -> Path:
-    path = spec.build_dir / DATA / name
+def _curated(inputs: Mapping[str, Path], name: str) -> Path:
+    path = inputs[DATA] / name
     if not path.is_file():
         raise StageError(f"{path}: missing; run the data stage first (./inv data)")
     return path
@@ -190,9 +158,11 @@ class _Log:
             print(f"[train] {line}")
 
 
-def train(spec: Spec, stage: str, out: Path | None, work: Path, *, progress: bool = True) -> dict:
-    """Train one stage into ``out`` (adapter, trainer state, log); checkpoints go to ``work``.
-    Returns the manifest figures. Ranks other than 0 train and write nothing (``out`` None)."""
+def train(spec: Spec, stage: str, inputs: Mapping[str, Path], out: Path | None, work: Path, *,
+          progress: bool = True) -> dict:
+    """Train one stage from ``inputs`` into ``out`` (adapter, trainer state, log); checkpoints go
+    to ``work``. Returns the manifest figures. Ranks other than 0 train and write nothing (``out``
+    None)."""
     work.mkdir(parents=True, exist_ok=True)
     # The run log lives beside the checkpoints, so a resumed run's log keeps the interrupted
     # attempt's lines too; it is copied into the stage folder at the end.
@@ -207,9 +177,9 @@ def train(spec: Spec, stage: str, out: Path | None, work: Path, *, progress: boo
     log(f"stage {stage}: {st.description}")
     for note in notes:
         log(f"adaptation: {note}")
-    model, tokenizer, trainable = _peft_model(fast_model, spec, stage, settings, work, log)
+    model, tokenizer, trainable = _peft_model(fast_model, spec, stage, inputs, settings, work, log)
     with distributed.rank0_first():
-        dataset, tokens = _dataset(spec, stage, tokenizer, work, log)
+        dataset, tokens = _dataset(spec, stage, inputs, tokenizer, work, log)
     args = _plan(spec, stage, settings, work, len(dataset), progress, log)
     trainer, tokens, label_tokens = _trainer(spec, stage, model, tokenizer, dataset, args, tokens, log)
     _bar_only(trainer)
@@ -266,14 +236,15 @@ def _import_unsloth(spec: Spec, work: Path):
     return FastLanguageModel
 
 
-def _peft_model(fast_model, spec: Spec, stage: str, settings: dict, work: Path, log) -> tuple:
+def _peft_model(fast_model, spec: Spec, stage: str, inputs: Mapping[str, Path], settings: dict, work: Path,
+                log) -> tuple:
     """``(model, tokenizer, trainable parameters)``: the stage's starting model (the base for CPT,
     base + CPT adapter for SFT) with fresh LoRA adapters from the spec."""
     import torch
 
     st = getattr(spec.training, stage)
     with distributed.rank0_first():
-        model_dir = _base_model(spec) if stage == "cpt" else _merged_cpt_model(spec, work, log)
+        model_dir = inputs["base"] if stage == "cpt" else _merged_cpt_model(inputs, work, log)
     placement = {}
     if torch.cuda.is_available() and distributed.world()[2] > 1:  # DDP: each rank's copy on its own GPU
         placement["device_map"] = {"": f"cuda:{distributed.world()[1]}"}
@@ -293,7 +264,7 @@ def _peft_model(fast_model, spec: Spec, stage: str, settings: dict, work: Path, 
     return model, tokenizer, trainable
 
 
-def _dataset(spec: Spec, stage: str, tokenizer, work: Path, log) -> tuple:
+def _dataset(spec: Spec, stage: str, inputs: Mapping[str, Path], tokenizer, work: Path, log) -> tuple:
     """``(dataset, tokens)``: CPT's blocks of token ids (and their token count), or SFT's chats
     with the release's chat template set on ``tokenizer`` (tokens counted once tokenized). Both
     are Arrow files in ``work/data``, memory-mapped (training/pack.py)."""
@@ -303,14 +274,14 @@ def _dataset(spec: Spec, stage: str, tokenizer, work: Path, log) -> tuple:
     length = spec.training.sequence_length
     if stage == "sft":
         tokenizer.chat_template = chat.jinja_template(spec.chat)
-        dataset = pack.sft_chats(_curated(spec, "sft.jsonl"), work / "data")
+        dataset = pack.sft_chats(_curated(inputs, "sft.jsonl"), work / "data")
         log(f"examples: {len(dataset)}")
         return dataset, None
-    counter = tokens.counter(_base_model(spec) / "tokenizer.json")
-    dataset, f = pack.pack_cpt(_curated(spec, "cpt.jsonl"), counter, length, work / "data", bos=tokenizer.bos_token_id,
+    counter = tokens.counter(inputs["base"] / "tokenizer.json")
+    dataset, f = pack.pack_cpt(_curated(inputs, "cpt.jsonl"), counter, length, work / "data", bos=tokenizer.bos_token_id,
                                eos=tokenizer.eos_token_id, packing=st.packing)
     if not len(dataset):
-        raise StageError(f"{spec.build_dir / DATA / 'cpt.jsonl'}: fewer than {length} "
+        raise StageError(f"{inputs[DATA] / 'cpt.jsonl'}: fewer than {length} "
                          "tokens of text; add data or lower training.sequence_length")
     log(f"examples: {len(dataset)}" + (f" blocks of {length} tokens ({f['dropped']} tokens "
                                          "past the last full block dropped)" if st.packing else "")
@@ -412,7 +383,7 @@ def _save(spec: Spec, trainer, out: Path, work: Path) -> list[dict]:
     """Write the adapter and the trainer state into ``out``, reproducibly; returns the log
     history kept (``VOLATILE_KEYS`` left out)."""
     trainer.model.save_pretrained(str(out))
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card; cards come from release/card.py
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card; cards come from release/cards.py
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = spec.base.model  # the Hub id, not this machine's folder
@@ -487,7 +458,7 @@ def _last_checkpoint(folder: Path) -> Path | None:
                key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _merged_cpt_model(spec: Spec, work: Path, log) -> Path:
+def _merged_cpt_model(inputs: Mapping[str, Path], work: Path, log) -> Path:
     """The model SFT trains on: base + CPT adapter via PEFT ``merge_and_unload``, rounded to BF16
     (what release/merge.py writes for the first adapter of the chain). Kept in the work folder."""
     import torch
@@ -498,11 +469,11 @@ def _merged_cpt_model(spec: Spec, work: Path, log) -> Path:
     if (folder / "done").is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
-    cpt = stage_dir(spec, "cpt")
+    cpt = inputs["cpt"]
     missing = [f for f in ADAPTER_FILES if not (cpt / f).is_file()]
     if missing:
         raise StageError(f"{cpt / missing[0]}: missing; run the cpt stage first (./inv train --stage cpt)")
-    src = _base_model(spec)
+    src = inputs["base"]
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, device_map="cpu")
     model = PeftModel.from_pretrained(model, str(cpt)).merge_and_unload()
     model = model.to(torch.bfloat16)
@@ -520,30 +491,32 @@ def _merged_cpt_model(spec: Spec, work: Path, log) -> Path:
 # --- the stage --------------------------------------------------------------------------------
 
 
-def run(spec: Spec, stage: str, *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``cpt`` or ``sft``; skipped when the base, the data (and for SFT the CPT adapter)
-    and the spec's training facts are unchanged; resumes an interrupted run."""
+def run(spec: Spec, stage: str, inputs: Mapping[str, Path], *, force: bool = False,
+        progress: bool = True) -> Manifest:
+    """Stage ``cpt`` or ``sft`` from ``inputs``: ``base`` (the base model's folder), ``data`` (the
+    data stage's) and for SFT ``cpt`` (the CPT adapter). Skipped when those and the spec's
+    training facts are unchanged; resumes an interrupted run."""
     if stage not in STAGES:
         raise StageError(f"--stage {stage}: unknown training stage (expected one of {', '.join(STAGES)})")
-    inputs = _inputs(spec, stage)
+    inputs = {k: Path(v) for k, v in inputs.items()}
     sections = _sections(spec, stage)
     key = fingerprint({k: input_digest(v) for k, v in inputs.items()}, sections, tool_versions(*TOOLS))
     work = checkpoints_root(spec) / f"{stage}-{key[:16]}"
     distributed.init()
     if distributed.world()[0] != 0:  # another rank: train if rank 0 builds, write nothing
         if distributed.share(False):
-            train(spec, stage, None, work, progress=False)
+            train(spec, stage, inputs, None, work, progress=False)
         distributed.barrier()
-        return read_manifest(stage_dir(spec, stage))
+        return read_manifest(stage_dir(spec.build_dir, stage))
     for stale in checkpoints_root(spec).glob(f"{stage}-*"):
         if stale != work or force:
             shutil.rmtree(stale, ignore_errors=True)
 
     def build(out: Path) -> dict:
         distributed.share(True)
-        return train(spec, stage, out, work, progress=progress)
+        return train(spec, stage, inputs, out, work, progress=progress)
 
-    manifest = run_stage(stage, stage_dir(spec, stage), build, release=spec.release.name, inputs=inputs,
+    manifest = run_stage(stage, stage_dir(spec.build_dir, stage), build, release=spec.release.name, inputs=inputs,
                               spec_sections=sections, tools=TOOLS, force=force)
     if not manifest.built:
         distributed.share(False)
@@ -566,7 +539,7 @@ def summary(spec: Spec, stage: str, manifest: Manifest, console=None) -> None:
                   loss(f["last_loss"]), f"{f['seconds']:.1f}", f["optimizer"], str(f["bf16"]))
     console = console or summary_console()
     console.print(table)
-    console.print(f"adapter: {stage_dir(spec, stage)}")
+    console.print(f"adapter: {stage_dir(spec.build_dir, stage)}")
     for note in f.get("adaptations", []):
         console.print(f"adapted: {note}")
 

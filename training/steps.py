@@ -1,4 +1,4 @@
-"""The project's own datatrove pipeline steps for curation (training/curate.py wires them).
+"""The project's own datatrove pipeline steps for curation (training/data.py wires them).
 
 - Readers: JSONL, Parquet and plain text (blank-line-separated documents), plain or gzip/zstd
   (fsspec infers the compression from the name), through datatrove's ``DataFolder``. datatrove's
@@ -22,11 +22,14 @@ from __future__ import annotations
 import io
 import re
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow
+import zstandard
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
@@ -39,6 +42,11 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from release.errors import CurationError
 from training import clean
 from training.tokens import Counter
+
+# What the readers raise on a corrupt or truncated shard: gzip's BadGzipFile and truncation (OSError,
+# EOFError), zlib's and zstd's stream errors, undecodable bytes (UnicodeDecodeError is a ValueError),
+# parquet's ArrowException. Anything else is a bug and keeps its traceback.
+UNREADABLE = (OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException)
 
 SHINGLE = 5  # characters per MinHash shingle
 BAD_DATA = ("refuse", "skip")
@@ -118,7 +126,7 @@ class _Records:
                 yield where, record
         except CurationError:
             raise
-        except Exception as e:  # a corrupt or truncated shard: its readers raise many types
+        except UNREADABLE as e:  # a corrupt or truncated shard: what its readers raise
             self.problems(f"{path}:{self.line + 1}", f"unreadable from this line on ({type(e).__name__}: {e}); "
                           "the shard is corrupt or truncated")
 

@@ -47,7 +47,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +58,9 @@ from release.artifacts import (
     atomic_path,
     fingerprint,
     input_digest,
+    Traits,
     run_stage,
+    stage_dir,
     summary_console,
     tool_versions,
     write_json,
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     from training.steps import Problems, Source
 
 STAGE = "data"
+TRAITS = Traits(image="train")  # datatrove and the tokenizers live in the train image
 CPT_FILE = "cpt.jsonl"
 SFT_FILE = "sft.jsonl"
 REPORT_FILE = "report.json"
@@ -625,15 +628,9 @@ class _Progress:
 # --- the stage --------------------------------------------------------------------------------
 
 
-def folder(spec: Spec) -> Path:
-    return spec.build_dir / STAGE
-
-
-def inputs(spec: Spec) -> dict[str, Path]:
-    """The base's tokenizer (from the pipeline) and every corpus the spec names."""
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    found = dict(pipeline.upstream(spec, STAGE))
+def corpora(spec: Spec, inputs: Mapping[str, Path]) -> dict[str, Path]:
+    """``inputs`` (the base's ``tokenizer``) and every corpus the spec names: what the stage reads."""
+    found = dict(inputs)
     for c in (*spec.data.corpora, spec.data.instruct):
         path = spec.resolve(c.path)
         if not path.exists():
@@ -653,16 +650,17 @@ def work_folder(spec: Spec, found: dict[str, Path]) -> Path:
     return spec.build_dir / ".checkpoints" / f"{STAGE}-{key[:16]}"
 
 
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``data`` with a worker per core."""
-    return run_with(spec, force=force, progress=progress)
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``data`` with a worker per core; ``inputs["tokenizer"]``: the base's tokenizer.json."""
+    return run_with(spec, inputs, force=force, progress=progress)
 
 
-def run_with(spec: Spec, *, workers: int | None = None, force: bool = False, progress: bool = True) -> Manifest:
+def run_with(spec: Spec, inputs: Mapping[str, Path], *, workers: int | None = None, force: bool = False,
+             progress: bool = True) -> Manifest:
     """Stage ``data``: skipped when the corpora, the tokenizer and the spec's data/chat facts are
     unchanged; an interrupted run resumes from its finished datatrove tasks. ``workers``: processes
     on this machine (default: one per core)."""
-    found = inputs(spec)
+    found = corpora(spec, inputs)
     work = work_folder(spec, found)
 
     def build(out: Path) -> dict:
@@ -671,7 +669,7 @@ def run_with(spec: Spec, *, workers: int | None = None, force: bool = False, pro
                 shutil.rmtree(stale, ignore_errors=True)
         return curate(spec, out, work=work, count=counter(found["tokenizer"]), workers=workers, progress=progress)
 
-    manifest = run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs=found,
+    manifest = run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs=found,
                          spec_sections=_sections(spec), tools=TOOLS, force=force)
     if manifest.built:
         shutil.rmtree(work, ignore_errors=True)
@@ -682,7 +680,7 @@ def summary(spec: Spec, manifest: Manifest, console=None) -> None:
     """The retention table: documents and tokens in and out per corpus, and the kept share."""
     from rich.table import Table
 
-    report = json.loads((folder(spec) / REPORT_FILE).read_text(encoding="utf-8"))
+    report = json.loads((stage_dir(spec.build_dir, STAGE) / REPORT_FILE).read_text(encoding="utf-8"))
     table = Table(title=f"data: {spec.release.name} ({'built' if manifest.built else 'up to date'})")
     for col in ("corpus", "docs in", "docs out", "tokens in", "tokens out", "kept tokens", "dropped most by"):
         table.add_column(col, justify="left" if col in ("corpus", "dropped most by") else "right")
@@ -699,5 +697,5 @@ def summary(spec: Spec, manifest: Manifest, console=None) -> None:
         f"CPT set: {f['cpt_documents']:,} documents, {f['cpt_tokens']:,} tokens ({100 * f['replay_share']:.1f}% English "
         f"replay, target {100 * spec.data.replay_share:.1f}%); kept {100 * f['kept_tokens']:.1f}% of the raw tokens "
         f"(card: {100 * spec.data.retained_fraction:.1f}%). SFT set: {f['sft_examples']:,} chats. "
-        + (f"Bad input skipped: {bad:,} (listed in {folder(spec) / BAD_DATA_FILE}). " if bad else "")
-        + f"Report: {folder(spec) / REPORT_FILE}")
+        + (f"Bad input skipped: {bad:,} (listed in {stage_dir(spec.build_dir, STAGE) / BAD_DATA_FILE}). " if bad else "")
+        + f"Report: {stage_dir(spec.build_dir, STAGE) / REPORT_FILE}")

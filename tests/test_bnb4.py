@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from release import chat, quant4
+from release import bnb4, chat
 from release.shards import INDEX, model_files
 
 
@@ -23,7 +23,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def variant(demo_spec):
-    return quant4.variant(demo_spec)[1]
+    return bnb4.variant(demo_spec)[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def reference(tiny_model, variant, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ours(tiny_model, variant, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bnb-ours")
-    figures = quant4.quantize_model(tiny_model, out, variant, max_shard_bytes=40_000_000, progress=False)
-    quant4.write_model_files(tiny_model, out, variant)
+    figures = bnb4.quantize_model(tiny_model, out, variant, max_shard_bytes=40_000_000, progress=False)
+    bnb4.write_model_files(tiny_model, out, variant)
     return out, figures
 
 
@@ -112,13 +112,13 @@ def test_stage_refuses_non_bf16_and_missing_model(demo_spec, tiny_model, tmp_pat
     from dataclasses import replace
 
     empty = replace(demo_spec, build=replace(demo_spec.build, dir=str(tmp_path / "empty")))
-    with pytest.raises(quant4.Quant4Error, match="no config.json; build the merge stage first"):
-        quant4.run(empty, progress=False)
+    with pytest.raises(bnb4.Bnb4Error, match="no config.json; build the merge stage first"):
+        bnb4.run(empty, {"model": tmp_path / "no-model"}, progress=False)  # a stage runs alone, handed its inputs
     f16 = tmp_path / "f16"
     f16.mkdir()
     from safetensors.torch import save_file
 
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64, dtype=torch.float16)},
               f16 / "model.safetensors")
-    with pytest.raises(quant4.Quant4Error, match="expected bfloat16"):
-        quant4.quantize_model(f16, tmp_path / "out", variant, None, progress=False)
+    with pytest.raises(bnb4.Bnb4Error, match="expected bfloat16"):
+        bnb4.quantize_model(f16, tmp_path / "out", variant, None, progress=False)

@@ -1,12 +1,12 @@
 """bitsandbytes 4-bit benchmark: ours (streamed) vs transformers, side by side.
 
-    .venv/bin/python benchmarks/quant4.py [--layers 4] [--repeat 2] [--work build/bench]
+    .venv/bin/python benchmarks/bnb4.py [--layers 4] [--repeat 2] [--work build/bench]
 
 Uses (building it once) a BF16 model with Llama-3.1-8B layer shapes and N layers, as
 benchmarks/merge.py does, and the demo spec's NF4 variant (double quantization, BF16 compute).
 Each tool runs in its own process so peak RSS (VmHWM) is its own:
 
-- ours: ``release.quant4.quantize_model`` (one tensor in memory at a time);
+- ours: ``release.bnb4.quantize_model`` (one tensor in memory at a time);
 - transformers: ``AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(...))``
   + ``save_pretrained``, the route the Hub's bnb-4bit repos are made with.
 
@@ -30,11 +30,11 @@ from merge import HWM, alternate, arguments, build_inputs, folder_bytes, run  # 
 OURS = HWM + """
 import json, sys, time
 from pathlib import Path
-from release import quant4, spec
+from release import bnb4, spec
 s = spec.load(sys.argv[1])
-_, v = quant4.variant(s)
+_, v = bnb4.variant(s)
 t = time.perf_counter()
-quant4.quantize_model(Path(sys.argv[2]), Path(sys.argv[3]), v, max_shard_bytes=5_000_000_000, progress=False)
+bnb4.quantize_model(Path(sys.argv[2]), Path(sys.argv[3]), v, max_shard_bytes=5_000_000_000, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_gb": hwm()}))
 """
 
@@ -42,9 +42,9 @@ TRANSFORMERS = HWM + """
 import json, sys, time
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from release import quant4, spec
+from release import bnb4, spec
 s = spec.load(sys.argv[1])
-_, v = quant4.variant(s)
+_, v = bnb4.variant(s)
 cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=v.dtype, bnb_4bit_use_double_quant=v.double_quant,
                          bnb_4bit_compute_dtype=getattr(torch, v.compute_dtype or "bfloat16"))
 t = time.perf_counter()

@@ -21,16 +21,18 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from release.artifacts import Manifest, peak_rss_mb, track, write_json
-from release.errors import Quant4Error
+from release.artifacts import Manifest, Traits, peak_rss_mb, stage_dir, track, write_json
+from release.errors import Bnb4Error
 from release.shards import Entry, SafetensorsReader, ShardedWriter, model_files, row_blocks
 from release.spec import Spec, Variant
 
 STAGE = "bnb4"
+TRAITS = Traits()
 FORMAT = "bnb-4bit"
 BLOCKSIZE = 64  # transformers' Params4bit default
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double quantization of absmax
@@ -89,15 +91,15 @@ def _open_bf16(model_dir: Path) -> dict[str, SafetensorsReader]:
         sources = model_files(model_dir)
         files = {p: SafetensorsReader(p) for p in set(sources.values())}
     except (OSError, ValueError, KeyError) as e:
-        raise Quant4Error(f"{model_dir}: no readable safetensors model ({e}); build the merge stage first") from None
+        raise Bnb4Error(f"{model_dir}: no readable safetensors model ({e}); build the merge stage first") from None
     if not sources:
-        raise Quant4Error(f"{model_dir}: no safetensors files; build the merge stage first")
+        raise Bnb4Error(f"{model_dir}: no safetensors files; build the merge stage first")
     readers = {n: files[sources[n]] for n in sorted(sources)}
     if not any(QUANTIZED.fullmatch(n) for n in readers):
-        raise Quant4Error(f"{model_dir}: no Llama projection weights (model.layers.N.*_proj.weight) to quantize")
+        raise Bnb4Error(f"{model_dir}: no Llama projection weights (model.layers.N.*_proj.weight) to quantize")
     for n, r in readers.items():
         if QUANTIZED.fullmatch(n) and r.dtype(n) != torch.bfloat16:
-            raise Quant4Error(f"{sources[n]}: {n} is {r.dtype(n)}, expected bfloat16; quantize the BF16 merge")
+            raise Bnb4Error(f"{sources[n]}: {n} is {r.dtype(n)}, expected bfloat16; quantize the BF16 merge")
     return readers
 
 
@@ -167,37 +169,27 @@ def write_model_files(model_dir: Path, out: Path, v: Variant) -> None:
 # --- stage ------------------------------------------------------------------------------------
 
 
-def folder(spec: Spec) -> Path:
-    return spec.build_dir / STAGE
-
-
-def inputs(spec: Spec) -> dict[str, Path]:
-    """The flagship BF16 model (from the pipeline)."""
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    return pipeline.upstream(spec, STAGE)
-
-
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``bnb4``: the spec's bitsandbytes variant of the flagship BF16 model."""
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``bnb4``: the spec's bitsandbytes variant of ``inputs["model"]``, the flagship BF16
+    model."""
     from release.artifacts import run_stage
 
-    model_dir = inputs(spec)["model"]
+    model_dir = inputs["model"]
     found = variant(spec)
     if found is None:
-        raise Quant4Error(f"{spec.path}: no [variants.*] with format = '{FORMAT}'")
+        raise Bnb4Error(f"{spec.path}: no [variants.*] with format = '{FORMAT}'")
     key, v = found
     if v.dtype not in ("nf4", "fp4"):
-        raise Quant4Error(f"{spec.path}: variants.{key}.dtype: expected 'nf4' or 'fp4', got {v.dtype!r}")
+        raise Bnb4Error(f"{spec.path}: variants.{key}.dtype: expected 'nf4' or 'fp4', got {v.dtype!r}")
     if not (Path(model_dir) / "config.json").is_file():
-        raise Quant4Error(f"{model_dir}: no config.json; build the merge stage first")
+        raise Bnb4Error(f"{model_dir}: no config.json; build the merge stage first")
 
     def build(tmp: Path) -> dict:
         figures = quantize_model(Path(model_dir), tmp, v, spec.max_shard_bytes, progress)
         write_model_files(Path(model_dir), tmp, v)
         return figures
 
-    return run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs={"model": Path(model_dir)},
+    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs={"model": Path(model_dir)},
                      spec_sections={f"variants.{key}": spec.section_hash(f"variants.{key}"),
                                     "build.max_shard_size": spec.section_hash("build.max_shard_size")},
                      tools=("bitsandbytes", "torch", "transformers"), force=force)

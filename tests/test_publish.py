@@ -23,7 +23,7 @@ from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapsh
 from huggingface_hub.utils.sha import git_hash
 
 from conftest import ROOT, SPECS, write_spec
-from release import base, card, chart, chat, gguf, hub, merge, modelfile, pipeline
+from release import cards, chart, chat, merge, modelfiles, pipeline, publish
 from release.artifacts import read_manifest, run_stage, sha256_file
 from release.localhub import HubServer
 from release.spec import load
@@ -34,7 +34,7 @@ TOKEN = "hf_" + secrets.token_hex(16)  # made per run, recognisable: scanned for
 
 def _test_spec_text(build: Path) -> str:
     """The demo spec with two GGUF types (F16, Q4_K_M) to keep the build short (and without the
-    bitsandbytes variant where its stage, release/quant4.py, is not there)."""
+    bitsandbytes variant where its stage, release/bnb4.py, is not there)."""
     text = (SPECS / "demo.toml").read_text(encoding="utf-8")
     text = text.replace('dir = "../build"', f'dir = "{build}"')
     text, n = re.subn(r"^quant_types = \[.*\]$", 'quant_types = ["Q4_K_M"]', text, flags=re.M)
@@ -49,26 +49,21 @@ def _test_spec_text(build: Path) -> str:
     # verification answers: 4 greedy tokens instead of 24 (the stop and purity gates are not
     # enforced on the random demo model; the fidelity figures do not depend on it)
     text = re.sub(r"^max_new_tokens = 24 .*$", "max_new_tokens = 4", text, flags=re.M)
-    if not _has_quant4():
-        start = text.index("[variants.bnb4]")
-        text = text[:start] + text[text.index("[variants.gguf]"):]
     return text
-
-
-def _has_quant4() -> bool:
-    try:
-        from release import quant4
-    except ImportError:
-        return False
-    return hasattr(quant4, "run")
 
 
 def write_verify_manifest(spec) -> None:
     """The verification manifest of the built release, by the real verify stage (every variant
     loaded and run in its runtime, measured against BF16, sha256 of every weight file)."""
-    from release import verify
+    pipeline.run_one(spec, "verify", progress=False)
 
-    verify.run(spec, progress=False)
+
+def _inputs(spec) -> dict:
+    return pipeline.upstream(spec, publish.STAGE)
+
+
+def _plan(spec) -> list:
+    return publish.plan(spec, _inputs(spec), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +75,14 @@ def release_build(tmp_path_factory, tokenizer_cache):
     build.mkdir()
     (build / ".cache").symlink_to(tokenizer_cache)  # the session's Llama 3 tokenizer, built once
     spec = load(write_spec(root / "spec", _test_spec_text(build)))
-    base.run(spec, progress=False)
-    adapter = make_adapter(base.model_dir(spec), root / "adapter", seed=7, modules_to_save=["lm_head"])
-    merge.run_merge(spec, base.model_dir(spec), [adapter], merge.folder(spec), progress=False)
-    if _has_quant4():
-        from release import quant4
-
-        quant4.run(spec, progress=False)
-    gguf.run(spec, progress=False)
-    modelfile.run(spec, progress=False)
+    pipeline.run_one(spec, "base", progress=False)
+    adapter = make_adapter(pipeline.base_model_dir(spec), root / "adapter", seed=7, modules_to_save=["lm_head"])
+    merge.run_merge(spec, pipeline.base_model_dir(spec), [adapter], pipeline.folder(spec, "merge"), progress=False)
+    pipeline.run_one(spec, "bnb4", progress=False)
+    pipeline.run_one(spec, "gguf", progress=False)
+    pipeline.run_one(spec, "modelfiles", progress=False)
     write_verify_manifest(spec)
-    card.run(spec, progress=False)
+    pipeline.run_one(spec, "cards", progress=False)
     return spec
 
 
@@ -114,7 +106,7 @@ def _repos(spec) -> dict[str, str]:
 def test_plan_without_endpoint_stages_the_exact_file_sets(release_build, monkeypatch, capsys):
     spec = release_build
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    plans = {p.variant: p for p in hub.plan(spec, progress=False)}
+    plans = {p.variant: p for p in publish.plan(spec, _inputs(spec), progress=False)}
     out = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the terminal width
     assert "HF_ENDPOINT is not set: compared with an empty remote (nothing was contacted)" in out
     b = spec.build_dir
@@ -138,8 +130,8 @@ def test_plan_without_endpoint_stages_the_exact_file_sets(release_build, monkeyp
     assert (bf16.folder / "README.md").read_text(encoding="utf-8") == (b / "cards" / "bf16" / "README.md").read_text(
         encoding="utf-8")
     assert json.loads((b / "hub" / "plan.json").read_text())["repos"].keys() == set(_repos(spec).values())
-    with pytest.raises(hub.PublishError) as e:
-        hub.push(spec, progress=False)
+    with pytest.raises(publish.PublishError) as e:
+        publish.push(spec, _plan(spec), progress=False)
     assert str(e.value) == (f"{spec.path}: hub.endpoint is 'local' and HF_ENDPOINT is not set; start a local Hub "
                             "(./inv hub.serve --root DIR) and set HF_ENDPOINT to its URL")
 
@@ -149,7 +141,7 @@ def test_plan_without_endpoint_stages_the_exact_file_sets(release_build, monkeyp
 
 def test_publish_republish_download_and_load(release_build, local_hub, tmp_path):
     spec, server = release_build, local_hub
-    results = {r.repo: r for r in hub.push(spec, progress=False)}
+    results = {r.repo: r for r in publish.push(spec, _plan(spec), progress=False)}
     assert set(results) == set(_repos(spec).values())
     api = HfApi(endpoint=server.url, token=TOKEN)
     lfs_total = 0
@@ -158,7 +150,7 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
         assert r.commit_url == f"{server.url}/{repo}/commit/{r.oid}"
         refs = api.list_repo_refs(repo)
         assert [(t.name, t.target_commit) for t in refs.tags] == [("v1.0", r.oid)]
-        staged = hub.folder(spec) / repo.split("/")[-1]
+        staged = pipeline.folder(spec, "publish") / repo.split("/")[-1]
         remote = {f.path: f for f in api.list_repo_tree(repo, recursive=True)}  # paginated: 3 per page
         local = sorted(x.relative_to(staged).as_posix() for x in staged.rglob("*") if x.is_file())
         assert sorted(remote) == sorted(local + [".gitattributes"])
@@ -174,9 +166,9 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
 
     # Re-publishing: the plan finds everything unchanged; no upload, no commit, tags stay.
     server.reset_stats()
-    plans = hub.plan(spec, progress=False)
+    plans = publish.plan(spec, _inputs(spec), progress=False)
     assert all(not p.add and not p.change and not p.delete and p.unchanged for p in plans)
-    again = hub.push(spec, plans, progress=False)
+    again = publish.push(spec, plans, progress=False)
     assert all(r.commit_url is None and r.files == 0 for r in again)
     assert server.stats["lfs_bytes"] == 0 and server.stats["commits"] == []
     assert server.stats["requests"]["POST lfs_batch"] == 0 and server.stats["requests"]["POST preupload"] == 0
@@ -222,7 +214,7 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
         assert card_data.base_model == (spec.base.model if v is spec.flagship else spec.flagship.repo)
 
     # The flagship card's transformers snippet, pasted as it is into a fresh Python against the Hub.
-    readme = (hub.folder(spec) / spec.flagship.repo.split("/")[-1] / "README.md").read_text(encoding="utf-8")
+    readme = (pipeline.folder(spec, "publish") / spec.flagship.repo.split("/")[-1] / "README.md").read_text(encoding="utf-8")
     snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     # only change: 8 new tokens instead of 256 (BF16 on this CPU: ~0.3 s per token under load)
     assert "max_new_tokens=256," in snippet
@@ -261,7 +253,7 @@ def test_gguf_card_commands_run_as_printed(release_build, local_hub, tmp_path):
     test_publish_republish_download_and_load; llama-cli, llama-server and Ollama are not
     installed here.)"""
     spec, server = release_build, local_hub
-    hub.push(spec, progress=False)
+    publish.push(spec, _plan(spec), progress=False)
     repo = spec.variants["gguf"].repo
     readme = Path(hf_hub_download(repo, "README.md", endpoint=server.url, cache_dir=tmp_path / "cache")).read_text(
         encoding="utf-8")
@@ -285,7 +277,7 @@ def test_gguf_card_commands_run_as_printed(release_build, local_hub, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(pipeline.variant_dir(spec, "bf16"))
-    text = chat.render(spec.chat, [{"role": "user", "content": card.QUESTION}])
+    text = chat.render(spec.chat, [{"role": "user", "content": cards.QUESTION}])
     assert spec.chat.system_prompt in text
     assert fmt == "chat_template.default" and int(prompt_tokens) == len(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -294,7 +286,7 @@ def test_gguf_card_commands_run_as_printed(release_build, local_hub, tmp_path):
     download = next(l for l in lines if l.startswith("hf download "))
     got = subprocess.run(download, shell=True, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert got.returncode == 0, got.stderr[-2000:]
-    q = card.default_quant(spec)
+    q = cards.default_quant(spec)
     folder = tmp_path / download.split("--local-dir ")[1]
     mf = folder / spec.modelfile_name(q)
     assert f"ollama create {spec.ollama.model}:{spec.ollama.tags[q]} -f {mf.name}" in lines
@@ -304,19 +296,19 @@ def test_gguf_card_commands_run_as_printed(release_build, local_hub, tmp_path):
     assert checked.returncode == 0, checked.stderr
     assert f"ok: FROM ./{spec.gguf_file_name(q)}" in checked.stdout
     assert (folder / spec.gguf_file_name(q)).is_file()  # FROM names the file downloaded next to it
-    assert modelfile.check_file(mf).parameters["num_ctx"] == spec.ollama.num_ctx
+    assert modelfiles.check_file(mf).parameters["num_ctx"] == spec.ollama.num_ctx
 
 
 def test_changed_file_is_the_only_one_sent_and_stale_remote_files_are_deleted(release_build, local_hub):
     spec, server = release_build, local_hub
-    hub.push(spec, progress=False)
+    publish.push(spec, _plan(spec), progress=False)
     api = HfApi(endpoint=server.url, token=TOKEN)
     gguf_repo = spec.variants["gguf"].repo
     api.upload_file(path_or_fileobj=b"old", path_in_repo="old-notes.txt", repo_id=gguf_repo)
     server.reset_stats()
-    plans = {p.variant: p for p in hub.plan(spec, progress=False)}
+    plans = {p.variant: p for p in publish.plan(spec, _inputs(spec), progress=False)}
     assert plans["gguf"].delete == ["old-notes.txt"] and not plans["gguf"].add
-    results = {r.repo: r for r in hub.push(spec, plans.values(), progress=False)}
+    results = {r.repo: r for r in publish.push(spec, plans.values(), progress=False)}
     assert results[gguf_repo].commit_url is not None and server.stats["lfs_bytes"] == 0
     assert "old-notes.txt" not in api.list_repo_files(gguf_repo)
     tag = next(t for t in api.list_repo_refs(gguf_repo).tags if t.name == "v1.0")
@@ -328,9 +320,10 @@ def test_changed_file_is_the_only_one_sent_and_stale_remote_files_are_deleted(re
 
 PUSH_SCRIPT = """
 import sys
-from release import hub
+from release import pipeline, publish
 from release.spec import load
-hub.push(load(sys.argv[1]), progress=False)
+s = load(sys.argv[1])
+publish.push(s, publish.plan(s, pipeline.upstream(s, "publish"), progress=False), progress=False)
 """
 
 
@@ -394,8 +387,8 @@ def _copy_release(spec, tmp_path):
 def test_refuses_without_verification_manifest(release_build, tmp_path, local_hub):
     spec = _copy_release(release_build, tmp_path)
     shutil.rmtree(spec.build_dir / "verify")
-    with pytest.raises(hub.PublishError) as e:
-        hub.push(spec, progress=False)
+    with pytest.raises(publish.PublishError) as e:
+        publish.push(spec, _plan(spec), progress=False)
     assert str(e.value) == (f"{spec.build_dir / 'verify' / 'manifest.json'}: no verification manifest; "
                             "run ./inv release --from verify before publishing")
     assert local_hub.stats["requests"] == {}  # nothing left the machine
@@ -415,8 +408,8 @@ def _fail_gate(spec, key: str) -> None:
 def test_refuses_a_failed_gate(release_build, tmp_path, local_hub):
     spec = _copy_release(release_build, tmp_path)
     _fail_gate(spec, "gguf:Q4_K_M")
-    with pytest.raises(hub.PublishError) as e:
-        hub.plan(spec, progress=False)
+    with pytest.raises(publish.PublishError) as e:
+        publish.plan(spec, _inputs(spec), progress=False)
     q4 = spec.build_dir / "gguf" / spec.gguf_file_name("Q4_K_M")
     assert str(e.value) == f"{q4}: failed verification (variant gguf Q4_K_M); fix it and run ./inv release --from verify"
     assert not list((spec.build_dir / "hub").glob(".*.partial"))  # nothing half-staged is left
@@ -428,11 +421,11 @@ def test_refuses_cards_older_than_the_verification(release_build, tmp_path, loca
     figures = read_manifest(spec.build_dir / "verify").figures
     time.sleep(0.01)
     run_stage("verify", spec.build_dir / "verify", lambda out: figures, release=spec.release.name, force=True)
-    with pytest.raises(hub.PublishError) as e:
-        hub.plan(spec, progress=False)
+    with pytest.raises(publish.PublishError) as e:
+        publish.plan(spec, _inputs(spec), progress=False)
     assert str(e.value) == f"{spec.build_dir / 'cards'}: cards predate the current verification; run ./inv cards"
-    card.run(spec, progress=False)  # the fix the message names
-    assert len(hub.plan(spec, progress=False)) == len(spec.variants)
+    pipeline.run_one(spec, "cards", progress=False)  # the fix the message names
+    assert len(publish.plan(spec, _inputs(spec), progress=False)) == len(spec.variants)
 
 
 def test_refuses_bytes_changed_after_verification(release_build, tmp_path, local_hub):
@@ -442,8 +435,8 @@ def test_refuses_bytes_changed_after_verification(release_build, tmp_path, local
     data[-1] ^= 1
     target.unlink()  # break the hard link: the original build stays intact
     target.write_bytes(bytes(data))
-    with pytest.raises(hub.PublishError) as e:
-        hub.push(spec, progress=False)
+    with pytest.raises(publish.PublishError) as e:
+        publish.push(spec, _plan(spec), progress=False)
     assert str(e.value).startswith(f"{target}: bytes changed since verification (sha256 ")
     assert str(e.value).endswith("run ./inv release --from verify again") and "\n" not in str(e.value)
     assert local_hub.stats["requests"] == {}
@@ -455,15 +448,15 @@ def test_refuses_bytes_changed_after_verification(release_build, tmp_path, local
 def test_token_never_leaks(release_build, tmp_path, local_hub, capfd, caplog):
     spec = _copy_release(release_build, tmp_path)
     caplog.set_level(logging.DEBUG)
-    hub.push(spec, progress=True)  # with progress bars and debug logging
+    publish.push(spec, _plan(spec), progress=True)  # with progress bars and debug logging
     errors = []
     local_hub.tokens = ("another-token",)  # the server now rejects ours: the error must not echo it
     readme = spec.build_dir / "cards" / "bf16" / "README.md"
     readme.unlink()  # a hard link to the shared build: replace, do not edit in place
     readme.write_text(readme.name + " changed\n", encoding="utf-8")
     try:
-        hub.push(spec, progress=False)
-    except hub.PublishError as e:
+        publish.push(spec, _plan(spec), progress=False)
+    except publish.PublishError as e:
         errors.append(e)
     assert errors and "401" in str(errors[0]) and "\n" not in str(errors[0])
     # the server's own explanation (huggingface_hub's server_message) and the hint are kept
@@ -483,14 +476,14 @@ def test_push_without_token_is_refused(release_build, local_hub, monkeypatch, tm
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no-login"))  # no saved login either
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
-    with pytest.raises(hub.PublishError, match=r"^no Hugging Face token: set HF_TOKEN or run `hf auth login`$"):
-        hub.push(release_build, progress=False)
+    with pytest.raises(publish.PublishError, match=r"^no Hugging Face token: set HF_TOKEN or run `hf auth login`$"):
+        publish.push(release_build, _plan(release_build), progress=False)
 
 
 # --- the tasks ----------------------------------------------------------------------------------
 
 
-def test_cards_and_push_tasks(release_build, tmp_path, monkeypatch):
+def test_cards_and_publish_tasks(release_build, tmp_path, monkeypatch):
     from test_tasks import inv
 
     spec = _copy_release(release_build, tmp_path)
@@ -498,17 +491,17 @@ def test_cards_and_push_tasks(release_build, tmp_path, monkeypatch):
     cards = inv("cards", "--spec", str(spec.path), "--force")
     assert cards.returncode == 0, cards.stderr
     assert "│ cards " in cards.stdout and "note:" not in cards.stdout
-    planned = inv("push", "--spec", str(spec.path))
+    planned = inv("publish", "--spec", str(spec.path))
     assert planned.returncode == 0, planned.stderr
     assert "compared with an empty remote" in " ".join(planned.stdout.split())
     assert "plan only: nothing was uploaded; add --push to publish" in planned.stdout
-    refused = inv("push", "--spec", str(spec.path), "--push")
+    refused = inv("publish", "--spec", str(spec.path), "--push")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.splitlines() == [
         f"error: {spec.path}: hub.endpoint is 'local' and HF_ENDPOINT is not set; start a local Hub "
         "(./inv hub.serve --root DIR) and set HF_ENDPOINT to its URL"]
     shutil.rmtree(spec.build_dir / "verify")
-    unverified = inv("push", "--spec", str(spec.path))
+    unverified = inv("publish", "--spec", str(spec.path))
     assert unverified.returncode == 2 and unverified.stderr.splitlines() == [
         f"error: {spec.build_dir / 'verify' / 'manifest.json'}: no verification manifest; "
         "run ./inv release --from verify before publishing"]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, demo_release
 
-from release import urdu
+from release import pipeline, urdu
 from release.errors import CurationError, SpecError
-from training import curate, steps, tokens
+from training import data, steps, tokens
 from training.clean import normalize, repetition, script_ratio
 
 
@@ -195,7 +195,7 @@ def demo_data(tmp_path_factory, tiny_model):
     from release import spec
 
     s = spec.load(demo_release(tmp_path_factory.mktemp("curate"), tiny_model))
-    manifest = curate.run(s, progress=False)
+    manifest = pipeline.run_one(s, "data", progress=False)
     ran = manifest.built
     assert ran
     return s, manifest
@@ -207,7 +207,7 @@ def _outputs(folder: Path) -> dict[str, str]:
 
 def test_demo_stage_outputs_and_report_arithmetic(demo_data):
     s, manifest = demo_data
-    out = curate.folder(s)
+    out = pipeline.folder(s, "data")
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     for name, corpus in [*report["corpora"].items(), ("instruct", report["instruct"])]:
         filters = corpus["filters"]
@@ -263,7 +263,7 @@ def test_tokens_are_llama3_tokens(demo_data, tiny_model):
     tok = Tokenizer.from_file(str(path))
     fast = tokens.counter(path)
     assert fast.engine == "tiktoken"
-    lines = [json.loads(x)["text"] for x in (curate.folder(s) / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [json.loads(x)["text"] for x in (pipeline.folder(s, "data") / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sum(len(tok.encode(t, add_special_tokens=False).ids) for t in lines) == manifest.figures["cpt_tokens"]
     raw = [json.loads(x).get("text", "") for f in ("urdu", "english", "instruct")
            for x in (ROOT / f"specs/demo/{f}.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -277,7 +277,7 @@ def test_tokens_are_llama3_tokens(demo_data, tiny_model):
 
 def test_stage_is_skipped_when_unchanged(demo_data):
     s, manifest = demo_data
-    again = curate.run(s, progress=False)
+    again = pipeline.run_one(s, "data", progress=False)
     ran = again.built
     assert not ran and again.fingerprint == manifest.fingerprint
 
@@ -305,11 +305,11 @@ def test_two_workers_on_compressed_shards_give_the_same_bytes(demo_data, tmp_pat
     text = (ROOT / "specs/demo.toml").read_text(encoding="utf-8").replace('"demo/urdu.jsonl"', '"demo/urdu-shards"')
     s = spec.load(demo_release(tmp_path, tiny_model, text))
     _sharded_urdu(tmp_path)
-    m = curate.run_with(s, progress=False, workers=2)
+    m = data.run_with(s, pipeline.upstream(s, "data"), progress=False, workers=2)
     assert m.figures["workers"] == 2 and m.figures["input_files"] == 4
-    a, b = _outputs(curate.folder(s0)), _outputs(curate.folder(s))
+    a, b = _outputs(pipeline.folder(s0, "data")), _outputs(pipeline.folder(s, "data"))
     assert a["cpt.jsonl"] == b["cpt.jsonl"] and a["sft.jsonl"] == b["sft.jsonl"]
-    ra, rb = (json.loads((curate.folder(x) / "report.json").read_text(encoding="utf-8")) for x in (s0, s))
+    ra, rb = (json.loads((pipeline.folder(x, "data") / "report.json").read_text(encoding="utf-8")) for x in (s0, s))
     for r in (ra, rb):
         r["corpora"]["urdu"].pop("path")
     assert ra == rb
@@ -323,23 +323,23 @@ def test_interrupted_curation_resumes_to_the_same_bytes(demo_data, tmp_path, tin
 
     s0, _ = demo_data
     s = spec.load(demo_release(tmp_path, tiny_model))
-    found = curate.inputs(s)
-    work = curate.work_folder(s, found)
+    found = data.corpora(s, pipeline.upstream(s, "data"))
+    work = data.work_folder(s, found)
     count = tokens.counter(found["tokenizer"])
     out = tmp_path / "out"
     out.mkdir()
-    w = curate.Work(work)
-    jobs = curate.plan(s, out, w, count)
-    with curate._quiet(work / "console.log"):
-        curate.executors(jobs[:3], w, "local", 1)[-1].run()  # clean, exact, minhash (depends run first)
+    w = data.Work(work)
+    jobs = data.plan(s, out, w, count)
+    with data._quiet(work / "console.log"):
+        data.executors(jobs[:3], w, "local", 1)[-1].run()  # clean, exact, minhash (depends run first)
     cut = work / "minhash" / "full" / "00000.sig"
     cut.write_bytes(cut.read_bytes()[:100])
     (work / "logs" / "minhash" / "completions" / "00000").unlink()
     stamps = {p: p.stat().st_mtime_ns for p in (work / "logs" / "clean" / "stats").iterdir()}
-    curate.curate(s, out, work=work, count=count, workers=1, progress=False)
+    data.curate(s, out, work=work, count=count, workers=1, progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (work / "minhash" / "full" / "00000.sig").stat().st_size > 100
-    assert _outputs(out) == _outputs(curate.folder(s0))
+    assert _outputs(out) == _outputs(pipeline.folder(s0, "data"))
 
 
 def test_cpt_lines_are_json_dumps_bytes():
@@ -348,7 +348,7 @@ def test_cpt_lines_are_json_dumps_bytes():
     every code point but the surrogates (which normalisation removes), and on escapes."""
     every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
     for text in (every, "", 'a "quoted" \\ back\tslash\n\x00\x7f\u2028'):
-        assert curate.cpt_line(text) == (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
+        assert data.cpt_line(text) == (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def test_cluster_executors_take_the_same_plan(demo_spec, tmp_path):
@@ -358,19 +358,19 @@ def test_cluster_executors_take_the_same_plan(demo_spec, tmp_path):
     cluster); datatrove's local executor runs the identical pipelines in the other tests."""
     from datatrove.executor import RayPipelineExecutor, SlurmPipelineExecutor
 
-    work = curate.Work(tmp_path / "work")
-    jobs = curate.plan(demo_spec, tmp_path / "out", work, tokens.Counter(tmp_path / "tokenizer.json", True))
+    work = data.Work(tmp_path / "work")
+    jobs = data.plan(demo_spec, tmp_path / "out", work, tokens.Counter(tmp_path / "tokenizer.json", True))
     assert [j.name for j in jobs] == ["clean", "exact", "minhash", "buckets", "verify", "cluster", "keep", "assemble"]
     assert [j.tasks for j in jobs] == [2, 1, 2, 14, 1, 1, 2, 1]  # 2 input files; 14 LSH bands
     for kind, cls, options in (("slurm", SlurmPipelineExecutor, {"partition": "cpu", "time": "4:00:00"}),
                                ("ray", RayPipelineExecutor, {})):
-        chain = curate.executors(jobs, work, kind, **options)
+        chain = data.executors(jobs, work, kind, **options)
         assert all(isinstance(e, cls) for e in chain)
         assert [e.world_size for e in chain] == [j.tasks for j in jobs]
         assert all(e.pipeline is j.pipeline for e, j in zip(chain, jobs))
         assert chain[0].depends is None and all(b.depends is a for a, b in zip(chain, chain[1:]))
     with pytest.raises(CurationError, match="executor 'spark': expected local, slurm or ray"):
-        curate.executors(jobs, work, "spark")
+        data.executors(jobs, work, "spark")
 
 
 def test_missing_corpus_stops_the_stage_before_building(tmp_path, tiny_model):
@@ -379,8 +379,8 @@ def test_missing_corpus_stops_the_stage_before_building(tmp_path, tiny_model):
     text = (ROOT / "specs/demo.toml").read_text(encoding="utf-8").replace('"demo/english.jsonl"', '"demo/gone.jsonl"')
     s = spec.load(demo_release(tmp_path, tiny_model, text))
     with pytest.raises(CurationError, match=r"gone\.jsonl: no such corpus file or folder; fix data corpus 'english'"):
-        curate.run(s, progress=False)
-    assert not curate.folder(s).exists()
+        pipeline.run_one(s, "data", progress=False)
+    assert not pipeline.folder(s, "data").exists()
 
 
 # --- input formats ----------------------------------------------------------------------------
@@ -392,21 +392,21 @@ def test_jsonl_parquet_and_text_plain_or_compressed(tmp_path):
     import zstandard
 
     pq.write_table(pa.table({"body": ["یہ پہلی دستاویز ہے", "دوسری"]}), tmp_path / "a.parquet")
-    got = list(curate.read_records(tmp_path / "a.parquet", "parquet", ("body",)))
+    got = list(data.read_records(tmp_path / "a.parquet", "parquet", ("body",)))
     assert [r["body"] for _, r in got] == ["یہ پہلی دستاویز ہے", "دوسری"] and got[1][0].endswith("a.parquet:row 2")
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "a.txt").write_text("پہلی سطر\nدوسری سطر\n\n\nاگلی دستاویز\n", encoding="utf-8")
     (tmp_path / "t" / "b.txt.gz").write_bytes(gzip.compress("تیسری\n\nچوتھی".encode()))
-    got = list(curate.read_records(tmp_path / "t", "text", ("text",)))
+    got = list(data.read_records(tmp_path / "t", "text", ("text",)))
     assert [r["text"] for _, r in got] == ["پہلی سطر\nدوسری سطر", "اگلی دستاویز", "تیسری", "چوتھی"]
     assert got[1][0].endswith("a.txt:5") and got[3][0].endswith("b.txt.gz:3")  # where each document starts
     (tmp_path / "j").mkdir()
     (tmp_path / "j" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n\n{"text": "y"}\n'))
     (tmp_path / "j" / "ignored.json").write_text("{}")
-    got = list(curate.read_records(tmp_path / "j", "jsonl", ("text",)))
+    got = list(data.read_records(tmp_path / "j", "jsonl", ("text",)))
     assert [(w.rsplit(":", 1)[1], r["text"]) for w, r in got] == [("1", "x"), ("3", "y")]
     with pytest.raises(CurationError, match=r"no \*\.parquet files in this corpus folder"):
-        list(curate.read_records(tmp_path / "j", "parquet", ("text",)))
+        list(data.read_records(tmp_path / "j", "parquet", ("text",)))
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -430,11 +430,11 @@ def _bad_shards(folder: Path) -> list[str]:
 def test_bad_input_refused_names_file_and_line(tmp_path):
     expected = _bad_shards(tmp_path / "bad")
     with pytest.raises(CurationError) as e:
-        list(curate.read_records(tmp_path / "bad", "jsonl", ("text",)))
+        list(data.read_records(tmp_path / "bad", "jsonl", ("text",)))
     assert str(e.value).startswith(expected[0]) and "\n" not in str(e.value)
     assert str(e.value).endswith('fix the input, or set data.on_bad_data = "skip" to skip and count it')
     problems = steps.Problems("skip")
-    kept = list(curate.read_records(tmp_path / "bad", "jsonl", ("text",), problems))
+    kept = list(data.read_records(tmp_path / "bad", "jsonl", ("text",), problems))
     assert len(problems.lines) == len(expected)
     for line, want in zip(problems.lines, expected):
         assert line.startswith(want), (line, want)
@@ -442,13 +442,13 @@ def test_bad_input_refused_names_file_and_line(tmp_path):
     assert "unreadable from this line on (EOFError" in truncated and "the shard is corrupt or truncated" in truncated
     assert int(truncated.split(":")[1]) == len(kept) - 2 + 1  # the line after the last one read
     with pytest.raises(CurationError, match=r"no such corpus file or folder"):
-        list(curate.read_records(tmp_path / "missing.jsonl", "jsonl", ("text",)))
+        list(data.read_records(tmp_path / "missing.jsonl", "jsonl", ("text",)))
     (tmp_path / "p.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(CurationError, match=rf"^{tmp_path / 'p.parquet'}:1: unreadable from this line on"):
-        list(curate.read_records(tmp_path / "p.parquet", "parquet", ("text",)))
+        list(data.read_records(tmp_path / "p.parquet", "parquet", ("text",)))
     (tmp_path / "t.txt").write_bytes("پہلا\n\nدو".encode() + b"\xff\n" + "سرا\n\nتین".encode())
     problems = steps.Problems("skip")
-    got = [r["text"] for _, r in curate.read_records(tmp_path / "t.txt", "text", ("text",), problems)]
+    got = [r["text"] for _, r in data.read_records(tmp_path / "t.txt", "text", ("text",), problems)]
     assert got == ["پہلا", "تین"] and problems.lines[0].startswith(f"{tmp_path / 't.txt'}:3: not UTF-8")
 
 
@@ -465,21 +465,21 @@ def test_bad_input_skipped_and_counted_or_refused_by_the_stage(tmp_path, tiny_mo
     assert skip != text
     s = spec.load(demo_release(tmp_path / "skip", tiny_model, skip))
     expected = _bad_shards(tmp_path / "skip" / "specs" / "demo" / "bad")
-    m = curate.run_with(s, progress=False, workers=workers)
-    report = json.loads((curate.folder(s) / "report.json").read_text(encoding="utf-8"))
+    m = data.run_with(s, pipeline.upstream(s, "data"), progress=False, workers=workers)
+    report = json.loads((pipeline.folder(s, "data") / "report.json").read_text(encoding="utf-8"))
     assert m.figures["bad_data"] == report["bad_data"]["count"] == len(expected)
-    listed = (curate.folder(s) / "bad_data.txt").read_text(encoding="utf-8").splitlines()
+    listed = (pipeline.folder(s, "data") / "bad_data.txt").read_text(encoding="utf-8").splitlines()
     assert listed == report["bad_data"]["first"] and all(a.startswith(b) for a, b in zip(listed, expected))
     urdu_in = report["corpora"]["urdu"]["docs_in"]
     assert urdu_in == 2 + int(listed[5].split(":")[1]) - 1  # a.jsonl's 2 good records + b's lines read
     s2 = spec.load(demo_release(tmp_path / "refuse", tiny_model, text))
     _bad_shards(tmp_path / "refuse" / "specs" / "demo" / "bad")
     with pytest.raises(CurationError) as e:
-        curate.run_with(s2, progress=False, workers=workers)
+        data.run_with(s2, pipeline.upstream(s2, "data"), progress=False, workers=workers)
     # in one process the first bad record refuses; with two, whichever task meets its first
     first = [x.replace(str(tmp_path / "skip"), str(tmp_path / "refuse")) for x in expected]
     assert any(str(e.value).startswith(x) for x in (first if workers > 1 else first[:1])), str(e.value)
-    assert not curate.folder(s2).exists()
+    assert not pipeline.folder(s2, "data").exists()
 
 
 def test_spec_names_the_bad_data_policy(tmp_path):

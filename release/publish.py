@@ -1,6 +1,6 @@
 """Publishing to the Hugging Face Hub: plan, refuse what was not verified, push, resume.
 
-``plan`` stages the exact file set of every repo in ``build/<release>/hub/<repo name>/``
+``plan`` stages the exact file set of every repo in ``build/<release>/publish/<repo name>/``
 (weights hard-linked, not copied), asks the remote what it already has (tree listing with LFS
 sha256 oids) and prints what a push would add, change and delete. Nothing leaves the machine.
 
@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,11 +33,13 @@ from release.artifacts import (
     MANIFEST,
     FileEntry,
     Manifest,
+    Traits,
     fingerprint,
     human_bytes,
     input_digest,
     read_manifest,
     sha256_file,
+    stage_dir,
     summary_console,
     toolchain,
     write_json,
@@ -45,7 +47,8 @@ from release.artifacts import (
 from release.errors import PublishError
 from release.spec import Spec
 
-STAGE = "hub"
+STAGE = "publish"
+TRAITS = Traits(publishes=True)
 PLAN = "plan.json"  # the stage's record: what a push sends, per repo
 WEIGHTS = (".safetensors", ".gguf")
 KEEP_REMOTE = (".gitattributes",)  # created by the Hub with the repo; never deleted by a push
@@ -90,17 +93,6 @@ class PushResult:
 # --- where things are ---------------------------------------------------------------------------
 
 
-def folder(spec: Spec) -> Path:
-    return spec.build_dir / STAGE
-
-
-def inputs(spec: Spec) -> dict[str, Path]:
-    """The verification, the cards, the Modelfiles and every variant's folder (from the pipeline)."""
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    return pipeline.upstream(spec, STAGE)
-
-
 def endpoint(spec: Spec) -> str | None:
     """The Hub to talk to: the spec's URL, or for ``local`` the ``HF_ENDPOINT`` variable (None
     when unset: there is no remote to compare with)."""
@@ -109,9 +101,9 @@ def endpoint(spec: Spec) -> str | None:
     return spec.hub.endpoint.rstrip("/")
 
 
-def sources(spec: Spec, name: str) -> dict[str, Path]:
-    """Path in repo -> built file, for the repo of variant ``name``."""
-    v, feeds = spec.variants[name], inputs(spec)
+def sources(spec: Spec, feeds: Mapping[str, Path], name: str) -> dict[str, Path]:
+    """Path in repo -> built file, for the repo of variant ``name``; ``feeds``: the stage's inputs."""
+    v = spec.variants[name]
     built, modelfiles = feeds[name], feeds["modelfiles"]
     out: dict[str, Path] = {}
     if v.format in ("safetensors", "bnb-4bit"):
@@ -144,10 +136,10 @@ def sources(spec: Spec, name: str) -> dict[str, Path]:
 # --- verification gate --------------------------------------------------------------------------
 
 
-def check_verified(spec: Spec, weights: dict[Path, str]) -> None:
-    """Refuse unless every weight file (path -> current sha256) is in the verification manifest,
-    passed, and has the same bytes; and the cards were written from that verification."""
-    feeds = inputs(spec)
+def check_verified(spec: Spec, feeds: Mapping[str, Path], weights: dict[Path, str]) -> None:
+    """Refuse unless every weight file (path -> current sha256) is in the verification manifest
+    (``feeds["verify"]``), passed, and has the same bytes; and the cards (``feeds["cards"]``) were
+    written from that verification."""
     vdir = feeds["verify"]
     where = vdir / MANIFEST
     m = read_manifest(vdir)
@@ -187,11 +179,11 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def stage(spec: Spec, name: str, files: dict[str, Path]) -> RepoPlan:
-    """Link ``files`` into ``hub/.<repo name>.partial/`` and hash them there: what is hashed (and
+    """Link ``files`` into ``publish/.<repo name>.partial/`` and hash them there: what is hashed (and
     checked against the verification) is the very inode that will be uploaded. ``commit_stage``
     swaps the folder in."""
     v = spec.variants[name]
-    repo_dir = folder(spec) / v.repo.split("/")[-1]
+    repo_dir = stage_dir(spec.build_dir, STAGE) / v.repo.split("/")[-1]
     partial = repo_dir.with_name(f".{repo_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -203,7 +195,7 @@ def stage(spec: Spec, name: str, files: dict[str, Path]) -> RepoPlan:
 
 
 def commit_stage(p: RepoPlan) -> None:
-    """Replace ``hub/<repo name>/`` by the staged partial folder."""
+    """Replace ``publish/<repo name>/`` by the staged partial folder."""
     folder = p.folder.with_name(p.folder.name.removeprefix(".").removesuffix(".partial"))
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -231,13 +223,17 @@ def _scrub(text: str, secret: str | None) -> str:
 
 @contextlib.contextmanager
 def _hub_errors(what: str, secret: str | None) -> Iterator[None]:
-    """Turn any client error into one line that names the operation and never the token."""
+    """Turn the client's errors (HTTP answers, the network, offline mode, an id it refuses) into
+    one line that names the operation and never the token; anything else is a bug and keeps its
+    traceback. The client's exception is chained (``from e``) for debugging; tasks print only
+    the line."""
+    import httpx
+    from huggingface_hub.errors import HFValidationError
+
     try:
         yield
-    except PublishError:
-        raise
-    except Exception as e:  # HTTP, network, offline mode: one line, no traceback
-        raise PublishError(_scrub(f"{what}: {type(e).__name__}: {_explain(e)}", secret)) from None
+    except (httpx.HTTPError, OSError, HFValidationError) as e:
+        raise PublishError(_scrub(f"{what}: {type(e).__name__}: {_explain(e)}", secret)) from e
 
 
 def _explain(e: Exception) -> str:
@@ -287,12 +283,15 @@ def compare(plan: RepoPlan, api, secret: str | None) -> RepoPlan:
     return plan
 
 
-def plan(spec: Spec, *, console: Console | None = None, progress: bool = True) -> list[RepoPlan]:
-    """Stage every repo, refuse unverified weights, compare with the remote, print the table."""
+def plan(spec: Spec, inputs: Mapping[str, Path], *, console: Console | None = None,
+         progress: bool = True) -> list[RepoPlan]:
+    """Stage every repo, refuse unverified weights, compare with the remote, print the table.
+    ``inputs``: the ``verify``, ``cards`` and ``modelfiles`` folders and each variant's folder
+    by its ``[variants]`` key."""
     console = console or summary_console()
-    found = {n: sources(spec, n) for n in spec.variants}
+    found = {n: sources(spec, inputs, n) for n in spec.variants}
     plans = [stage(spec, n, files) for n, files in found.items()]
-    _hash_and_check(spec, plans, console, progress)
+    _hash_and_check(spec, inputs, plans, console, progress)
     url = endpoint(spec)
     secret = token()
     if url is None:
@@ -303,7 +302,7 @@ def plan(spec: Spec, *, console: Console | None = None, progress: bool = True) -
     else:
         api = _api(url, secret)
         plans = [compare(p, api, secret) for p in plans]
-    write_json(folder(spec) / PLAN, {
+    write_json(stage_dir(spec.build_dir, STAGE) / PLAN, {
         "release": spec.release.name, "version": spec.release.version, "endpoint": url,
         "repos": {p.repo: {"variant": p.variant, "folder": p.folder.name, "exists": p.exists,
                            "remote_sha": p.remote_sha, "add": p.add, "change": p.change, "delete": p.delete,
@@ -316,25 +315,26 @@ def plan(spec: Spec, *, console: Console | None = None, progress: bool = True) -
 
 
 def read_plans(spec: Spec) -> list[RepoPlan]:
-    """The plans the last ``plan`` wrote (``hub/plan.json``), so a push right after it sends what
+    """The plans the last ``plan`` wrote (``publish/plan.json``), so a push right after it sends what
     was hashed and checked without hashing the release again."""
-    path = folder(spec) / PLAN
+    path = stage_dir(spec.build_dir, STAGE) / PLAN
     try:
         repos = json.loads(path.read_text(encoding="utf-8"))["repos"]
-        return [RepoPlan(repo, r["variant"], folder(spec) / r["folder"],
+        return [RepoPlan(repo, r["variant"], stage_dir(spec.build_dir, STAGE) / r["folder"],
                          {p: LocalFile(p, Path(f["source"]), f["size"], f["sha256"]) for p, f in r["files"].items()},
                          r["add"], r["change"], r["delete"], r["unchanged"], r["exists"], r["remote_sha"])
                 for repo, r in repos.items()]
     except (OSError, ValueError, KeyError) as e:
-        raise PublishError(f"{path}: no readable Hub plan ({type(e).__name__}); run ./inv push to plan again") from None
+        raise PublishError(f"{path}: no readable Hub plan ({type(e).__name__}); run ./inv publish to plan again") from None
 
 
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``hub``: plan the upload (``plan``). Always run: the remote may have changed. Its
-    record is ``hub/plan.json``; the manifest returned lists the staged files."""
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``publish``: plan the upload (``plan``); ``push`` sends it. Always run: the remote may
+    have changed. Its record is ``publish/plan.json``; the manifest returned lists the staged
+    files."""
     start = time.perf_counter()
-    found = inputs(spec)
-    plans = plan(spec, progress=progress)
+    found = dict(inputs)
+    plans = plan(spec, inputs, progress=progress)
     outputs = [FileEntry(f"{p.folder.name}/{f.path}", f.size, f.sha256) for p in plans for f in p.files.values()]
     digests = {k: input_digest(v) for k, v in found.items()}
     return Manifest(STAGE, spec.release.name, fingerprint(digests, {}, {}), digests, {}, {}, outputs,
@@ -342,7 +342,8 @@ def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
                     round(time.perf_counter() - start, 3), built=True)
 
 
-def _hash_and_check(spec: Spec, plans: list[RepoPlan], console: Console, progress: bool) -> None:
+def _hash_and_check(spec: Spec, feeds: Mapping[str, Path], plans: list[RepoPlan], console: Console,
+                    progress: bool) -> None:
     """Hash the staged files and refuse unverified weights; then swap the staging in."""
     try:
         with _progress(console, progress) as bar:
@@ -353,7 +354,7 @@ def _hash_and_check(spec: Spec, plans: list[RepoPlan], console: Console, progres
                     p.files[path] = replace(f, sha256=sha256_file(p.folder / path))
                     bar.advance(task, f.size)
             bar.update(task, description=f"sha256 of {sum(len(p.files) for p in plans)} files")
-        check_verified(spec, {f.source: f.sha256 for p in plans for f in p.files.values()
+        check_verified(spec, feeds, {f.source: f.sha256 for p in plans for f in p.files.values()
                               if f.source.suffix in WEIGHTS})
     except BaseException:
         for p in plans:
@@ -397,10 +398,10 @@ def offers_xet(api, repo: str) -> bool:
     return r.status_code == 200
 
 
-def push(spec: Spec, plans: list[RepoPlan] | None = None, *, console: Console | None = None,
+def push(spec: Spec, plans: list[RepoPlan], *, console: Console | None = None,
          progress: bool = True) -> list[PushResult]:
-    """Upload each planned repo as one commit, then tag it. Re-running resumes. The caller
-    prints ``push_table(spec, results)``."""
+    """Upload each planned repo (``plan``, or ``read_plans`` after the stage ran) as one commit,
+    then tag it. Re-running resumes. The caller prints ``push_table(spec, results)``."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
@@ -412,7 +413,6 @@ def push(spec: Spec, plans: list[RepoPlan] | None = None, *, console: Console | 
     secret = token()
     if not secret:
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
-    plans = plans if plans is not None else plan(spec, console=console, progress=progress)
     api = _api(url, secret)
     message = f"{spec.release.name} {spec.release.version}"
     tag = spec.hub.revision_tag

@@ -11,15 +11,18 @@ size/fidelity chart (release/chart.py); the hub stage publishes the whole folder
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from release import chart, chat, llama3, shards
-from release.artifacts import MANIFEST, Manifest, read_manifest, run_stage
+from release.artifacts import MANIFEST, Manifest, Traits, read_manifest, run_stage, stage_dir
 from release.spec import Corpus, Spec, Variant
 
 STAGE = "cards"
+TRAITS = Traits()
+VARIANT = "variant:"  # inputs key prefix of the variants' folders
 
 LIBRARY = {"safetensors": "transformers", "bnb-4bit": "transformers", "gguf": "gguf"}
 
@@ -68,21 +71,23 @@ def stated(spec: Spec, key: str, text: str) -> str:
 
 
 def render(spec: Spec, name: str, gguf_manifest: Manifest | None = None,
-           verify_manifest: Manifest | None = None, parameters: int | None = None) -> ModelCard:
+           verify_manifest: Manifest | None = None, parameters: int | None = None,
+           folders: Mapping[str, Path] | None = None) -> ModelCard:
     """The card of variant ``name`` (a key of ``[variants]``). With the verification manifest the
     variants table lists every verified weight file with its figures; ``parameters`` (the
-    flagship's weight count) gives bits/weight of the safetensors variants."""
+    flagship's weight count) gives bits/weight of the safetensors variants; ``folders`` (variant
+    key -> the folder it is built in) turns build paths into paths in the repos."""
     v = spec.variants[name]
     text = f"---\n{card_data(spec, name).to_yaml()}\n---\n\n" + _body(spec, name, v, gguf_manifest,
-                                                                       verify_manifest, parameters)
+                                                                       verify_manifest, parameters, folders or {})
     return ModelCard(text)
 
 
 def _body(spec: Spec, name: str, v: Variant, gguf_manifest: Manifest | None,
-          verify_manifest: Manifest | None = None, parameters: int | None = None) -> str:
+          verify_manifest: Manifest | None, parameters: int | None, folders: Mapping[str, Path]) -> str:
     lines = [*_intro(spec, v), *_evaluation(spec, v), *_training_data(spec), *_training(spec), *_prompt(spec)]
     if verify_manifest is not None:
-        lines += _verified_variants(spec, verify_manifest, gguf_manifest, parameters)
+        lines += _verified_variants(spec, verify_manifest, gguf_manifest, parameters, folders)
         if v.format == "gguf" and chart.points(spec, verify_manifest):
             lines += [f"![File size against mean KL divergence from BF16, per quant type]({chart.FILE})", "",
                       "Each quantized file's size against its mean KL divergence from BF16 (the table above): "
@@ -254,16 +259,15 @@ def _citation(spec: Spec) -> list[str]:
             f"  note = {{version {r.version}}}", "}", "```", ""]
 
 
-def _repo_path(spec: Spec, rel: str, variant: str) -> str:
-    """A weight file's build path (relative to the build folder) as its path in the repo of
-    ``variant``: relative to the folder the pipeline builds that variant in."""
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    path, folder = spec.build_dir / rel, pipeline.variant_dir(spec, variant)
-    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else rel
+def _repo_path(spec: Spec, rel: str, folder: Path | None) -> str:
+    """A weight file's build path (relative to the build folder) as its path in its repo:
+    relative to ``folder``, the folder its variant is built in."""
+    path = spec.build_dir / rel
+    return path.relative_to(folder).as_posix() if folder is not None and path.is_relative_to(folder) else rel
 
 
-def _verified_variants(spec: Spec, vm: Manifest, gguf_manifest: Manifest | None, parameters: int | None) -> list[str]:
+def _verified_variants(spec: Spec, vm: Manifest, gguf_manifest: Manifest | None, parameters: int | None,
+                       folders: Mapping[str, Path]) -> list[str]:
     """One row per verified weight file: the verification manifest's sizes, sha256 and figures."""
     out = ["## Variants", "",
            "Every file below was loaded in its runtime and compared with the BF16 model on fixed Urdu and English "
@@ -295,7 +299,7 @@ def _verified_variants(spec: Spec, vm: Manifest, gguf_manifest: Manifest | None,
         else:
             kl, top1 = f"{f['kld_mean']:.4f}", f"{100 * f['top1']:.1f}%"
         quant = q or {"bfloat16": "BF16", "float16": "FP16"}.get(v.dtype, f"bitsandbytes {v.dtype.upper()}")
-        out.append(f"| {v.repo} | `{_repo_path(spec, rel, a['variant'])}` | {quant} | {_size(a['size'])} | {bpw} "
+        out.append(f"| {v.repo} | `{_repo_path(spec, rel, folders.get(a['variant']))}` | {quant} | {_size(a['size'])} | {bpw} "
                    f"| `{a['sha256'][:16]}…` | {kl} | {top1} |")
     return out + [""]
 
@@ -406,7 +410,8 @@ def _usage_ollama(spec: Spec, v: Variant) -> list[str]:
 
 
 def write_all(spec: Spec, out_dir: Path, gguf_manifest: Manifest | None = None,
-              verify_manifest: Manifest | None = None, parameters: int | None = None) -> list[Path]:
+              verify_manifest: Manifest | None = None, parameters: int | None = None,
+              folders: Mapping[str, Path] | None = None) -> list[Path]:
     """Each variant's repo documents in ``<out_dir>/<variant>/``: README.md (the card), NOTICE
     (the licence's attribution notice) and, for the GGUF repo with a verification, the chart the
     card links. Returns every file written."""
@@ -415,7 +420,7 @@ def write_all(spec: Spec, out_dir: Path, gguf_manifest: Manifest | None = None,
     written = []
     for name, v in spec.variants.items():
         folder = Path(out_dir) / name
-        write_text(folder / "README.md", str(render(spec, name, gguf_manifest, verify_manifest, parameters)))
+        write_text(folder / "README.md", str(render(spec, name, gguf_manifest, verify_manifest, parameters, folders)))
         write_text(folder / "NOTICE", spec.license_terms.notice + "\n")
         written += [folder / "README.md", folder / "NOTICE"]
         png = chart.chart(spec, verify_manifest) if v.format == "gguf" else None
@@ -426,33 +431,22 @@ def write_all(spec: Spec, out_dir: Path, gguf_manifest: Manifest | None = None,
     return written
 
 
-def folder(spec: Spec) -> Path:
-    return spec.build_dir / STAGE
-
-
-def inputs(spec: Spec) -> dict[str, Path]:
-    """The manifests of the verify and gguf stages, whichever exist (their figures are what the
-    cards show; the cards are rebuilt when they change). Cards can be written before either."""
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    feeds = pipeline.upstream(spec, STAGE)
-    return {k: feeds[k] / MANIFEST for k in ("verify", "gguf") if (feeds[k] / MANIFEST).is_file()}
-
-
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
     """Stage ``cards``: ``cards/<variant>/`` (README.md, NOTICE, the GGUF chart) from the spec and
-    the manifests it finds."""
-    from release import pipeline  # imported here: the pipeline imports the stages
-
-    found = inputs(spec)
-    model = pipeline.upstream(spec, STAGE)["model"]
+    the manifests it finds. ``inputs``: the ``verify`` and ``gguf`` stages' folders, the flagship
+    ``model`` and each variant's folder as ``variant:<key>``. The manifests of verify and gguf
+    are its inputs whichever exist (their figures are what the cards show; the cards are rebuilt
+    when they change): cards can be written before either."""
+    found = {k: inputs[k] / MANIFEST for k in ("verify", "gguf") if (inputs[k] / MANIFEST).is_file()}
+    model = inputs["model"]
+    folders = {k.removeprefix(VARIANT): Path(p) for k, p in inputs.items() if k.startswith(VARIANT)}
     sections = {k: spec.section_hash(k) for k in ("release", "base", "lora", "training", "data", "chat", "inference",
                                                    "evaluation", "variants", "ollama", "license_terms", "provenance")}
 
     def build(out: Path) -> dict:
         manifests = {k: read_manifest(p.parent) for k, p in found.items()}
-        write_all(spec, out, manifests.get("gguf"), manifests.get("verify"), shards.count_parameters(model))
+        write_all(spec, out, manifests.get("gguf"), manifests.get("verify"), shards.count_parameters(model), folders)
         return {"cards": len(spec.variants), "verified": "verify" in found}
 
-    return run_stage(STAGE, folder(spec), build, release=spec.release.name, inputs=found,
+    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs=found,
                      spec_sections=sections, tools=("huggingface_hub", "matplotlib"), force=force)

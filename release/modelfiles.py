@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from release import chat
-from release.artifacts import Manifest
+from release.artifacts import Manifest, Traits
 from release.errors import ModelfileError
 from release.spec import Spec, printable, unprintable
 
@@ -331,6 +332,7 @@ def _format(v: object) -> str:
 # --- stage ------------------------------------------------------------------------------------
 
 STAGE = "modelfiles"
+TRAITS = Traits()
 
 
 def write_all(spec: Spec, out_dir: Path) -> list[Path]:
@@ -353,20 +355,13 @@ def write_all(spec: Spec, out_dir: Path) -> list[Path]:
     return written
 
 
-def folder(spec: Spec) -> Path:
-    return spec.build_dir / STAGE
-
-
-def inputs(spec: Spec) -> dict[str, Path]:
-    """The licence file: everything else comes from the spec, no other stage feeds this one."""
-    return {"license": spec.resolve(spec.release.license_file)}
-
-
-def run(spec: Spec, *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``modelfiles``: ``write_all`` into the stage's folder."""
-    from release.artifacts import run_stage
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``modelfiles``: ``write_all`` into the stage's folder. No other stage feeds this one
+    (``inputs`` is empty): it reads the spec and the licence file the spec names."""
+    from release.artifacts import run_stage, stage_dir
 
     sections = {k: spec.section_hash(k) for k in ("chat", "inference", "ollama", "variants", "release",
                                                    "license_terms")}
-    return run_stage(STAGE, folder(spec), lambda out: {"files": len(write_all(spec, out))},
-                     release=spec.release.name, spec_sections=sections, force=force, inputs=inputs(spec))
+    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), lambda out: {"files": len(write_all(spec, out))},
+                     release=spec.release.name, spec_sections=sections, force=force,
+                     inputs={"license": spec.resolve(spec.release.license_file)})

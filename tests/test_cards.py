@@ -17,15 +17,15 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from conftest import ROOT
-from release import card, chart, chat
+from release import cards, chart, chat, pipeline
 from release.artifacts import Manifest
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp16", "bnb4", "gguf"])
 def test_metadata_reads_back_and_builds_the_model_tree(qalb_spec, name):
-    text = str(card.render(qalb_spec, name))
+    text = str(cards.render(qalb_spec, name))
     data = ModelCard(text).data.to_dict()  # parsed back by huggingface_hub
-    assert data == card.card_data(qalb_spec, name).to_dict()
+    assert data == cards.card_data(qalb_spec, name).to_dict()
     if name == "bf16":
         assert (data["base_model"], data["base_model_relation"]) == ("unsloth/Meta-Llama-3.1-8B", "finetune")
     else:
@@ -49,11 +49,11 @@ def test_metadata_reads_back_and_builds_the_model_tree(qalb_spec, name):
 
 def test_datasets_with_a_hub_id_are_metadata_the_others_named_in_the_body(qalb_spec):
     s = qalb_spec
-    text = str(card.render(s, "bf16"))
+    text = str(cards.render(s, "bf16"))
     assert "| instruction fine-tuning | Alif Urdu-instruct |" in text
     corpora = [replace(s.data.corpora[0], hub_id="org/urdu-news"), *s.data.corpora[1:]]
     data = replace(s.data, corpora=corpora, instruct=replace(s.data.instruct, hub_id="org/alif-urdu-instruct"))
-    text = str(card.render(replace(s, data=data), "bf16"))
+    text = str(cards.render(replace(s, data=data), "bf16"))
     assert ModelCard(text).data.datasets == ["org/urdu-news", "org/alif-urdu-instruct"]
     assert ("| instruction fine-tuning | [Alif Urdu-instruct](https://huggingface.co/datasets/org/alif-urdu-instruct) |"
             in text)
@@ -61,7 +61,7 @@ def test_datasets_with_a_hub_id_are_metadata_the_others_named_in_the_body(qalb_s
 
 
 def test_training_data_section_comes_from_the_data_section(qalb_spec):
-    text = str(card.render(qalb_spec, "fp16"))
+    text = str(cards.render(qalb_spec, "fp16"))
     assert ("| continued pre-training, Urdu | 1.84B tokens: news, literature, government documents, social media |"
             in text)
     assert "| continued pre-training, English | 140M tokens (7.1% of the total): Wikipedia (replay buffer) |" in text
@@ -70,7 +70,7 @@ def test_training_data_section_comes_from_the_data_section(qalb_spec):
 
 def test_values_the_models_card_does_not_state_are_marked(qalb_spec):
     s = qalb_spec
-    text = str(card.render(s, "bf16"))
+    text = str(cards.render(s, "bf16"))
     # the three the spec marks (not on the card) among the training values, each with its source
     assert ("| learning rate | 5e-05 (not stated by the authors; Unsloth's continued pre-training recipe) | 5e-05 |"
             in text)
@@ -83,14 +83,14 @@ def test_values_the_models_card_does_not_state_are_marked(qalb_spec):
     assert "| effective batch size | 128 | 64 |" in text and "| overall score | 90.34 |" in text
     # the rule is the spec's, not a list in code: another key becomes marked wherever printed
     other = replace(s, provenance=replace(s.provenance, not_on_card={"lora.r": "a guess"}))
-    text = str(card.render(other, "bf16"))
+    text = str(cards.render(other, "bf16"))
     assert "r = 128 (not stated by the authors; a guess), alpha = 32" in text
     assert text.count("not stated by the authors") == 1
 
 
 def test_license_duties_come_from_the_spec(qalb_spec):
     s = qalb_spec
-    text = str(card.render(s, "gguf"))
+    text = str(cards.render(s, "gguf"))
     assert "Llama 3.1 Community License: https://www.llama.com/llama3_1/license/. Built with Llama." in text
     assert "Acceptable Use Policy: https://llama.meta.com/llama3_1/use-policy" in text
     assert f'"{s.license_terms.notice}"' in text and "Copyright © Meta Platforms, Inc." in s.license_terms.notice
@@ -99,7 +99,7 @@ def test_license_duties_come_from_the_spec(qalb_spec):
                                        license_link="https://www.apache.org/licenses/LICENSE-2.0"),
                     license_terms=replace(s.license_terms, notice="Example base, Copyright Example Inc.",
                                           attribution="", use_policy=None, name_prefix=""))
-    section = str(card.render(other, "bf16")).split("## License", 1)[1].split("## Citation")[0]
+    section = str(cards.render(other, "bf16")).split("## License", 1)[1].split("## Citation")[0]
     assert "Llama" not in section and "Acceptable Use Policy" not in section
     assert "Apache License 2.0: https://www.apache.org/licenses/LICENSE-2.0." in section
     assert '"Example base, Copyright Example Inc."' in section
@@ -108,14 +108,14 @@ def test_license_duties_come_from_the_spec(qalb_spec):
 def test_body_facts_come_from_the_spec(qalb_spec):
     s = qalb_spec
     for name in s.variants:
-        body = str(card.render(s, name))
+        body = str(cards.render(s, name))
         assert s.chat.system_prompt in body  # exact UTF-8
         assert "r = 128, alpha = 32" in body and "| sequence length | 2048 |" in body
         assert "max_new_tokens 256, temperature 0.1, top_p 0.9, repetition_penalty 1.1" in body
         assert f"eos ids {chat.eos_token_ids(s.chat)}" in body
         for q in s.gguf_types():
             assert f"`{s.gguf_file_name(q)}`" in body
-    gguf = str(card.render(s, "gguf"))
+    gguf = str(cards.render(s, "gguf"))
     assert "ollama run hf.co/enstazao/Qalb-1.0-8B-Instruct-GGUF:Q4_K_M" in gguf
     assert "ollama create qalb:8b-instruct-q4_K_M -f 8b-instruct-q4_K_M.Modelfile" in gguf
     assert ("hf download enstazao/Qalb-1.0-8B-Instruct-GGUF Qalb-1.0-8B-Instruct-Q4_K_M.gguf "
@@ -126,29 +126,29 @@ def test_body_facts_come_from_the_spec(qalb_spec):
             "--top-p 0.9 --repeat-penalty 1.1") in gguf
     assert "llama-server -hf enstazao/Qalb-1.0-8B-Instruct-GGUF:Q4_K_M --jinja -c 8192 --port 8080" in gguf
     curl = re.search(r"^curl http://localhost:8080/v1/chat/completions .* -d '(.*)'$", gguf, re.M)
-    assert json.loads(curl.group(1)) == {"messages": [{"role": "user", "content": card.QUESTION}], "max_tokens": 256,
+    assert json.loads(curl.group(1)) == {"messages": [{"role": "user", "content": cards.QUESTION}], "max_tokens": 256,
                                          "temperature": 0.1, "top_p": 0.9, "repeat_penalty": 1.1}
     assert 'Llama.from_pretrained("enstazao/Qalb-1.0-8B-Instruct-GGUF", filename="Qalb-1.0-8B-Instruct-Q4_K_M.gguf", ' \
            "n_ctx=8192" in gguf
-    flagship = str(card.render(s, "bf16"))
+    flagship = str(cards.render(s, "bf16"))
     assert 'model_id = "enstazao/Qalb-1.0-8B-Instruct"' in flagship and "eos_token_id=[128001, 128009]" in flagship
     # the minimum transformers is the one config.json claims; torch_dtype= is read by 4.43 and 5.x alike
     # (4.x ignores a dtype= argument and loads float32)
     assert 'pip install "transformers>=4.43.0" accelerate`' in flagship and 'torch_dtype="auto"' in flagship
-    assert "bitsandbytes`" in str(card.render(s, "bnb4"))
+    assert "bitsandbytes`" in str(cards.render(s, "bnb4"))
 
 
 def test_variants_table_uses_the_gguf_manifest(qalb_spec):
     figures = {"files": {"Q4_K_M": {"file": "Qalb-1.0-8B-Instruct-Q4_K_M.gguf", "bytes": 4_920_000_000,
                                     "bits_per_weight": 4.89, "sha256": "ab" * 32}}}
     m = Manifest("gguf", "Qalb-1.0-8B-Instruct", "f" * 64, {}, {}, {}, [], figures)
-    body = str(card.render(qalb_spec, "gguf", m))
+    body = str(cards.render(qalb_spec, "gguf", m))
     assert "| enstazao/Qalb-1.0-8B-Instruct-GGUF | GGUF Q4_K_M | `Qalb-1.0-8B-Instruct-Q4_K_M.gguf` | 4.92 GB | 4.89 " \
            "| `abababababababab…` |" in body
 
 
 def test_write_all(demo_spec, tmp_path):
-    paths = card.write_all(demo_spec, tmp_path)  # no verification: no chart
+    paths = cards.write_all(demo_spec, tmp_path)  # no verification: no chart
     assert sorted(p.relative_to(tmp_path).as_posix() for p in paths) == sorted(
         f"{v}/{f}" for v in ("bf16", "bnb4", "fp16", "gguf") for f in ("README.md", "NOTICE"))
     assert ModelCard.load(tmp_path / "bf16" / "README.md").data.base_model == "qalb-demo/tiny-llama-3"
@@ -182,7 +182,7 @@ def test_every_qalb_card_fact_by_fact(qalb_spec):
     params = 8_030_261_248  # Llama 3.1 8B
     t, lora, inf = s.training, s.lora, s.inference
     for name, v in s.variants.items():
-        text = str(card.render(s, name, verify_manifest=vm, parameters=params))
+        text = str(cards.render(s, name, verify_manifest=vm, parameters=params))
         data = ModelCard(text).data.to_dict()
         assert data["base_model"] == (s.base.model if v is s.flagship else s.flagship.repo)
         assert data["license_name"] == s.release.license_name and data["license_link"] == s.release.license_link
@@ -244,30 +244,30 @@ def test_cards_stage_follows_the_verification_manifest(demo_spec, tmp_path):
     from release.artifacts import run_stage, sha256_file
 
     s = replace(demo_spec, build=replace(demo_spec.build, dir=str(tmp_path)))
-    m = card.run(s, progress=False)
+    m = pipeline.run_one(s, "cards", progress=False)
     ran = m.built
     assert ran and m.figures == {"cards": 4, "verified": False} and "verify" not in m.inputs
     assert "| qalb-demo/Qalb-Demo-1.0-Tiny-Instruct | safetensors bfloat16 |" in (
-        card.folder(s) / "bf16" / "README.md").read_text(encoding="utf-8")
-    assert not (card.folder(s) / "gguf" / chart.FILE).exists()  # nothing measured: no chart, no link
-    assert chart.FILE not in (card.folder(s) / "gguf" / "README.md").read_text(encoding="utf-8")
+        pipeline.folder(s, "cards") / "bf16" / "README.md").read_text(encoding="utf-8")
+    assert not (pipeline.folder(s, "cards") / "gguf" / chart.FILE).exists()  # nothing measured: no chart, no link
+    assert chart.FILE not in (pipeline.folder(s, "cards") / "gguf" / "README.md").read_text(encoding="utf-8")
     figures = {"passed": True, "variants": {"gguf:Q4_K_M": {"kld_mean": 0.5, "top1": 0.5, "passed": True}},
                "artifacts": {"gguf/Qalb-Demo-1.0-Tiny-Instruct-Q4_K_M.gguf": {
                    "sha256": "c" * 64, "size": 54_000_000, "variant": "gguf", "quant": "Q4_K_M", "passed": True}}}
     run_stage("verify", s.build_dir / "verify", lambda out: figures, release=s.release.name)
-    m = card.run(s, progress=False)
+    m = pipeline.run_one(s, "cards", progress=False)
     ran = m.built
     assert ran and m.figures["verified"] and m.inputs["verify"] == sha256_file(s.build_dir / "verify" / "manifest.json")
-    gguf = (card.folder(s) / "gguf" / "README.md").read_text(encoding="utf-8")
+    gguf = (pipeline.folder(s, "cards") / "gguf" / "README.md").read_text(encoding="utf-8")
     assert ("| qalb-demo/Qalb-Demo-1.0-Tiny-Instruct-GGUF | `Qalb-Demo-1.0-Tiny-Instruct-Q4_K_M.gguf` | Q4_K_M "
             "| 54.0 MB |  | `cccccccccccccccc…` | 0.5000 | 50.0% |") in gguf
     # the chart is written next to the GGUF card, linked from it by a relative path, and recorded
-    png = card.folder(s) / "gguf" / chart.FILE
+    png = pipeline.folder(s, "cards") / "gguf" / chart.FILE
     assert f"]({chart.FILE})" in gguf and Image.open(png).size == (800, 500)
     assert f"gguf/{chart.FILE}" in {e.path for e in m.outputs}
-    assert not any(chart.FILE in (card.folder(s) / n / "README.md").read_text(encoding="utf-8")
+    assert not any(chart.FILE in (pipeline.folder(s, "cards") / n / "README.md").read_text(encoding="utf-8")
                    for n in ("bf16", "fp16", "bnb4"))
-    assert card.run(s, progress=False).built is False  # unchanged: skipped
+    assert pipeline.run_one(s, "cards", progress=False).built is False  # unchanged: skipped
 
 
 def test_chart_has_a_labelled_point_per_quantized_file_and_fixed_bytes(qalb_spec):
@@ -309,7 +309,7 @@ def test_gguf_card_says_which_files_used_the_importance_matrix_and_on_what_text(
     figures = {"files": files, "imatrix": {"file": "Qalb-1.0-8B-Instruct-imatrix.gguf", "calibration": "calibration/ur-en.txt",
                                            "chunk_tokens": 512, "chunks": 37, "tokens": 18944, "seconds": 1.0}}
     m = Manifest("gguf", "Qalb-1.0-8B-Instruct", "f" * 64, {}, {}, {}, [], figures)
-    body = str(card.render(qalb_spec, "gguf", m))
+    body = str(cards.render(qalb_spec, "gguf", m))
     section = body.split("## Importance matrix\n\n")[1].split("\n\n")[0]
     assert section.startswith("Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, Q3_K_M were quantized with an importance matrix "
                               "(`Qalb-1.0-8B-Instruct-imatrix.gguf`)")
@@ -317,5 +317,5 @@ def test_gguf_card_says_which_files_used_the_importance_matrix_and_on_what_text(
     assert "37 chunks of 512 tokens (18,944 tokens)" in section and section.endswith("F16, Q8_0 did not use it.")
     # no matrix in the manifest, or another repo: no section
     plain = Manifest("gguf", "Qalb-1.0-8B-Instruct", "f" * 64, {}, {}, {}, [], {"files": files})
-    assert "## Importance matrix" not in str(card.render(qalb_spec, "gguf", plain))
-    assert "## Importance matrix" not in str(card.render(qalb_spec, "bf16", m))
+    assert "## Importance matrix" not in str(cards.render(qalb_spec, "gguf", plain))
+    assert "## Importance matrix" not in str(cards.render(qalb_spec, "bf16", m))

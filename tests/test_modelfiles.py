@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from release import modelfile, verify
+from release import modelfiles, verify
 from release import gguf as G
-from release.modelfile import ModelfileError
+from release.modelfiles import ModelfileError
 
 import gorender
 from conftest import ROOT
@@ -25,9 +25,9 @@ from conftest import ROOT
 def test_every_generated_modelfile_reads_back_to_the_spec(qalb_spec, demo_spec):
     for spec in (qalb_spec, demo_spec):
         for qtype in spec.gguf_types():
-            text = modelfile.render(spec, qtype)
-            mf = modelfile.read(text)
-            assert mf == modelfile.expected(spec, qtype)
+            text = modelfiles.render(spec, qtype)
+            mf = modelfiles.read(text)
+            assert mf == modelfiles.expected(spec, qtype)
             assert mf.model == f"./{spec.gguf_file_name(qtype)}"
             assert mf.system == spec.chat.system_prompt  # exact UTF-8
             assert mf.parameters == {
@@ -41,7 +41,7 @@ def test_every_generated_modelfile_reads_back_to_the_spec(qalb_spec, demo_spec):
 def test_committed_modelfiles_are_current(qalb_spec, tmp_path):
     """modelfiles/ holds exactly what the modelfiles stage writes (`./inv modelfiles` calls the
     stage's writer): the Modelfiles, the hf.co template/system/params files and the LICENSE."""
-    written = modelfile.write_all(qalb_spec, tmp_path)
+    written = modelfiles.write_all(qalb_spec, tmp_path)
     expected = {p.name: p.read_bytes() for p in written}
     on_disk = {p.name: p.read_bytes() for p in (ROOT / "modelfiles").iterdir() if p.is_file()}
     assert set(on_disk) == set(expected), "modelfiles/ is stale: run ./inv modelfiles"
@@ -56,16 +56,16 @@ def test_num_ctx_is_the_specs_in_every_modelfile_and_params(qalb_spec):
     assert qalb_spec.ollama.num_ctx == 8192 != qalb_spec.training.sequence_length
     assert json.loads((ROOT / "modelfiles" / "params").read_text(encoding="utf-8"))["num_ctx"] == 8192
     for qtype in qalb_spec.gguf_types():
-        text = (ROOT / "modelfiles" / modelfile.modelfile_name(qalb_spec, qtype)).read_text(encoding="utf-8")
+        text = (ROOT / "modelfiles" / modelfiles.modelfile_name(qalb_spec, qtype)).read_text(encoding="utf-8")
         assert "\nPARAMETER num_ctx 8192\n" in text
     other = replace(qalb_spec, ollama=replace(qalb_spec.ollama, num_ctx=16384))
-    assert modelfile.read(modelfile.render(other, "Q4_K_M")).parameters["num_ctx"] == 16384
-    assert json.loads(modelfile.hf_files(other)["params"])["num_ctx"] == 16384
+    assert modelfiles.read(modelfiles.render(other, "Q4_K_M")).parameters["num_ctx"] == 16384
+    assert json.loads(modelfiles.hf_files(other)["params"])["num_ctx"] == 16384
 
 
 def test_hf_co_files_match_the_modelfile(qalb_spec):
-    files = modelfile.hf_files(qalb_spec)
-    mf = modelfile.read(modelfile.render(qalb_spec, "Q4_K_M"))
+    files = modelfiles.hf_files(qalb_spec)
+    mf = modelfiles.read(modelfiles.render(qalb_spec, "Q4_K_M"))
     assert files["template"] == mf.template
     assert files["system"] == mf.system
     assert json.loads(files["params"]) == mf.parameters
@@ -75,7 +75,7 @@ def test_keywords_are_case_insensitive_and_quotes_follow_ollama():
     text = ('# comment\nfrom ./m.gguf\nparameter temperature 0.5\nParameter stop "<|eot_id|>"\n'
             'PARAMETER stop unquoted words\nsystem "two\nlines"\nTEMPLATE """  spaced  """\n'
             'MESSAGE user hello there\nlicense """a "quoted" word"""\n')
-    mf = modelfile.read(text)
+    mf = modelfiles.read(text)
     assert mf.model == "./m.gguf" and mf.parameters["temperature"] == 0.5
     assert mf.parameters["stop"] == ["<|eot_id|>", "unquoted words"]
     assert mf.system == "two\nlines" and mf.template == "  spaced  "
@@ -100,7 +100,7 @@ BROKEN = [
 @pytest.mark.parametrize("text,line,message", BROKEN)
 def test_broken_modelfiles_are_rejected_with_a_line_number(text, line, message):
     with pytest.raises(ModelfileError) as err:
-        modelfile.read(text, "bad.Modelfile")
+        modelfiles.read(text, "bad.Modelfile")
     where = f"bad.Modelfile:{line}: " if line else "bad.Modelfile: "
     assert str(err.value).startswith(where), str(err.value)
     assert message in str(err.value)
@@ -114,17 +114,17 @@ def test_broken_modelfiles_are_rejected_with_a_line_number(text, line, message):
 ])
 def test_values_that_cannot_be_quoted_are_errors(value, message):
     if message is None:  # Ollama's parser ends a value only at a line break
-        quoted = modelfile.quote(value, "SYSTEM", block=True)
-        assert modelfile.read(f"FROM x\nSYSTEM {quoted}\n").system == value
+        quoted = modelfiles.quote(value, "SYSTEM", block=True)
+        assert modelfiles.read(f"FROM x\nSYSTEM {quoted}\n").system == value
         return
     with pytest.raises(ModelfileError, match=message.replace("+", r"\+")):
-        modelfile.quote(value, "SYSTEM", block=True)
+        modelfiles.quote(value, "SYSTEM", block=True)
 
 
 def test_unquotable_system_prompt_fails_the_render_not_the_file(demo_spec):
     bad = replace(demo_spec, chat=replace(demo_spec.chat, system_prompt='say """\nhi'))
     with pytest.raises(ModelfileError, match="chat.system_prompt: cannot be quoted"):
-        modelfile.render(bad, "Q4_K_M")
+        modelfiles.render(bad, "Q4_K_M")
 
 
 def test_check_task_reports_one_line_with_the_line_number(tmp_path):
@@ -140,7 +140,7 @@ def test_check_task_reports_one_line_with_the_line_number(tmp_path):
 
 
 def test_modelfiles_stage_writes_modelfiles_hf_files_and_license(demo_spec, tmp_path):
-    written = {p.name for p in modelfile.write_all(demo_spec, tmp_path)}
+    written = {p.name for p in modelfiles.write_all(demo_spec, tmp_path)}
     assert written == {f"{demo_spec.ollama.tags[q]}.Modelfile" for q in demo_spec.gguf_types()} | {
         "template", "system", "params", "LICENSE", "NOTICE"}
     assert {"tiny-instruct-fp16.Modelfile", "tiny-instruct-q4_K_M.Modelfile"} <= written
@@ -202,7 +202,7 @@ def scripted_ggufs(demo_spec, tiny_model, tmp_path_factory):
 def test_modelfile_template_and_stops_end_generation_at_the_stop(demo_spec, scripted_ggufs, tmp_path, name, reason):
     gguf, words = scripted_ggufs[name]
     exe = gorender.build(tmp_path)
-    mf = modelfile.read(modelfile.render(demo_spec, "F16"))
+    mf = modelfiles.read(modelfiles.render(demo_spec, "F16"))
     (prompt,) = gorender.render(exe, mf.template, mf.system, [{"messages": [{"role": "user", "content": "سلام"}]}])
     llm = verify.load_gguf(gguf)
     gen = verify.generate_gguf(llm, prompt, mf.parameters["stop"], mf.parameters["num_predict"])
