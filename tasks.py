@@ -227,7 +227,8 @@ def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=N
     if not adapter:
         if base or out:
             _guarded(lambda: (_ for _ in ()).throw(UsageError("--base/--out: give the adapters too (--adapter FOLDER, "
-                                                                "repeated); without them the release's stages are merged")))
+                                                                "repeated); without them the release's "
+                                                                "stages are merged")))
         s, result = _stage(spec, stage.STAGE, force=force)
         manifest, out_dir = result.manifest, result.directory
     else:
@@ -405,7 +406,8 @@ def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None
     table = Table(title="docker build")
     for col in ("image", "tag", "size", "seconds"):
         table.add_column(col)
-    table.add_row(info["image"], info["tag"], human_bytes(info["bytes"]) if info["bytes"] else "?", str(info["seconds"]))
+    table.add_row(info["image"], info["tag"], human_bytes(info["bytes"]) if info["bytes"] else "?",
+                  str(info["seconds"]))
     summary_console().print(table)
 
 

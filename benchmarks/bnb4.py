@@ -99,7 +99,8 @@ def main() -> None:
 
     o, t = results["ours"], results["transformers"]
     model_gb = folder_bytes(base) / 1e9
-    table = Table(title=f"BF16 -> NF4 (double quant), {args.layers}-layer Llama-3.1-8B-shaped model ({model_gb:.2f} GB)")
+    table = Table(title=f"BF16 -> NF4 (double quant), {args.layers}-layer Llama-3.1-8B-shaped model "
+                        f"({model_gb:.2f} GB)")
     for col in ("", "wall s", "peak RSS GB", "output GB"):
         table.add_column(col, justify="right")
     table.add_row("ours", f"{o['seconds']:.1f}", f"{o['peak_rss_gb']:.2f}", f"{o['bytes'] / 1e9:.2f}")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import re
 import shutil
@@ -84,7 +85,7 @@ class Vocabulary:
         index = {c: i for i, c in enumerate(chars)}
         bigram = np.full((len(chars), len(chars)), 0.02)
         for w in words:
-            for a, b in zip(w, w[1:]):
+            for a, b in itertools.pairwise(w):
                 if a in index and b in index:
                     bigram[index[a], index[b]] += 1
         bigram /= bigram.sum(axis=1, keepdims=True)
@@ -120,7 +121,7 @@ def _document(vocab: Vocabulary, rng: np.random.Generator, stop: str) -> str:
         sentences.append(" ".join(words[start:start + k]) + stop)
         start += k
     breaks = rng.random(n) < 0.2
-    return "".join(s + ("\n" if b else " ") for s, b in zip(sentences, breaks)).strip()
+    return "".join(s + ("\n" if b else " ") for s, b in zip(sentences, breaks, strict=True)).strip()
 
 
 def _near(text: str, rng: np.random.Generator) -> str:
@@ -463,11 +464,13 @@ def main() -> None:
             mb /= 1e6
             spec = bench_spec(work, plain)
             old = measured(OLD, str(spec), str(work / "out-old"), "", str(tok), str(old_module(work)))
-            new = measured(CURATE, str(spec), str(work / "out-new"), str(work / "work-new"), str(tok), str(args.workers))
+            new = measured(CURATE, str(spec), str(work / "out-new"), str(work / "work-new"), str(tok),
+                           str(args.workers))
             same = (work / "out-old" / "cpt.jsonl").read_bytes() == (work / "out-new" / "cpt.jsonl").read_bytes()
             rows += [row(f"curate {args.old_size:g} GB: before (1 process)", old, mb, docs),
                      row(f"curate {args.old_size:g} GB: datatrove ({args.workers} workers)", new, mb, docs)]
-            summary["old"] = {"same_cpt_bytes": same, "old_docs": old["cpt_documents"], "new_docs": new["cpt_documents"],
+            summary["old"] = {"same_cpt_bytes": same, "old_docs": old["cpt_documents"],
+                              "new_docs": new["cpt_documents"],
                               "old_tokens": old["cpt_tokens"], "new_tokens": new["cpt_tokens"]}
             shutil.rmtree(plain)
             shutil.rmtree(corpus)
@@ -493,8 +496,8 @@ def main() -> None:
             r = row(f"tokenize + pack {gb:g} GB ({pk['engine']})", pk, mb, 0)
             r[4], r[5], r[6], r[7] = "", "", "", f"{pk['tokens'] / pk['wall']:,.0f}"
             rows.append(r)
-            summary[gb] = {"reference": ref, "curate": cur, "pack": pk, "mb": mb, "docs": docs, "generated_s": generated,
-                           "shards": info, "counts_checked": checked}
+            summary[gb] = {"reference": ref, "curate": cur, "pack": pk, "mb": mb, "docs": docs,
+                           "generated_s": generated, "shards": info, "counts_checked": checked}
             if not args.keep:
                 for d in (corpus, out, wk, work / f"pack-{gb:g}"):
                     shutil.rmtree(d, ignore_errors=True)
@@ -509,10 +512,10 @@ def main() -> None:
 
 def print_table(head: list[str], rows: list[list[str]], summary: dict, args) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
     if "old" in summary:
         o = summary["old"]
         print(f"\nbefore vs datatrove on the same corpus: {o['old_docs']:,} vs {o['new_docs']:,} documents, "
@@ -527,7 +530,8 @@ def print_table(head: list[str], rows: list[list[str]], summary: dict, args) -> 
         idle = 2 * big["mb"] / c["cpu"]
         print(f"\nQalb's ~{QALB_GB:g} GB of raw text at the {max(sizes):g} GB rates: curation "
               f"{QALB_GB * 1e3 / rate / 3600:.1f} h ({rate:.2f} MB/s; {QALB_GB * 1e3 / idle / 3600:.1f} h at "
-              f"{idle:.2f} MB/s, its CPU seconds on two idle cores), tokenize + pack {tokens_10 / tok_rate / 3600:.1f} h "
+              f"{idle:.2f} MB/s, its CPU seconds on two idle cores), tokenize + pack "
+              f"{tokens_10 / tok_rate / 3600:.1f} h "
               f"({tokens_10 / 1e9:.2f}B tokens kept at {tok_rate / 1e6:.2f}M tokens/s)")
         if len(sizes) > 1:
             small = summary[min(sizes)]
@@ -540,10 +544,12 @@ def print_table(head: list[str], rows: list[list[str]], summary: dict, args) -> 
             cur = s["mb"] / s["curate"]["wall"]
             print(f"{gb:g} GB: curation {cur:.2f} MB/s = {cur / ref:.3f} x encode_batch's {ref:.2f} MB/s in this run "
                   f"(goal {GOAL_MBS / ISSUE_REFERENCE_MBS:.3f}: {GOAL_MBS:g} MB/s against the issue's "
-                  f"{ISSUE_REFERENCE_MBS:g} MB/s; at the issue's reference speed {cur / ref * ISSUE_REFERENCE_MBS:.2f} MB/s)")
+                  f"{ISSUE_REFERENCE_MBS:g} MB/s; at the issue's reference speed "
+                  f"{cur / ref * ISSUE_REFERENCE_MBS:.2f} MB/s)")
         for gb in sorted(sizes):
             s = summary[gb]
-            print(f"{gb:g} GB: {s['docs']:,} documents in {s['shards']['urdu']['shards']} + {s['shards']['english']['shards']} "
+            print(f"{gb:g} GB: {s['docs']:,} documents in {s['shards']['urdu']['shards']} + "
+                  f"{s['shards']['english']['shards']} "
                   f"shards, generated in {s['generated_s']:.0f} s; curation jobs (s): {s['curate']['job_seconds']}; "
                   f"token counts checked against tokenizers on {s['counts_checked']} documents")
 

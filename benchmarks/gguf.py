@@ -41,7 +41,7 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     seconds = time.perf_counter() - t
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
-    rss_kb = int(next(l for l in out.stderr.splitlines() if l.startswith("MAXRSS")).split()[1])
+    rss_kb = int(next(ln for ln in out.stderr.splitlines() if ln.startswith("MAXRSS")).split()[1])
     return {"seconds": seconds, "peak_rss_gb": rss_kb / 1024**2}
 
 
@@ -78,7 +78,8 @@ def main() -> None:
         table.add_column(col, justify="right")
     table.add_row("ours", f"{o['seconds']:.1f}", f"{o['peak_rss_gb']:.2f}")
     table.add_row("llama.cpp convert_hf_to_gguf.py", f"{q['seconds']:.1f}", f"{q['peak_rss_gb']:.2f}")
-    table.add_row("ours / llama.cpp", f"{o['seconds'] / q['seconds']:.2f}x", f"{o['peak_rss_gb'] / q['peak_rss_gb']:.2f}x")
+    table.add_row("ours / llama.cpp", f"{o['seconds'] / q['seconds']:.2f}x",
+                  f"{o['peak_rss_gb'] / q['peak_rss_gb']:.2f}x")
     Console().print(table)
     print(f"files byte-identical: {same} (metadata differs: ours writes the release's general.* and chat template)")
 

@@ -8,7 +8,8 @@ Each step runs once (the 32-layer figures are the point, and they take minutes).
 Builds (once, as benchmarks/merge.py does) BF16 models with Llama-3.1-8B layer shapes and N and 2N
 layers, converts each to an F16 GGUF (release/gguf.py), then runs what the gguf stage runs with
 specs/qalb.toml's settings: ``llama-imatrix`` over ``calibration/ur-en.txt`` in chunks of 512
-tokens (``--chunks`` of them; the cost per chunk scales to the whole text), and Q4_K_M, Q3_K_M and IQ4_XS with llama-cpp-python's quantizer (no matrix) and with
+tokens (``--chunks`` of them; the cost per chunk scales to the whole text), and Q4_K_M, Q3_K_M and IQ4_XS
+with llama-cpp-python's quantizer (no matrix) and with
 ``llama-quantize --imatrix``. Every cost is linear in the layer count (the embeddings and the
 output layer are the fixed part), so the two sizes give the 32-layer figure. The tools use every
 core; the figures are CPU seconds (user + system of the child processes), which other load on

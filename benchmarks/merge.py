@@ -110,7 +110,8 @@ def build_adapter(work: Path, layers: int, name: str, modules_to_save: list[str]
             elif name in ("model.embed_tokens.weight", "lm_head.weight") and name.split(".")[-2] in modules_to_save:
                 entries.append(shards.Entry(key + ".weight", torch.bfloat16, shape))
                 makers[key + ".weight"] = lambda n=name, s=shape: (
-                    scaffold.make_tensor(sc, n, s, torch.float32) + 0.01 * torch.randn(s, generator=gen)).to(torch.bfloat16)
+                    scaffold.make_tensor(sc, n, s, torch.float32)
+                    + 0.01 * torch.randn(s, generator=gen)).to(torch.bfloat16)
         entries.sort(key=lambda e: e.name)
         w = shards.ShardWriter(tmp / "adapter_model.safetensors", entries)
         for e in entries:
@@ -192,7 +193,8 @@ def main() -> None:
         table.add_column(col, justify="right")
     table.add_row("ours", f"{o['seconds']:.1f}", f"{o['peak_rss_gb']:.2f}", f"{o['bytes'] / 1e9:.2f}")
     table.add_row("PEFT", f"{q['seconds']:.1f}", f"{q['peak_rss_gb']:.2f}", f"{q['bytes'] / 1e9:.2f}")
-    table.add_row("ours / PEFT", f"{o['seconds'] / q['seconds']:.2f}x", f"{o['peak_rss_gb'] / q['peak_rss_gb']:.3f}x", "")
+    table.add_row("ours / PEFT", f"{o['seconds'] / q['seconds']:.2f}x",
+                  f"{o['peak_rss_gb'] / q['peak_rss_gb']:.3f}x", "")
     Console().print(table)
     full = 16.06e9 / folder_bytes(base)  # Llama 3.1 8B in BF16 is 16.06 GB
     print(f"extrapolated to 32 layers (x{full:.1f} bytes): ours ~{o['seconds'] * full / 60:.1f} min, "

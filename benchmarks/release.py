@@ -205,7 +205,8 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8, help="decoder layers of the 8B-shaped model")
-    p.add_argument("--work", default=str(ROOT / "build" / "bench"), help="where inputs are built (once) and the release goes")
+    p.add_argument("--work", default=str(ROOT / "build" / "bench"),
+                   help="where inputs are built (once) and the release goes")
     p.add_argument("--keep", action="store_true", help="keep the built release (default: deleted after the report)")
     p.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0],
                    help="go on from this stage in the kept build folder of an earlier run (with --keep)")

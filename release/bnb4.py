@@ -189,7 +189,8 @@ def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress
         write_model_files(Path(model_dir), tmp, v)
         return figures
 
-    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs={"model": Path(model_dir)},
+    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name,
+                     inputs={"model": Path(model_dir)},
                      spec_sections={f"variants.{key}": spec.section_hash(f"variants.{key}"),
                                     "build.max_shard_size": spec.section_hash("build.max_shard_size")},
                      tools=("bitsandbytes", "torch", "transformers"), force=force)

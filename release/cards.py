@@ -32,7 +32,8 @@ def card_data(spec: Spec, name: str) -> ModelCardData:
     v = spec.variants[name]
     flagship = v is spec.flagship
     r = spec.release
-    tags = list(r.tags) + {"bnb-4bit": ["bitsandbytes", "4-bit", "nf4"], "gguf": ["gguf", "llama.cpp", "ollama"]}.get(v.format, [])
+    tags = list(r.tags) + {"bnb-4bit": ["bitsandbytes", "4-bit", "nf4"],
+                           "gguf": ["gguf", "llama.cpp", "ollama"]}.get(v.format, [])
     # the authors' scores are of the flagship: a quantized repo's own fidelity is in its body
     results = eval_results(spec) if flagship else []
     return ModelCardData(
@@ -299,8 +300,8 @@ def _verified_variants(spec: Spec, vm: Manifest, gguf_manifest: Manifest | None,
         else:
             kl, top1 = f"{f['kld_mean']:.4f}", f"{100 * f['top1']:.1f}%"
         quant = q or {"bfloat16": "BF16", "float16": "FP16"}.get(v.dtype, f"bitsandbytes {v.dtype.upper()}")
-        out.append(f"| {v.repo} | `{_repo_path(spec, rel, folders.get(a['variant']))}` | {quant} | {_size(a['size'])} | {bpw} "
-                   f"| `{a['sha256'][:16]}…` | {kl} | {top1} |")
+        out.append(f"| {v.repo} | `{_repo_path(spec, rel, folders.get(a['variant']))}` | {quant} | {_size(a['size'])} "
+                   f"| {bpw} | `{a['sha256'][:16]}…` | {kl} | {top1} |")
     return out + [""]
 
 
@@ -316,8 +317,8 @@ def _variants(spec: Spec, gguf_manifest: Manifest | None) -> list[str]:
             for q in [v.dtype, *v.quant_types]:
                 f = files.get(q)
                 if f:
-                    out.append(f"| {v.repo} | GGUF {q} | `{f['file']}` | {f['bytes'] / 1e9:.2f} GB | {f['bits_per_weight']:.2f} "
-                               f"| `{f['sha256'][:16]}…` |")
+                    out.append(f"| {v.repo} | GGUF {q} | `{f['file']}` | {f['bytes'] / 1e9:.2f} GB "
+                               f"| {f['bits_per_weight']:.2f} | `{f['sha256'][:16]}…` |")
                 else:
                     out.append(f"| {v.repo} | GGUF {q} | `{spec.gguf_file_name(q)}` | | | |")
         else:

@@ -51,7 +51,7 @@ def render(title: str, pts: list[Point]) -> bytes:
     ax = fig.add_subplot()
     xs, ys = [p.size / 1e9 for p in pts], [p.kld for p in pts]
     ax.plot(xs, ys, "o", color="#1f77b4", markersize=8)
-    for p, x, y in zip(pts, xs, ys):
+    for p, x, y in zip(pts, xs, ys, strict=True):
         ax.annotate(p.quant, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=10)
     if all(y > 0 for y in ys):
         ax.set_yscale("log")  # the quant types span orders of magnitude

@@ -45,7 +45,8 @@ def jinja_template(chat: Chat) -> str:
     return (
         "{{- bos_token }}\n"
         "{%- set systems = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | list %}\n"
-        "{%- if not messages or messages[0]['role'] != 'system' %}{% set systems = [" + default + "] + systems %}{% endif %}\n"
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        "{% set systems = [" + default + "] + systems %}{% endif %}\n"
         "{%- set system = systems | join('\\n\\n') %}\n"
         "{%- if not system %}{% set system = " + default + " %}{% endif %}\n"
         "{{- '" + HEADER_START + "system" + HEADER_END + "\\n\\n' + system + '" + eot + "' }}\n"

@@ -113,7 +113,7 @@ def logits(ckpt: Checkpoint, sequences: list[list[int]], device: str,
                                                                  past_key_values=None, position_ids=position)})
         for index in range(cfg.num_hidden_layers):
             layer = ckpt.layer(index, device)
-            hidden = [layer(h, **c) for h, c in zip(hidden, context)]
+            hidden = [layer(h, **c) for h, c in zip(hidden, context, strict=True)]
             del layer
         with torch.device("meta"):
             norm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)

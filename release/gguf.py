@@ -161,8 +161,10 @@ def _add_vocab(w, model_dir: Path, vocab_size: int) -> None:
     # add_bos/add_eos as the tokenizer's post-processor does it (newer gguf-py reads both)
     single = _template_single(json.loads(path.read_text(encoding="utf-8")).get("post_processor"))
     if single is not None:
-        special.add_special_token.setdefault("bos", any(tok.token_to_id(t) == special.special_token_ids.get("bos") for t in single))
-        special.add_special_token.setdefault("eos", any(tok.token_to_id(t) == special.special_token_ids.get("eos") for t in single))
+        special.add_special_token.setdefault("bos", any(tok.token_to_id(t) == special.special_token_ids.get("bos")
+                                                        for t in single))
+        special.add_special_token.setdefault("eos", any(tok.token_to_id(t) == special.special_token_ids.get("eos")
+                                                        for t in single))
     special.add_to_gguf(w, quiet=True)
 
 
@@ -257,7 +259,8 @@ def convert(model_dir: Path, out_path: Path, spec: Spec, outtype: str = "F16", p
         readers = {p: shards.SafetensorsReader(p) for p in sorted(set(files.values()))}
     except (OSError, ValueError, KeyError) as e:
         raise GGUFError(f"{model_dir}: unreadable or truncated safetensors ({e}); copy the model again") from None
-    n_layers, n_head, n_kv = hp["num_hidden_layers"], hp["num_attention_heads"], hp.get("num_key_value_heads", hp["num_attention_heads"])
+    n_layers, n_head, n_kv = (hp["num_hidden_layers"], hp["num_attention_heads"],
+                              hp.get("num_key_value_heads", hp["num_attention_heads"]))
     qtype = gguf.GGMLQuantizationType[outtype]
     ftype = gguf.LlamaFileType[f"MOSTLY_{outtype}"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)

@@ -177,7 +177,8 @@ def compatible_config(cfg: dict, dtype: str, eos_token_id: int | list[int]) -> d
         scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
         out["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
     if not rp and "rope_theta" in out:
-        out["rope_parameters"] = {**(out.get("rope_scaling") or {"rope_type": "default"}), "rope_theta": out["rope_theta"]}
+        out["rope_parameters"] = {**(out.get("rope_scaling") or {"rope_type": "default"}),
+                                  "rope_theta": out["rope_theta"]}
     out["torch_dtype"] = out["dtype"] = dtype
     out["eos_token_id"] = eos_token_id
     out.setdefault("transformers_version", COMPATIBLE_TRANSFORMERS)

@@ -186,7 +186,8 @@ def merge_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) 
     return delta.add_(w).to(torch.bfloat16)
 
 
-def merge_dora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor) -> torch.Tensor:
+def merge_dora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+               magnitude: torch.Tensor) -> torch.Tensor:
     """DoRA: ``m * (W + dW) / ||W + dW||``, the norm over each output row's input features."""
     v = ((b.to(torch.float32) @ a.to(torch.float32)) * scale).add_(w)
     norm = torch.linalg.norm(v, dim=1)
@@ -310,7 +311,7 @@ def _merged_blocks(shape: tuple[int, ...], source: tuple[shards.SafetensorsReade
     a_full = [rd.read(lo.a) for lo, rd in steps]  # rank x in: small
     for block in _blocks(shape):
         t = _to_bf16(reader.read(name, block))
-        for (lo, rd), a in zip(steps, a_full):
+        for (lo, rd), a in zip(steps, a_full, strict=True):
             b = rd.read(lo.b, block)
             if lo.magnitude:
                 t = merge_dora(t, a, b, lo.scale, rd.read(lo.magnitude, block))
@@ -381,7 +382,8 @@ def run_merge(spec: Spec, base_dir: Path, adapters: list[Path], out: Path, *, fo
     def build(tmp: Path) -> dict:
         return merge(Path(base_dir), [Path(a) for a in adapters], tmp / subfolder("bfloat16"),
                      out_fp16=tmp / subfolder("float16") if fp16 else None,
-                     chat_spec=spec.chat, inference=spec.inference, max_shard_bytes=spec.max_shard_bytes, expected_base=spec.base.model, progress=progress)
+                     chat_spec=spec.chat, inference=spec.inference, max_shard_bytes=spec.max_shard_bytes,
+                     expected_base=spec.base.model, progress=progress)
 
     return run_stage(STAGE, Path(out), build, release=spec.release.name, inputs=found, spec_sections=sections,
                      tools=TOOLS, force=force)

@@ -103,7 +103,8 @@ def base_config(spec: Spec, *, online: bool = True) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise StageError(f"{path}: unreadable ({type(e).__name__}); the disk estimate needs the base's config.json") from None
+        raise StageError(f"{path}: unreadable ({type(e).__name__}); "
+                         "the disk estimate needs the base's config.json") from None
 
 
 def _corpus_bytes(spec: Spec) -> int:

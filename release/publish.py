@@ -153,7 +153,8 @@ def check_verified(spec: Spec, feeds: Mapping[str, Path], weights: dict[Path, st
             raise PublishError(f"{path}: not in the verification manifest {where}; run ./inv release --from verify")
         if not a.get("passed"):
             raise PublishError(f"{path}: failed verification (variant {a.get('variant')}"
-                               f"{' ' + a['quant'] if a.get('quant') else ''}); fix it and run ./inv release --from verify")
+                               f"{' ' + a['quant'] if a.get('quant') else ''}); "
+                               "fix it and run ./inv release --from verify")
         if a.get("sha256") != sha:
             raise PublishError(f"{path}: bytes changed since verification (sha256 {sha[:12]}…, verified "
                                f"{str(a.get('sha256'))[:12]}…); run ./inv release --from verify again")
@@ -325,7 +326,8 @@ def read_plans(spec: Spec) -> list[RepoPlan]:
                          r["add"], r["change"], r["delete"], r["unchanged"], r["exists"], r["remote_sha"])
                 for repo, r in repos.items()]
     except (OSError, ValueError, KeyError) as e:
-        raise PublishError(f"{path}: no readable Hub plan ({type(e).__name__}); run ./inv publish to plan again") from None
+        raise PublishError(f"{path}: no readable Hub plan ({type(e).__name__}); "
+                           "run ./inv publish to plan again") from None
 
 
 def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:

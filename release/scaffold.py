@@ -133,5 +133,6 @@ def standalone(spec: Spec, out: Path, *, shape: str = "spec", layers: int | str 
     else:
         raise UsageError(f"--shape {shape}: expected 'spec' (with a [base.scaffold] in {spec.path}) or '8b'")
     return run_stage("scaffold", Path(out),
-                     lambda tmp: write_model(tmp, sc, spec.chat, max_shard_bytes=spec.max_shard_bytes, progress=progress),
+                     lambda tmp: write_model(tmp, sc, spec.chat, max_shard_bytes=spec.max_shard_bytes,
+                                             progress=progress),
                      release=spec.release.name, spec_sections={"scaffold": describe(sc)}, force=force)

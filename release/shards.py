@@ -12,6 +12,7 @@ written first and each tensor's bytes follow as soon as they exist. Files are re
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
@@ -80,7 +81,8 @@ def header(entries: Iterable[Entry], metadata: dict[str, str] | None = None, pad
     out: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for e in entries:
-        out[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        out[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape),
+                       "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
     blob = json.dumps(out, separators=(",", ":")).encode()
     return blob + b" " * (max(pad_to, len(blob) + (-len(blob) % 8)) - len(blob))
@@ -93,7 +95,7 @@ def row_blocks(rows: int, row_size: int, budget: int, min_rows: int = 1) -> list
     step = max(min_rows, budget // max(row_size, 1), 1)
     n = max(1, math.ceil(rows / step))
     edges = [round(i * rows / n) for i in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 # --- reading ----------------------------------------------------------------------------------

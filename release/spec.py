@@ -3,7 +3,9 @@
 Everything else in the toolchain reads facts from here and derives the rest (file names, stage
 directories, tags) in one place. Loading validates the whole file at once and reports one line
 per problem, naming the file, the key and what was expected, so a maintainer fixes a broken spec
-in one pass. This module imports nothing else from the package.
+in one pass. Of the package it imports only leaf modules that import nothing of it: the error
+family, the schema conversion (release/schema.py) and the special-token table
+(release/special_tokens.py, re-exported here as ``SPECIAL_TOKENS`` and ``VOCAB_BASE``).
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import hashlib
 import json
 import re
 import tomllib
-import types
-import typing
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from release import special_tokens
 from release.errors import SpecError
+from release.schema import convert, dotted
+from release.special_tokens import SPECIAL_TOKENS, VOCAB_BASE
 
-__all__ = ["Spec", "SpecError", "load", "owner_warnings", "GGUF_TYPES", "CONVERTED", "SPECIAL_TOKENS", "printable", "unprintable", "unwritable"]
+__all__ = [
+    "Spec", "SpecError", "load", "owner_warnings", "GGUF_TYPES", "CONVERTED", "SPECIAL_TOKENS", "VOCAB_BASE",
+    "printable", "unprintable", "unwritable",
+]
 
 # llama.cpp file types the GGUF stage can produce: CONVERTED ones by its own converter, the rest
 # by llama.cpp's quantizer (from the F16 file).
@@ -33,21 +39,6 @@ GGUF_TYPES = (
 )
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULL_MODULES = ("embed_tokens", "lm_head")
-
-# Llama 3.1's special tokens, in id order from VOCAB_BASE (Meta's tokenizer for 3.1): the only
-# values [chat] may name. Defined here so the spec is checked against the table the tokenizer
-# (release/llama3.py) is built from.
-VOCAB_BASE = 128_000  # tiktoken ranks; the special tokens follow them
-_NAMED_TOKENS = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-]
-SPECIAL_TOKENS: dict[str, int] = {
-    tok: VOCAB_BASE + i
-    for i, tok in enumerate(_NAMED_TOKENS + [f"<|reserved_special_token_{3 + i}|>"
-                                             for i in range(256 - len(_NAMED_TOKENS))])
-}
 
 # Unicode categories no chat template (Jinja or Go) or Modelfile string may hold, with what to
 # call them; line breaks and tabs are the control characters that are allowed.
@@ -67,7 +58,7 @@ def unprintable(text: str) -> str | None:
     ``strconv.IsPrint`` accepts (letters, marks, numbers, punctuation, symbols, the ASCII space)
     plus line breaks and tabs, and drops the rest (a zero-width non-joiner, a no-break space);
     control characters cannot be template literals either. release/chat.py and
-    release/modelfile.py refuse such text with this rule for values built in code."""
+    release/modelfiles.py refuse such text with this rule for values built in code."""
     for ch in text:
         if ch in "\n\t" or printable(ch):
             continue
@@ -85,8 +76,8 @@ def unwritable(text: str) -> str | None:
 
 
 # --- schema -----------------------------------------------------------------------------------
-# Plain frozen data classes; fields without a default are required. The loader below checks
-# types from these annotations, so the schema is written once.
+# Plain frozen data classes; fields without a default are required. The loader checks types
+# from these annotations (release/schema.py), so the schema is written once.
 
 
 @dataclass(frozen=True)
@@ -185,7 +176,7 @@ class Corpus:
 
 @dataclass(frozen=True)
 class Filters:
-    """Curation thresholds (training/curate.py)."""
+    """Curation thresholds (training/data.py)."""
 
     min_chars: int = 200  # documents shorter than this after cleaning are dropped
     min_script_ratio: float = 0.8  # share of letters in the corpus language's script
@@ -208,7 +199,7 @@ class Data:
     filters: Filters = field(default_factory=Filters)
     # bad input (a record that is not JSON or not UTF-8, without its text field, a corrupt shard):
     # "refuse" stops the data stage at the first, naming file and line; "skip" skips and counts
-    # each, and the report names them all (training/curate.py)
+    # each, and the report names them all (training/data.py)
     on_bad_data: Literal["refuse", "skip"] = "refuse"
 
     @property
@@ -415,12 +406,7 @@ class Spec:
     def section_hash(self, *keys: str) -> str:
         """sha256 of the named spec sections (dotted keys), so a stage re-runs only when the
         facts it reads change."""
-        picked = {}
-        for key in keys:
-            node: Any = self.raw
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            picked[key] = node
+        picked = {key: dotted(self.raw, key) for key in keys}
         blob = json.dumps(picked, sort_keys=True, ensure_ascii=False, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -457,7 +443,7 @@ def load(path: str | Path) -> Spec:
     except tomllib.TOMLDecodeError as e:
         raise SpecError([f"{shown}: not valid TOML: {e}"]) from None
     problems: list[str] = []
-    spec = _convert(Spec, raw, "", problems, skip={"path", "raw"})
+    spec = convert(Spec, raw, "", problems, skip={"path", "raw"})
     if problems:
         raise SpecError([f"{shown}: {p}" for p in problems])
     spec = dataclasses.replace(spec, path=path.resolve(), raw=raw)
@@ -465,109 +451,6 @@ def load(path: str | Path) -> Spec:
     if problems:
         raise SpecError([f"{shown}: {p}" for p in problems])
     return spec
-
-
-_MISSING = object()
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is str:
-        return "a string"
-    if tp is bool:
-        return "true or false"
-    if tp is int:
-        return "an integer"
-    if tp is float:
-        return "a number"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
-    if origin is dict:
-        return f"a table of {_describe(typing.get_args(tp)[1])}"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
-    if dataclasses.is_dataclass(tp):
-        return f"a table [{tp.__name__.lower()}]"
-    return str(tp)
-
-
-def _convert(tp: Any, value: Any, key: str, problems: list[str], skip: set[str] = frozenset()) -> Any:
-    """Check ``value`` against type ``tp``; append problems (``key: message``) and return the
-    converted value (or None where it was wrong)."""
-    origin = typing.get_origin(tp)
-    where = key or "(top level)"
-
-    def bad() -> None:
-        problems.append(f"{where}: expected {_describe(tp)}, got {value!r}")
-
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        if len(args) == 1:
-            return _convert(args[0], value, key, problems)
-        for arg in args:
-            trial: list[str] = []
-            out = _convert(arg, value, key, trial)
-            if not trial:
-                return out
-        bad()
-        return None
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            bad()
-            return None
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp) if f.name not in skip}
-        for extra in sorted(set(value) - set(fields)):
-            problems.append(
-                f"{_join(key, extra)}: unknown key (expected one of: {', '.join(fields)})")
-        kwargs = {}
-        for name, f in fields.items():
-            if name in value:
-                kwargs[name] = _convert(hints[name], value[name], _join(key, name), problems)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                problems.append(f"{_join(key, name)}: missing (expected {_describe(hints[name])})")
-                kwargs[name] = None
-        return tp(**kwargs)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            bad()
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            bad()
-            return []
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            bad()
-            return {}
-        _, item = typing.get_args(tp)
-        return {k: _convert(item, v, _join(key, k), problems) for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            bad()
-            return None
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            bad()
-            return None
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            bad()
-            return None
-        return value
-    raise TypeError(f"spec schema uses an unsupported type {tp!r}")  # a bug here, not in the file
-
-
-def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
 
 
 # --- checking ---------------------------------------------------------------------------------
@@ -722,7 +605,7 @@ def _check_chat(c: Chat) -> list[str]:
     tokens += [(f"chat.stop_tokens[{i}]", t) for i, t in enumerate(c.stop_tokens)]
     for key, token in tokens:
         if token not in SPECIAL_TOKENS:
-            p.append(f"{key}: expected {_special_tokens_described()}, got {token!r}")
+            p.append(f"{key}: expected {special_tokens.described()}, got {token!r}")
     _need(p, c.eot_token in c.stop_tokens, "chat.stop_tokens",
           f"expected the end-of-turn token {c.eot_token!r} among the stop tokens")
     _need(p, c.eos_token in c.stop_tokens, "chat.stop_tokens",
@@ -736,13 +619,6 @@ def _check_chat(c: Chat) -> list[str]:
     _need(p, prompt.strip() == prompt and prompt != "", "chat.system_prompt",
           "expected non-empty text without leading or trailing whitespace")
     return p
-
-
-def _special_tokens_described() -> str:
-    named = [t for t in SPECIAL_TOKENS if not t.startswith("<|reserved_special_token_")]
-    last = len(SPECIAL_TOKENS) - len(named) - 1
-    return (f"one of the Llama 3 special tokens ({', '.join(named)}, or <|reserved_special_token_0|> "
-            f"to <|reserved_special_token_{last}|>)")
 
 
 def _check_inference(inf: Inference) -> list[str]:
@@ -881,10 +757,7 @@ def _check_provenance(s: Spec) -> list[str]:
     _need(p, re.fullmatch(r"https?://\S+", s.provenance.source_url) is not None, "provenance.source_url",
           f"expected an http(s) URL, got {s.provenance.source_url!r}")
     for key in s.provenance.not_on_card:
-        node: Any = s.raw
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        _need(p, node is not None, f"provenance.not_on_card.{key}", "names no value of this spec")
+        _need(p, dotted(s.raw, key) is not None, f"provenance.not_on_card.{key}", "names no value of this spec")
     ev = s.evaluation
     _need(p, ev.benchmark is not None or (ev.overall_score is None and ev.urdu_purity is None),
           "evaluation.benchmark", "expected a name for what the reported scores were measured on")

@@ -301,7 +301,8 @@ def _generate_hf(model, tok, spec: Spec, prompt: str) -> Generation:
     config = GenerationConfig(max_new_tokens=spec.evaluation.max_new_tokens, do_sample=False, eos_token_id=eos,
                               pad_token_id=tok.convert_tokens_to_ids(spec.chat.pad_token), repetition_penalty=1.0)
     with torch.no_grad():
-        new = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, ids.shape[1]:].tolist()
+        new = model.generate(ids, attention_mask=torch.ones_like(ids),
+                             generation_config=config)[0, ids.shape[1]:].tolist()
     stopped = bool(new) and new[-1] in eos
     text = tok.decode(new[:-1] if stopped else new, skip_special_tokens=False)
     return Generation(text, new, "eog" if stopped else "length")
@@ -451,7 +452,8 @@ def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress
     models = dict(inputs)
     feeds = {k: Path(v) for k, v in sorted(models.items())}
     feeds["fidelity_text"] = spec.resolve(spec.evaluation.fidelity_text)
-    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs=feeds, spec_sections=sections,
+    return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs=feeds,
+                     spec_sections=sections,
                      tools=("transformers", "llama-cpp-python", "bitsandbytes", "torch"), force=force)
 
 

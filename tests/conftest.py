@@ -95,9 +95,9 @@ def demo_release(folder: Path, base_model: Path, text: str | None = None) -> Pat
 
     path = write_spec(folder / "specs", text)
     shutil.copytree(SPECS / "demo", folder / "specs" / "demo", dirs_exist_ok=True)
-    from release import base, spec
+    from release import pipeline, spec
 
-    target = base.folder(spec.load(path))
+    target = pipeline.folder(spec.load(path), "base")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(base_model, target)
     return path

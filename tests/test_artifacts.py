@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from release import artifacts
 from release.artifacts import StageError, run_stage
-
-from conftest import ROOT
 
 
 def _builder(calls: list, payload: bytes = b"weights"):

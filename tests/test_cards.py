@@ -182,7 +182,7 @@ def test_every_qalb_card_fact_by_fact(qalb_spec):
     params = 8_030_261_248  # Llama 3.1 8B
     t, lora, inf = s.training, s.lora, s.inference
     for name, v in s.variants.items():
-        text = str(cards.render(s, name, verify_manifest=vm, parameters=params))
+        text = str(cards.render(s, name, verify_manifest=vm, parameters=params, folders=pipeline.models(s)))
         data = ModelCard(text).data.to_dict()
         assert data["base_model"] == (s.base.model if v is s.flagship else s.flagship.repo)
         assert data["license_name"] == s.release.license_name and data["license_link"] == s.release.license_link
@@ -285,7 +285,7 @@ def test_chart_has_a_labelled_point_per_quantized_file_and_fixed_bytes(qalb_spec
     assert (image.format, image.size) == ("PNG", (800, 500))
     assert chart.chart(qalb_spec, vm) == png
     # and in a fresh interpreter (another run of the stage): the same bytes
-    code = ("import sys, hashlib; sys.path.insert(0, 'tests'); from test_card import _qalb_verification; "
+    code = ("import sys, hashlib; sys.path.insert(0, 'tests'); from test_cards import _qalb_verification; "
             "from release import chart, spec; s = spec.load('specs/qalb.toml'); "
             "print(hashlib.sha256(chart.chart(s, _qalb_verification(s))).hexdigest())")
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
-from release import chat, llama3
-
 import gorender
 import llamacpp
+import pytest
+
 from conftest import ROOT
+from release import chat, llama3
 
 REFERENCE = ROOT.parent / "shared" / "REFERENCE.md"
 BOS = "<|begin_of_text|>"

@@ -13,13 +13,12 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, demo_release
 
+from conftest import ROOT, demo_release
 from release import pipeline, urdu
 from release.errors import CurationError, SpecError
 from training import data, steps, tokens
 from training.clean import normalize, repetition, script_ratio
-
 
 # --- normalisation ----------------------------------------------------------------------------
 

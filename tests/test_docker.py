@@ -345,7 +345,8 @@ def test_release_image_runs_a_demo_stage_as_the_caller(tmp_path):
 
     # 2. an unprivileged uid: the runner's own command for `modelfiles`, into a folder of that uid;
     #    the files are that uid's and are the Modelfiles the host renders
-    from release import modelfiles, spec as spec_mod
+    from release import modelfiles
+    from release import spec as spec_mod
 
     uid = gid = 4321
     out = work / "mf"
@@ -408,9 +409,9 @@ def test_train_image_trains_as_the_local_runner_does(tiny_model):
     SIGKILLed torchrun in the container is resumed to the same bytes."""
     import time
 
-    from conftest import demo_release
     from test_training import _losses, _spec_text
 
+    from conftest import demo_release
     from release import spec as spec_mod
     from training import stages
 

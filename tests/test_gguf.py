@@ -8,16 +8,15 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import llamacpp
 import numpy as np
 import pytest
 from gguf import GGUFReader
+from test_merge import make_adapter
 
 from release import gguf as G
 from release import merge as merger
 from release import scaffold
-
-import llamacpp
-from test_merge import make_adapter
 
 
 def _read(path: Path) -> tuple[dict, dict]:

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, demo_release
 from test_training import _spec_text
 
+from conftest import ROOT, demo_release
 from release import docker, pipeline
 from release.artifacts import read_manifest
 
@@ -28,7 +28,7 @@ def train_image() -> str:
     tag = docker.image_tag("train")
     if shutil.which("docker") is None or not docker.image_exists(tag):
         pytest.fail(f"image {tag} not found: build it with `./inv docker.build --image release` and "
-                    "`./inv docker.build --image train` (README: Containers)")
+                    "`./inv docker.build --image train` (docs/containers.md)")
     return tag
 
 

@@ -16,13 +16,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from huggingface_hub import (CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_hf_file_metadata,
-                             hf_hub_download, hf_hub_url)
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+)
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionNotFoundError
+from test_tasks import inv
 
 from conftest import ROOT
 from release.localhub import HubServer
-from test_tasks import inv
 
 TOKEN = "hf_" + secrets.token_hex(16)  # made per run, recognisable: scanned for in the output
 

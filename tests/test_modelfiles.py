@@ -10,16 +10,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import gorender
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from release import modelfiles, verify
-from release import gguf as G
-from release.modelfiles import ModelfileError
-
-import gorender
 from conftest import ROOT
+from release import gguf as G
+from release import modelfiles, verify
+from release.modelfiles import ModelfileError
 
 
 def test_every_generated_modelfile_reads_back_to_the_spec(qalb_spec, demo_spec):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SPECS, write_spec
-from release import publish, pipeline
+from release import pipeline, publish
 from release.artifacts import MANIFEST, check_outputs, read_manifest, sha256_file
 from release.spec import load
 

@@ -21,13 +21,13 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapshot_download
 from huggingface_hub.utils.sha import git_hash
+from test_merge import make_adapter
 
 from conftest import ROOT, SPECS, write_spec
 from release import cards, chart, chat, merge, modelfiles, pipeline, publish
 from release.artifacts import read_manifest, run_stage, sha256_file
 from release.localhub import HubServer
 from release.spec import load
-from test_merge import make_adapter
 
 TOKEN = "hf_" + secrets.token_hex(16)  # made per run, recognisable: scanned for everywhere below
 
@@ -121,7 +121,7 @@ def test_plan_without_endpoint_stages_the_exact_file_sets(release_build, monkeyp
     for p in plans.values():  # the licence's attribution notice (§1.b.iii), in every repo
         assert (p.folder / "NOTICE").read_text(encoding="utf-8") == spec.license_terms.notice + "\n"
     for p in plans.values():
-        assert p.folder == b / "hub" / p.repo.split("/")[-1]
+        assert p.folder == b / "publish" / p.repo.split("/")[-1]
         assert sorted(x.relative_to(p.folder).as_posix() for x in p.folder.rglob("*") if x.is_file()) == sorted(p.files)
         assert p.add == sorted(p.files) and not p.change and not p.delete
     # weights are hard links to the built files, not copies
@@ -129,7 +129,7 @@ def test_plan_without_endpoint_stages_the_exact_file_sets(release_build, monkeyp
     assert staged.stat().st_ino == (b / "gguf" / staged.name).stat().st_ino
     assert (bf16.folder / "README.md").read_text(encoding="utf-8") == (b / "cards" / "bf16" / "README.md").read_text(
         encoding="utf-8")
-    assert json.loads((b / "hub" / "plan.json").read_text())["repos"].keys() == set(_repos(spec).values())
+    assert json.loads((b / "publish" / "plan.json").read_text())["repos"].keys() == set(_repos(spec).values())
     with pytest.raises(publish.PublishError) as e:
         publish.push(spec, _plan(spec), progress=False)
     assert str(e.value) == (f"{spec.path}: hub.endpoint is 'local' and HF_ENDPOINT is not set; start a local Hub "
@@ -412,7 +412,7 @@ def test_refuses_a_failed_gate(release_build, tmp_path, local_hub):
         publish.plan(spec, _inputs(spec), progress=False)
     q4 = spec.build_dir / "gguf" / spec.gguf_file_name("Q4_K_M")
     assert str(e.value) == f"{q4}: failed verification (variant gguf Q4_K_M); fix it and run ./inv release --from verify"
-    assert not list((spec.build_dir / "hub").glob(".*.partial"))  # nothing half-staged is left
+    assert not list((spec.build_dir / "publish").glob(".*.partial"))  # nothing half-staged is left
     assert local_hub.stats["requests"] == {}
 
 

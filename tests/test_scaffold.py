@@ -9,13 +9,12 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import llamacpp
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from release import llama3, scaffold
-
-import llamacpp
 
 URDU = [
     "آپ ایک مددگار اور بے ضرر مصنوعی ذہانت کے اسسٹنٹ ہیں۔",

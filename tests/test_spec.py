@@ -4,12 +4,15 @@ file, the key and what was expected; the system prompt is the reference text byt
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from release import spec as specmod
+from release import special_tokens
+from release.schema import convert, describe, dotted
 from release.spec import SpecError
 
 from conftest import ROOT, SPECS, write_spec
@@ -239,6 +242,10 @@ def test_the_special_token_table_is_the_tokenizers(qalb_spec):
     assert specmod.SPECIAL_TOKENS["<|eot_id|>"] == 128_009 and len(specmod.SPECIAL_TOKENS) == 256
     c = qalb_spec.chat
     assert {c.bos_token, c.eos_token, c.eot_token, c.pad_token, *c.stop_tokens} <= set(specmod.SPECIAL_TOKENS)
+    # release.spec re-exports the table (modules import it from there), the same object
+    assert specmod.SPECIAL_TOKENS is special_tokens.SPECIAL_TOKENS and specmod.VOCAB_BASE == 128_000
+    assert special_tokens.described().startswith("one of the Llama 3 special tokens (<|begin_of_text|>, ")
+    assert special_tokens.described().endswith("or <|reserved_special_token_0|> to <|reserved_special_token_247|>)")
 
 
 def test_several_problems_are_all_reported(tmp_path):
@@ -277,6 +284,72 @@ def test_derived_facts(demo_spec):
     assert demo_spec.section_hash("lora") != demo_spec.section_hash("chat")
     assert demo_spec.section_hash("lora") == demo_spec.section_hash("lora")
     assert specmod.parse_size("5GB") == 5_000_000_000 and specmod.parse_size("1.5 MB") == 1_500_000
+
+
+def test_section_hash_is_the_sha256_of_the_dotted_values(demo_spec):
+    """Pinned to its recipe: a changed hash would make every built stage run again."""
+    import hashlib
+    import json
+
+    keys = ("lora", "chat.eos_token", "chat.no_such_key", "lora.r.deeper")
+    picked = {"lora": demo_spec.raw["lora"], "chat.eos_token": demo_spec.chat.eos_token,
+              "chat.no_such_key": None, "lora.r.deeper": None}
+    blob = json.dumps(picked, sort_keys=True, ensure_ascii=False, default=str)
+    assert demo_spec.section_hash(*keys) == hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --- the schema: typed conversion and dotted keys (release/schema.py) ---------------------------
+
+
+def test_dotted_walks_nested_tables_and_is_none_off_them():
+    table = {"chat": {"eos_token": "<|eot_id|>"}, "lora": {"r": 8}, "tags": ["a"]}
+    assert dotted(table, "chat.eos_token") == "<|eot_id|>"
+    assert dotted(table, "chat") == {"eos_token": "<|eot_id|>"}
+    assert dotted(table, "chat.nope") is None and dotted(table, "nope.deeper") is None
+    assert dotted(table, "lora.r.deeper") is None  # 8 is a value, not a table
+    assert dotted(table, "tags.0") is None  # lists are not walked
+
+
+@dataclass(frozen=True)
+class _Inner:
+    n: int
+    kind: Literal["a", "b"] = "a"
+
+
+@dataclass(frozen=True)
+class _Outer:
+    inner: _Inner
+    ratio: float | None = None
+    names: list[str] = field(default_factory=list)
+
+
+def test_convert_reports_every_problem_with_its_dotted_key():
+    problems: list[str] = []
+    convert(_Outer, {"inner": {"n": True, "kind": "c", "x": 1}, "names": ["ok", 3]}, "", problems)
+    assert problems == [
+        "inner.x: unknown key (expected one of: n, kind)",
+        "inner.n: expected an integer, got True",
+        "inner.kind: expected one of 'a', 'b', got 'c'",
+        "names[1]: expected a string, got 3",
+    ]
+    problems = []
+    assert convert(_Outer, {"inner": {"n": 2}, "ratio": 1}, "", problems) == _Outer(_Inner(2), 1.0)
+    assert problems == []
+    convert(_Outer, {}, "top", problems)
+    assert problems == ["top.inner: missing (expected a table [_inner])"]
+    assert describe(list[str]) == "a list of strings" and describe(float | None) == "a number"
+
+
+def test_the_schema_and_token_table_import_nothing_of_the_package():
+    """Leaf modules: release/spec.py may import them without a cycle."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, release.schema, release.special_tokens; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('release.'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == ["release.schema", "release.special_tokens"]
 
 
 # --- where values come from, and the licence's duties -------------------------------------------

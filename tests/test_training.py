@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, demo_release
 
+from conftest import ROOT, demo_release
 from release import pipeline
 from release.artifacts import sha256_file
 from training import stages
@@ -176,7 +176,7 @@ def test_release_merge_takes_the_chain_and_reproduces_the_sft_base(trained, tmp_
 
     merge.merge(base_dir, [cpt_dir], tmp_path / "cpt-only", chat_spec=s.chat, inference=s.inference,
                 expected_base=s.base.model, progress=False)
-    trained_on = stages._merged_cpt_model(s, tmp_path / "work", lambda line: None)
+    trained_on = stages._merged_cpt_model(pipeline.upstream(s, "sft"), tmp_path / "work", lambda line: None)
     ours = {}
     for f in sorted(trained_on.glob("*.safetensors")):
         ours.update(load_file(str(f)))
@@ -246,8 +246,7 @@ def test_adaptations_are_made_in_one_visible_place(demo_spec):
 KILLED = """
 import sys
 sys.path.insert(0, {root!r})
-from release import spec
-from training import stages
+from release import pipeline, spec
 pipeline.run_one(spec.load({spec!r}), "cpt", progress=False)
 """
 

@@ -11,23 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_merge import make_adapter
+from test_modelfiles import _scripted_model
 
 from conftest import write_spec
+from release import bnb4, chat, forward, scaffold, verify
 from release import gguf as G
 from release import merge as merger
-from release import chat, forward, bnb4, scaffold, verify
 from release.artifacts import read_manifest, sha256_file
 from release.shards import row_blocks
 from release.spec import Gate, load
-from test_merge import make_adapter
-from test_modelfile import _scripted_model
 
 
 def small_spec_text() -> str:
     """The demo spec with one llama.cpp quant type (Q8_0), to keep the test short."""
-    from conftest import SPECS
-
     import re
+
+    from conftest import SPECS
 
     text = (SPECS / "demo.toml").read_text(encoding="utf-8")
     text, n = re.subn(r"^quant_types = \[.*\]$", 'quant_types = ["Q8_0"]', text, flags=re.M)

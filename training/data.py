@@ -55,10 +55,10 @@ from typing import TYPE_CHECKING
 
 from release.artifacts import (
     Manifest,
+    Traits,
     atomic_path,
     fingerprint,
     input_digest,
-    Traits,
     run_stage,
     stage_dir,
     summary_console,
@@ -541,7 +541,7 @@ def curate(spec: Spec, out: Path, *, work: Path, count: Counter, workers: int | 
     chain = executors(jobs, w, "local", workers)
     seconds: dict[str, float] = {}
     with _quiet(work / "console.log"), _Progress(progress) as bar:
-        for job, ex in zip(jobs, chain):
+        for job, ex in zip(jobs, chain, strict=True):
             t = time.perf_counter()
             with bar.job(job, Path(w.logs(job.name))):
                 ex.run()
@@ -634,7 +634,8 @@ def corpora(spec: Spec, inputs: Mapping[str, Path]) -> dict[str, Path]:
     for c in (*spec.data.corpora, spec.data.instruct):
         path = spec.resolve(c.path)
         if not path.exists():
-            raise CurationError(f"{path}: no such corpus file or folder; fix data corpus {c.name!r} path in {spec.path}")
+            raise CurationError(f"{path}: no such corpus file or folder; fix data corpus {c.name!r} path in "
+                                f"{spec.path}")
         found[f"corpus:{c.name}"] = path
     return found
 
@@ -694,8 +695,10 @@ def summary(spec: Spec, manifest: Manifest, console=None) -> None:
     f = manifest.figures
     bad = report.get("bad_data", {}).get("count", 0)
     console.print(
-        f"CPT set: {f['cpt_documents']:,} documents, {f['cpt_tokens']:,} tokens ({100 * f['replay_share']:.1f}% English "
+        f"CPT set: {f['cpt_documents']:,} documents, {f['cpt_tokens']:,} tokens "
+        f"({100 * f['replay_share']:.1f}% English "
         f"replay, target {100 * spec.data.replay_share:.1f}%); kept {100 * f['kept_tokens']:.1f}% of the raw tokens "
         f"(card: {100 * spec.data.retained_fraction:.1f}%). SFT set: {f['sft_examples']:,} chats. "
-        + (f"Bad input skipped: {bad:,} (listed in {stage_dir(spec.build_dir, STAGE) / BAD_DATA_FILE}). " if bad else "")
+        + (f"Bad input skipped: {bad:,} "
+           f"(listed in {stage_dir(spec.build_dir, STAGE) / BAD_DATA_FILE}). " if bad else "")
         + f"Report: {stage_dir(spec.build_dir, STAGE) / REPORT_FILE}")

@@ -85,7 +85,8 @@ def _sections(spec: Spec, stage: str) -> dict[str, str]:
 # --- hardware adaptations ---------------------------------------------------------------------
 
 
-def adapt(spec: Spec, stage: str, *, gpu: bool | None = None, bf16_native: bool | None = None) -> tuple[dict, list[str]]:
+def adapt(spec: Spec, stage: str, *, gpu: bool | None = None,
+          bf16_native: bool | None = None) -> tuple[dict, list[str]]:
     """The spec's training options as this machine can run them: ``(settings, adaptations)``,
     one line per option changed and why. The only place where training options are changed."""
     import torch
@@ -278,8 +279,8 @@ def _dataset(spec: Spec, stage: str, inputs: Mapping[str, Path], tokenizer, work
         log(f"examples: {len(dataset)}")
         return dataset, None
     counter = tokens.counter(inputs["base"] / "tokenizer.json")
-    dataset, f = pack.pack_cpt(_curated(inputs, "cpt.jsonl"), counter, length, work / "data", bos=tokenizer.bos_token_id,
-                               eos=tokenizer.eos_token_id, packing=st.packing)
+    dataset, f = pack.pack_cpt(_curated(inputs, "cpt.jsonl"), counter, length, work / "data",
+                               bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, packing=st.packing)
     if not len(dataset):
         raise StageError(f"{inputs[DATA] / 'cpt.jsonl'}: fewer than {length} "
                          "tokens of text; add data or lower training.sequence_length")

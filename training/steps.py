@@ -280,7 +280,7 @@ class Measured(PipelineStep):
                 n[2] += 1
                 n[3] += doc.metadata["tokens"]
                 yield doc
-        for key, value in zip(("docs_in", "tokens_in", "docs_out", "tokens_out"), n):
+        for key, value in zip(("docs_in", "tokens_in", "docs_out", "tokens_out"), n, strict=True):
             self.stat_update(key, value=value)
 
 
