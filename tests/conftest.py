@@ -101,3 +101,58 @@ def demo_release(folder: Path, base_model: Path, text: str | None = None) -> Pat
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(base_model, target)
     return path
+
+
+def demo_copy(folder: Path) -> Path:
+    """The demo spec and its bundled corpora in ``folder``, building into ``folder/build``."""
+    import shutil
+
+    text = (SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"', 'dir = "build"')
+    spec = write_spec(folder, text)
+    shutil.copytree(SPECS / "demo", folder / "demo")
+    return spec
+
+
+def release_cmd(spec: Path, task: str = "release") -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "invoke", "--search-root", str(ROOT), task, "--spec", str(spec)]
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """The whole demo release, built once per test run by `invoke release` as a user runs it:
+    ``(spec file, the finished process, seconds)``. Tests that only read a release share it and
+    must not write into its build folder (copy it first: ``linked_copy``)."""
+    import subprocess
+    import time
+
+    folder = tmp_path_factory.mktemp("demo-build")
+    spec = demo_copy(folder)
+    start = time.perf_counter()
+    done = subprocess.run(release_cmd(spec), cwd=folder, capture_output=True, text=True, timeout=1800)
+    return spec, done, time.perf_counter() - start
+
+
+@pytest.fixture(scope="session")
+def demo_built(demo_build):
+    """The shared demo release's spec, loaded, once the release succeeded."""
+    from release import spec
+
+    path, done, _ = demo_build
+    assert done.returncode == 0, done.stderr[-3000:]
+    return spec.load(path)
+
+
+def linked_copy(spec_path: Path, folder: Path, text: str | None = None) -> Path:
+    """A copy of a built release in ``folder``: the spec (or ``text``) and the files it names, and
+    the build folder as hard links, so a stage that runs there replaces its own folder (built
+    aside, renamed in) and leaves the original's files as they were."""
+    import os
+    import shutil
+
+    shutil.copytree(spec_path.parent, folder, ignore=shutil.ignore_patterns("build"))
+    if text is not None:
+        (folder / spec_path.name).write_text(text, encoding="utf-8")
+    shutil.copytree(spec_path.parent / "build", folder / "build", copy_function=os.link)
+    return folder / spec_path.name

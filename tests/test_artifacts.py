@@ -60,7 +60,10 @@ def test_changes_trigger_a_rebuild(tmp_path, change):
     inp = tmp_path / "input.txt"
     inp.write_text("corpus")
     stage, calls = tmp_path / "demo", []
-    kw = lambda: {"inputs": {"corpus": inp}, "spec_sections": {"lora": "h2" if change == "spec" else "h1"}}
+
+    def kw() -> dict:
+        return {"inputs": {"corpus": inp}, "spec_sections": {"lora": "h2" if change == "spec" else "h1"}}
+
     _run(stage, calls, inputs={"corpus": inp}, spec_sections={"lora": "h1"})
     if change == "input":
         inp.write_text("corpus, edited")

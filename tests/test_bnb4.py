@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_sharded_within_limit_with_index(ours):
         header = json.loads(raw[8:8 + n])
         assert n % 8 == 0 and raw[8:8 + n].rstrip(b" ").endswith(b"}")
         spans = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
-        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(spans))
         assert 8 + n + spans[-1][1] == len(raw)
     # 4 bits per weight plus the (double-quantized) block statistics
     assert 4.0 < figures["bits_per_weight"] < 4.3

@@ -191,12 +191,14 @@ def test_every_qalb_card_fact_by_fact(qalb_spec):
         # model and LoRA table
         assert f"| base model | [{s.base.model}](https://huggingface.co/{s.base.model}) |" in text
         assert f"| sequence length | {t.sequence_length} |" in text
-        assert f"| LoRA | r = {lora.r}, alpha = {lora.alpha}, dropout {lora.dropout}, rsLoRA {lora.use_rslora} |" in text
+        assert (f"| LoRA | r = {lora.r}, alpha = {lora.alpha}, dropout {lora.dropout}, "
+                f"rsLoRA {lora.use_rslora} |") in text
         assert f"| LoRA targets | {', '.join(lora.target_modules)} |" in text
         # the two training stages
         assert f"| optimizer | {t.cpt.optimizer} | {t.sft.optimizer} |" in text
         assert f"| learning rate | {t.cpt.learning_rate:g} (not stated by the authors; " in text
-        assert f"| schedule | {t.cpt.lr_scheduler}, warmup ratio {t.cpt.warmup_ratio:g} | {t.sft.lr_scheduler}, " in text
+        assert (f"| schedule | {t.cpt.lr_scheduler}, warmup ratio {t.cpt.warmup_ratio:g} | "
+                f"{t.sft.lr_scheduler}, ") in text
         assert f"| effective batch size | {t.cpt.effective_batch_size} | {t.sft.effective_batch_size} |" in text
         assert f"| epochs | {t.cpt.epochs} (not stated by the authors; " in text and f" | {t.sft.epochs} |" in text
         assert "| trained in full | embed_tokens, lm_head | - |" in text
@@ -306,8 +308,9 @@ def test_chart_has_a_labelled_point_per_quantized_file_and_fixed_bytes(qalb_spec
 def test_gguf_card_says_which_files_used_the_importance_matrix_and_on_what_text(qalb_spec):
     files = {q: {"file": qalb_spec.gguf_file_name(q), "bytes": 1, "bits_per_weight": 4.0, "sha256": "ab" * 32,
                  "imatrix": q not in ("F16", "Q8_0")} for q in qalb_spec.gguf_types()}
-    figures = {"files": files, "imatrix": {"file": "Qalb-1.0-8B-Instruct-imatrix.gguf", "calibration": "calibration/ur-en.txt",
-                                           "chunk_tokens": 512, "chunks": 37, "tokens": 18944, "seconds": 1.0}}
+    figures = {"files": files, "imatrix": {"file": "Qalb-1.0-8B-Instruct-imatrix.gguf",
+                                           "calibration": "calibration/ur-en.txt", "chunk_tokens": 512, "chunks": 37,
+                                           "tokens": 18944, "seconds": 1.0}}
     m = Manifest("gguf", "Qalb-1.0-8B-Instruct", "f" * 64, {}, {}, {}, [], figures)
     body = str(cards.render(qalb_spec, "gguf", m))
     section = body.split("## Importance matrix\n\n")[1].split("\n\n")[0]

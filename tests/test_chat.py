@@ -74,7 +74,7 @@ def rendered(demo_spec, hf_tokenizer, go_exe):
                                               add_generation_prompt=True) for n in names]
     go = gorender.render(go_exe, chat.go_template(demo_spec.chat), demo_spec.chat.system_prompt,
                          [{"messages": CONVERSATIONS[n]} for n in names])
-    return dict(zip(names, zip(jinja, go)))
+    return dict(zip(names, zip(jinja, go, strict=True), strict=True))
 
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
@@ -126,7 +126,8 @@ def test_legacy_prompt_variables_render_like_a_single_user_turn(demo_spec, rende
 
 def test_final_assistant_message_is_left_open_in_ollama(demo_spec, go_exe):
     (out,) = gorender.render(go_exe, chat.go_template(demo_spec.chat), demo_spec.chat.system_prompt,
-                             [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is"}]}])
+                             [{"messages": [{"role": "user", "content": "q"},
+                                            {"role": "assistant", "content": "The answer is"}]}])
     assert out.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nThe answer is")
 
 

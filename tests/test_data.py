@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import shutil
 import subprocess
@@ -210,7 +211,7 @@ def test_demo_stage_outputs_and_report_arithmetic(demo_data):
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     for name, corpus in [*report["corpora"].items(), ("instruct", report["instruct"])]:
         filters = corpus["filters"]
-        for a, b in zip(filters, filters[1:]):  # each filter takes what the previous one let out
+        for a, b in itertools.pairwise(filters):  # each filter takes what the previous one let out
             assert (a["docs_out"], a["tokens_out"]) == (b["docs_in"], b["tokens_in"]), (name, a, b)
         for st in filters:
             assert st["docs_out"] <= st["docs_in"], (name, st)
@@ -231,7 +232,8 @@ def test_demo_stage_outputs_and_report_arithmetic(demo_data):
     # the figures of the implementation before datatrove (one process, in-memory LSH), which
     # wrote the same cpt.jsonl and sft.jsonl bytes for the demo: 26 documents, 3,659 of 4,807
     # raw tokens kept (76.1%), 254 English replay tokens
-    assert (report["total"]["docs_out"], report["total"]["tokens_out"], report["total"]["tokens_in"]) == (26, 3659, 4807)
+    assert (report["total"]["docs_out"], report["total"]["tokens_out"],
+            report["total"]["tokens_in"]) == (26, 3659, 4807)
     assert (replay["english_tokens"], report["total"]["kept_tokens"]) == (254, 0.761182)
     assert report["bad_data"] == {"policy": "refuse", "count": 0, "first": []}
     # outputs agree with the report; every line is clean, NFC text
@@ -246,7 +248,8 @@ def test_demo_stage_outputs_and_report_arithmetic(demo_data):
         assert roles == ["system", "user", "assistant"]
         assert row["messages"][0]["content"] == s.chat.system_prompt
     with_input = next(r for r in sft if "The weather is very pleasant today." in r["messages"][1]["content"])
-    assert with_input["messages"][1]["content"] == "درج ذیل جملے کا اردو میں ترجمہ کریں۔\n\nThe weather is very pleasant today."
+    assert with_input["messages"][1]["content"] == ("درج ذیل جملے کا اردو میں ترجمہ کریں۔\n\n"
+                                                    "The weather is very pleasant today.")
     # the working folder (datatrove's intermediate files) is removed after success
     assert not list((s.build_dir / ".checkpoints").glob("data-*"))
 
@@ -262,7 +265,8 @@ def test_tokens_are_llama3_tokens(demo_data, tiny_model):
     tok = Tokenizer.from_file(str(path))
     fast = tokens.counter(path)
     assert fast.engine == "tiktoken"
-    lines = [json.loads(x)["text"] for x in (pipeline.folder(s, "data") / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [json.loads(x)["text"]
+             for x in (pipeline.folder(s, "data") / "cpt.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sum(len(tok.encode(t, add_special_tokens=False).ids) for t in lines) == manifest.figures["cpt_tokens"]
     raw = [json.loads(x).get("text", "") for f in ("urdu", "english", "instruct")
            for x in (ROOT / f"specs/demo/{f}.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -366,8 +370,8 @@ def test_cluster_executors_take_the_same_plan(demo_spec, tmp_path):
         chain = data.executors(jobs, work, kind, **options)
         assert all(isinstance(e, cls) for e in chain)
         assert [e.world_size for e in chain] == [j.tasks for j in jobs]
-        assert all(e.pipeline is j.pipeline for e, j in zip(chain, jobs))
-        assert chain[0].depends is None and all(b.depends is a for a, b in zip(chain, chain[1:]))
+        assert all(e.pipeline is j.pipeline for e, j in zip(chain, jobs, strict=True))
+        assert chain[0].depends is None and all(b.depends is a for a, b in itertools.pairwise(chain))
     with pytest.raises(CurationError, match="executor 'spark': expected local, slurm or ray"):
         data.executors(jobs, work, "spark")
 
@@ -400,7 +404,8 @@ def test_jsonl_parquet_and_text_plain_or_compressed(tmp_path):
     assert [r["text"] for _, r in got] == ["پہلی سطر\nدوسری سطر", "اگلی دستاویز", "تیسری", "چوتھی"]
     assert got[1][0].endswith("a.txt:5") and got[3][0].endswith("b.txt.gz:3")  # where each document starts
     (tmp_path / "j").mkdir()
-    (tmp_path / "j" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n\n{"text": "y"}\n'))
+    (tmp_path / "j" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n\n'
+                                                                                      b'{"text": "y"}\n'))
     (tmp_path / "j" / "ignored.json").write_text("{}")
     got = list(data.read_records(tmp_path / "j", "jsonl", ("text",)))
     assert [(w.rsplit(":", 1)[1], r["text"]) for w, r in got] == [("1", "x"), ("3", "y")]
@@ -435,7 +440,7 @@ def test_bad_input_refused_names_file_and_line(tmp_path):
     problems = steps.Problems("skip")
     kept = list(data.read_records(tmp_path / "bad", "jsonl", ("text",), problems))
     assert len(problems.lines) == len(expected)
-    for line, want in zip(problems.lines, expected):
+    for line, want in zip(problems.lines, expected, strict=True):
         assert line.startswith(want), (line, want)
     truncated = problems.lines[5]
     assert "unreadable from this line on (EOFError" in truncated and "the shard is corrupt or truncated" in truncated
@@ -468,7 +473,7 @@ def test_bad_input_skipped_and_counted_or_refused_by_the_stage(tmp_path, tiny_mo
     report = json.loads((pipeline.folder(s, "data") / "report.json").read_text(encoding="utf-8"))
     assert m.figures["bad_data"] == report["bad_data"]["count"] == len(expected)
     listed = (pipeline.folder(s, "data") / "bad_data.txt").read_text(encoding="utf-8").splitlines()
-    assert listed == report["bad_data"]["first"] and all(a.startswith(b) for a, b in zip(listed, expected))
+    assert listed == report["bad_data"]["first"] and all(a.startswith(b) for a, b in zip(listed, expected, strict=True))
     urdu_in = report["corpora"]["urdu"]["docs_in"]
     assert urdu_in == 2 + int(listed[5].split(":")[1]) - 1  # a.jsonl's 2 good records + b's lines read
     s2 = spec.load(demo_release(tmp_path / "refuse", tiny_model, text))
@@ -484,7 +489,8 @@ def test_bad_input_skipped_and_counted_or_refused_by_the_stage(tmp_path, tiny_mo
 def test_spec_names_the_bad_data_policy(tmp_path):
     from release import spec
 
-    text = (ROOT / "specs/demo.toml").read_text(encoding="utf-8").replace('on_bad_data = "refuse"', 'on_bad_data = "ignore"')
+    text = (ROOT / "specs/demo.toml").read_text(encoding="utf-8").replace('on_bad_data = "refuse"',
+                                                                          'on_bad_data = "ignore"')
     assert 'on_bad_data = "ignore"' in text
     shutil.copytree(ROOT / "specs", tmp_path, dirs_exist_ok=True)
     path = tmp_path / "bad.toml"

@@ -231,7 +231,8 @@ def test_dispatch_passes_the_secret_by_environment_only(hf_home, tmp_path, monke
     assert hf_home.is_dir()  # created as the caller before docker could create it as root
 
     _fake_docker(bin_dir, log, image_present=False)
-    with pytest.raises(docker.DockerError, match=r"image qalb-release:.* not found: build it with `./inv docker.build --image release`"):
+    with pytest.raises(docker.DockerError,
+                       match=r"image qalb-release:.* not found: build it with `./inv docker.build --image release`"):
         docker.dispatch("modelfiles", "docker", {"spec": "specs/demo.toml"}, ROOT)
 
 
@@ -380,7 +381,8 @@ def test_train_image_constraints_resolve_with_a_cuda_torch(tmp_path):
     def resolve(constraints: Path) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
                                "--report", str(tmp_path / "report.json"), "--index-url", "https://pypi.org/simple",
-                               "-c", str(constraints), "torch==2.13.0", f"torchvision=={torchvision}", f"{ROOT}[train]"],
+                               "-c", str(constraints), "torch==2.13.0", f"torchvision=={torchvision}",
+                               f"{ROOT}[train]"],
                               env=env, capture_output=True, text=True, cwd=tmp_path)
 
     assert "ResolutionImpossible" in resolve(ROOT / "constraints.txt").stderr

@@ -3,6 +3,7 @@ quantizer, fidelity against transformers, and refusals that leave no partial fil
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import replace
@@ -17,6 +18,13 @@ from test_merge import make_adapter
 from release import gguf as G
 from release import merge as merger
 from release import scaffold
+
+
+@functools.lru_cache(maxsize=8)
+def _reader(path: Path) -> GGUFReader:
+    """gguf's reader of ``path``, once per file: parsing the metadata of a file with Llama 3's
+    128,256-token vocabulary takes seconds, and the files under test are written once."""
+    return GGUFReader(path)
 
 
 def _read(path: Path) -> tuple[dict, dict]:
@@ -107,17 +115,21 @@ def test_metadata_from_the_spec(demo_spec, merged, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def stage(demo_spec, merged, tmp_path_factory):
-    """The gguf stage of the demo spec on ``merged``: its manifest and folder."""
-    root = tmp_path_factory.mktemp("stage")
-    spec = replace(demo_spec, build=replace(demo_spec.build, dir=str(root)))
-    return G.run(spec, {"model": merged}, progress=False), root / "Qalb-Demo-1.0-Tiny-Instruct" / "gguf"
+def stage(demo_built):
+    """The gguf stage of the session's demo release (conftest.demo_build), read only: its
+    manifest and folder."""
+    from release import pipeline
+    from release.artifacts import read_manifest
+
+    folder = pipeline.folder(demo_built, G.STAGE)
+    return read_manifest(folder), folder
 
 
 def test_stage_writes_every_type_with_sizes(stage):
     manifest, folder = stage
     files = manifest.figures["files"]
-    assert list(files) == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M"]
+    order = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M"]  # the demo spec's
+    assert sorted(files) == sorted(order)  # (the manifest's JSON keeps its keys sorted)
     d = {q: G.describe(folder / f["file"]) for q, f in files.items()}
     reader = GGUFReader(folder / files["Q4_K_M"]["file"])
     assert d["Q4_K_M"]["tensor_types"] == {t: sum(x.tensor_type.name == t for x in reader.tensors)
@@ -129,7 +141,7 @@ def test_stage_writes_every_type_with_sizes(stage):
     assert d["IQ4_XS"]["tensor_types"] == {"IQ4_XS": 15, "Q6_K": 1, "F32": 6}
     assert d["Q3_K_M"]["tensor_types"].keys() == {"Q3_K", "Q4_K", "Q5_K", "Q6_K", "F32"}
     assert d["Q3_K_M"]["tensor_types"]["Q3_K"] >= 9
-    bpw = [files[q]["bits_per_weight"] for q in files]
+    bpw = [files[q]["bits_per_weight"] for q in order]
     assert bpw == sorted(bpw, reverse=True) and bpw[0] == 16.0
     assert all(len(f["sha256"]) == 64 for f in files.values())
     # fidelity is the verify stage's to measure (tests/test_verify.py), not this stage's
@@ -161,10 +173,10 @@ def _weighted_errors(f16: Path, quant: Path, imatrix: Path) -> dict[str, float]:
     the quantizer to keep small."""
     from gguf.quants import dequantize
 
-    im = {t.name: np.asarray(t.data, dtype=np.float64) for t in GGUFReader(imatrix).tensors}
-    ref = {t.name: t for t in GGUFReader(f16).tensors}
+    im = {t.name: np.asarray(t.data, dtype=np.float64) for t in _reader(imatrix).tensors}
+    ref = {t.name: t for t in _reader(f16).tensors}
     out = {}
-    for t in GGUFReader(quant).tensors:
+    for t in _reader(quant).tensors:
         if f"{t.name}.in_sum2" not in im:
             continue
         weight = im[f"{t.name}.in_sum2"].reshape(-1) / im[f"{t.name}.counts"].reshape(-1)[0]
@@ -196,7 +208,7 @@ def test_the_importance_matrix_lowers_the_error_where_the_text_is_active_and_lla
 
 
 def _tensors(path: Path) -> dict[str, bytes]:
-    return {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(path).tensors}
+    return {t.name: np.asarray(t.data).tobytes() for t in _reader(path).tensors}
 
 
 def test_llama_quantize_without_a_matrix_writes_what_llama_cpp_python_writes(stage, tmp_path):

@@ -45,7 +45,8 @@ def test_packages_import_and_unsloth_selects_its_cpu_fallback(tmp_path):
             "print('ok')\n")
     # Unsloth writes a compiled-code cache into the working directory: keep it out of the checkout.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
     assert "no GPU found, training on CPU" in out.stdout + out.stderr

@@ -188,7 +188,8 @@ def test_written_config_and_tokenizer(demo_spec, tiny_model, tmp_path):
     assert json.loads((tmp_path / "fp16" / "config.json").read_text())["torch_dtype"] == "float16"
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [128001, 128009]
-    assert (gen["temperature"], gen["top_p"], gen["repetition_penalty"], gen["max_new_tokens"], gen["do_sample"]) == (0.1, 0.9, 1.1, 256, True)
+    assert (gen["temperature"], gen["top_p"], gen["repetition_penalty"], gen["max_new_tokens"],
+            gen["do_sample"]) == (0.1, 0.9, 1.1, 256, True)
     tok_cfg = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
     from release import chat
@@ -210,7 +211,8 @@ def test_fp16_variant_is_the_bf16_weights_cast(demo_spec, tiny_model, tmp_path):
 def test_fp16_overflow_fails_with_tensor_names_and_writes_nothing(demo_spec, tiny_model, tmp_path):
     adapter = make_adapter(tiny_model, tmp_path / "adapter", seed=9, target_modules=["o_proj"], b_scale=3e6)
     out = tmp_path / "stage"
-    with pytest.raises(MergeError, match=r"values beyond float16's range .* model\.layers\.0\.self_attn\.o_proj\.weight"):
+    with pytest.raises(MergeError,
+                       match=r"values beyond float16's range .* model\.layers\.0\.self_attn\.o_proj\.weight"):
         merger.run_merge(demo_spec, tiny_model, [adapter], out, progress=False)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["adapter"]
 

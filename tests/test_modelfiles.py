@@ -4,6 +4,7 @@ Modelfile's template and stops ends at the stop token in llama.cpp."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -129,12 +130,13 @@ def test_unquotable_system_prompt_fails_the_render_not_the_file(demo_spec):
 def test_check_task_reports_one_line_with_the_line_number(tmp_path):
     bad = tmp_path / "Modelfile"
     bad.write_text("FROM ./m.gguf\n\nPARAMETER num_predict lots\n", encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "modelfiles", "--check", str(bad)],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "modelfiles", "--check",
+                          str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == f"error: {bad}:3: PARAMETER num_predict: expected an integer, got 'lots'"
     good = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "modelfiles", "--check",
-                           str(ROOT / "modelfiles" / "8b-instruct-q4_K_M.Modelfile")], capture_output=True, text=True, cwd=ROOT)
+                           str(ROOT / "modelfiles" / "8b-instruct-q4_K_M.Modelfile")],
+                          capture_output=True, text=True, cwd=ROOT)
     assert good.returncode == 0 and "ok: FROM ./Qalb-1.0-8B-Instruct-Q4_K_M.gguf" in good.stdout
 
 
@@ -169,7 +171,7 @@ def _scripted_model(src: Path, dest: Path, chain: list[int]) -> None:
     t["model.norm.weight"] = torch.ones_like(t["model.norm.weight"])
     emb = t["model.embed_tokens.weight"].float()
     head = torch.zeros_like(emb)
-    for a, b in zip(chain, chain[1:]):
+    for a, b in itertools.pairwise(chain):
         x = emb[a] / emb[a].pow(2).mean().sqrt()  # the RMS-normed state at token a
         head[b] += 4.0 * x / x.norm()
     t["lm_head.weight"] = head.to(torch.bfloat16)

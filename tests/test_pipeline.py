@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SPECS, write_spec
+from conftest import ROOT, SPECS, demo_copy, linked_copy, release_cmd
 from release import pipeline, publish
 from release.artifacts import MANIFEST, check_outputs, read_manifest, sha256_file
 from release.spec import load
@@ -24,18 +22,6 @@ from release.spec import load
 RELEASE = "Qalb-Demo-1.0-Tiny-Instruct"
 # Files whose content records how long things took; everything else must be byte-identical.
 TIMED = {"verify/verification.json", "cpt/train.log", "sft/train.log", "data/report.json"}
-
-
-def demo_copy(folder: Path) -> Path:
-    """The demo spec and its bundled corpora in ``folder``, building into ``folder/build``."""
-    text = (SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"', 'dir = "build"')
-    spec = write_spec(folder, text)
-    shutil.copytree(SPECS / "demo", folder / "demo")
-    return spec
-
-
-def release_cmd(spec: Path, task: str = "release") -> list[str]:
-    return [sys.executable, "-m", "invoke", "--search-root", str(ROOT), task, "--spec", str(spec)]
 
 
 # A tqdm progress-bar frame, as transformers, datasets and the trainer draw them on stderr (a
@@ -71,12 +57,9 @@ def artifacts(build: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
-    folder = tmp_path_factory.mktemp("demo-a")
-    spec = demo_copy(folder)
-    start = time.perf_counter()
-    done = subprocess.run(release_cmd(spec), cwd=folder, capture_output=True, text=True, timeout=1800)
-    return spec, done, time.perf_counter() - start
+def uninterrupted(demo_build) -> tuple[Path, subprocess.CompletedProcess, float]:
+    """The session's demo release (conftest.demo_build): read, never written, by these tests."""
+    return demo_build
 
 
 def test_demo_release_runs_end_to_end(uninterrupted):
@@ -196,7 +179,8 @@ def test_killed_inside_each_stage_then_resumed_gives_the_same_artifacts(uninterr
             killed.append(stage)
             # nothing half-built is visible: the stage folder is absent or a complete build
             m = read_manifest(build / stage)
-            assert (m is None and not (build / stage).exists()) or (m is not None and not check_outputs(build / stage, m))
+            assert ((m is None and not (build / stage).exists())
+                    or (m is not None and not check_outputs(build / stage, m)))
         else:
             assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
     # every stage that takes measurable time was interrupted at least once
@@ -207,6 +191,13 @@ def test_killed_inside_each_stage_then_resumed_gives_the_same_artifacts(uninterr
     assert set(a) == set(b)
     differ = sorted(k for k in a if a[k] != b[k] and k not in TIMED)
     assert differ == [], differ
+    # the training stages were killed after a complete checkpoint and resumed from it: their run
+    # logs hold both attempts
+    for stage in ("cpt", "sft"):
+        resumed = read_manifest(build / stage).figures["resumed_from"]
+        log = (build / stage / "train.log").read_text(encoding="utf-8")
+        assert resumed and resumed.startswith("checkpoint-"), (stage, resumed)
+        assert log.count("--- start") >= 2 and f"resuming from {resumed}" in log, (stage, log)
     assert not list(build.glob(".*.partial")) and not list(build.glob(".checkpoints/*-*"))
 
 
@@ -214,20 +205,20 @@ def _task(name: str, spec: Path) -> subprocess.CompletedProcess:
     return subprocess.run(release_cmd(spec, name), cwd=spec.parent, capture_output=True, text=True, timeout=900)
 
 
-def test_verify_task_reports_gates_and_a_failed_gate_stops_publishing(uninterrupted):
-    """Last in this file: it re-verifies the uninterrupted build under a stricter spec."""
+def test_verify_task_reports_gates_and_a_failed_gate_stops_publishing(uninterrupted, tmp_path):
+    """It re-verifies a copy of the uninterrupted build under a stricter spec."""
     spec_path, _, _ = uninterrupted
     ok = _task("verify", spec_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "every release gate passed" in ok.stdout and "verification" in ok.stdout
     assert " built " not in ok.stdout  # everything, verification included, was up to date
 
-    # the same release with an unreachable Q8_0 gate (its measured KLD is ~0.0035)
+    # the same release with an unreachable Q8_0 gate (its measured KLD is ~0.0035), verified in a
+    # hard-linked copy of the shared build
     text = spec_path.read_text(encoding="utf-8")
     strict_text = text.replace("[gates.Q8_0]\nmax_kld = 0.02\n", "[gates.Q8_0]\nmax_kld = 0.000001\n")
     assert strict_text != text
-    strict = spec_path.with_name("strict.toml")
-    strict.write_text(strict_text, encoding="utf-8")
+    strict = linked_copy(spec_path, tmp_path / "strict", strict_text)
     failed = _task("verify", strict)
     assert failed.returncode == 2, failed.stdout[-2000:] + failed.stderr[-2000:]
     # the run ends with the error lines, after progress bars only (a verify run alone imports

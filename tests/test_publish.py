@@ -145,7 +145,7 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
     assert set(results) == set(_repos(spec).values())
     api = HfApi(endpoint=server.url, token=TOKEN)
     lfs_total = 0
-    for name, repo in _repos(spec).items():
+    for _name, repo in _repos(spec).items():
         r = results[repo]
         assert r.commit_url == f"{server.url}/{repo}/commit/{r.oid}"
         refs = api.list_repo_refs(repo)
@@ -192,7 +192,8 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
                 llm.eval(ids)  # runs
                 assert np.isfinite(llm.scores[len(ids) - 1]).all()
                 llm.close()
-            readme = hf_hub_download(repo, "README.md", revision="v1.0", endpoint=server.url, cache_dir=tmp_path / "cache")
+            readme = hf_hub_download(repo, "README.md", revision="v1.0", endpoint=server.url,
+                                     cache_dir=tmp_path / "cache")
             assert ModelCard.load(readme).data.base_model_relation == "quantized"
             continue
         folder = snapshot_download(repo, revision="v1.0", endpoint=server.url, cache_dir=tmp_path / "cache")
@@ -204,7 +205,7 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
             assert model.dtype == want
             local = pipeline.variant_dir(spec, name)
             ref = AutoModelForCausalLM.from_pretrained(local)
-            for (k, a), (_, c) in zip(model.state_dict().items(), ref.state_dict().items()):
+            for (k, a), (_, c) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
                 assert torch.equal(a, c), k  # the downloaded weights are the built ones, bit for bit
         else:  # bitsandbytes 4-bit, loaded by transformers from the repo's quantization_config
             assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
@@ -214,7 +215,8 @@ def test_publish_republish_download_and_load(release_build, local_hub, tmp_path)
         assert card_data.base_model == (spec.base.model if v is spec.flagship else spec.flagship.repo)
 
     # The flagship card's transformers snippet, pasted as it is into a fresh Python against the Hub.
-    readme = (pipeline.folder(spec, "publish") / spec.flagship.repo.split("/")[-1] / "README.md").read_text(encoding="utf-8")
+    readme = (pipeline.folder(spec, "publish") / spec.flagship.repo.split("/")[-1]
+              / "README.md").read_text(encoding="utf-8")
     snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     # only change: 8 new tokens instead of 256 (BF16 on this CPU: ~0.3 s per token under load)
     assert "max_new_tokens=256," in snippet
@@ -279,11 +281,12 @@ def test_gguf_card_commands_run_as_printed(release_build, local_hub, tmp_path):
     tok = AutoTokenizer.from_pretrained(pipeline.variant_dir(spec, "bf16"))
     text = chat.render(spec.chat, [{"role": "user", "content": cards.QUESTION}])
     assert spec.chat.system_prompt in text
-    assert fmt == "chat_template.default" and int(prompt_tokens) == len(tok(text, add_special_tokens=False)["input_ids"])
+    assert (fmt == "chat_template.default"
+            and int(prompt_tokens) == len(tok(text, add_special_tokens=False)["input_ids"]))
 
     # Ollama from a local copy: the card's download line as printed, then the Modelfile check
     lines = _block(readme, "bash", "ollama create").splitlines()
-    download = next(l for l in lines if l.startswith("hf download "))
+    download = next(line for line in lines if line.startswith("hf download "))
     got = subprocess.run(download, shell=True, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert got.returncode == 0, got.stderr[-2000:]
     q = cards.default_quant(spec)
@@ -411,7 +414,8 @@ def test_refuses_a_failed_gate(release_build, tmp_path, local_hub):
     with pytest.raises(publish.PublishError) as e:
         publish.plan(spec, _inputs(spec), progress=False)
     q4 = spec.build_dir / "gguf" / spec.gguf_file_name("Q4_K_M")
-    assert str(e.value) == f"{q4}: failed verification (variant gguf Q4_K_M); fix it and run ./inv release --from verify"
+    assert str(e.value) == (f"{q4}: failed verification (variant gguf Q4_K_M); "
+                            "fix it and run ./inv release --from verify")
     assert not list((spec.build_dir / "publish").glob(".*.partial"))  # nothing half-staged is left
     assert local_hub.stats["requests"] == {}
 

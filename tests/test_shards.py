@@ -3,6 +3,7 @@ writes (fixed and variable-size tensors, any order, a background thread) and the
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -169,6 +170,6 @@ def test_count_parameters(tmp_path):
 def test_row_blocks_cover_evenly(rows, row_size, budget, min_rows):
     blocks = shards.row_blocks(rows, row_size, budget, min_rows)
     step = max(min_rows, budget // row_size, 1)
-    assert blocks[0][0] == 0 and blocks[-1][1] == rows and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert blocks[0][0] == 0 and blocks[-1][1] == rows and all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
     sizes = [b - a for a, b in blocks]
     assert max(sizes) <= step and max(sizes) - min(sizes) <= 1

@@ -10,12 +10,11 @@ from typing import Literal
 
 import pytest
 
+from conftest import ROOT, SPECS, write_spec
 from release import spec as specmod
 from release import special_tokens
 from release.schema import convert, describe, dotted
 from release.spec import SpecError
-
-from conftest import ROOT, SPECS, write_spec
 
 REFERENCE = ROOT.parent / "shared" / "REFERENCE.md"
 
@@ -46,14 +45,17 @@ def test_qalb_spec_holds_the_reference_facts(qalb_spec):
     assert s.release.license == "llama3.1"
     assert s.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cpt, sft = s.training.cpt, s.training.sft
-    assert (cpt.optimizer, cpt.lr_scheduler, cpt.warmup_ratio, cpt.effective_batch_size) == ("adamw_8bit", "cosine", 0.05, 128)
+    assert (cpt.optimizer, cpt.lr_scheduler, cpt.warmup_ratio,
+            cpt.effective_batch_size) == ("adamw_8bit", "cosine", 0.05, 128)
     assert cpt.modules_to_save == ["embed_tokens", "lm_head"]
-    assert (sft.optimizer, sft.lr_scheduler, sft.learning_rate, sft.effective_batch_size, sft.epochs) == ("adamw_8bit", "linear", 5e-5, 64, 2)
+    assert (sft.optimizer, sft.lr_scheduler, sft.learning_rate, sft.effective_batch_size,
+            sft.epochs) == ("adamw_8bit", "linear", 5e-5, 64, 2)
     assert (s.training.precision, s.training.gradient_checkpointing) == ("bf16", True)
     assert s.data.urdu_tokens + s.data.english_tokens == 1_980_000_000  # ~1.97B on the card
     assert s.data.retained_fraction == 0.678
     inf = s.inference
-    assert (inf.max_new_tokens, inf.temperature, inf.top_p, inf.repetition_penalty, inf.do_sample) == (256, 0.1, 0.9, 1.1, True)
+    assert (inf.max_new_tokens, inf.temperature, inf.top_p, inf.repetition_penalty,
+            inf.do_sample) == (256, 0.1, 0.9, 1.1, True)
     assert set(s.chat.stop_tokens) == {"<|eot_id|>", "<|end_of_text|>"}
     assert s.evaluation.urdu_purity == 0.9531 and s.evaluation.overall_score == 90.34
     assert {v.format for v in s.variants.values()} == {"safetensors", "bnb-4bit", "gguf"}
@@ -69,7 +71,7 @@ def test_system_prompt_is_the_reference_text_byte_for_byte(qalb_spec, demo_spec)
     assert demo_spec.chat.system_prompt == prompt
     if not REFERENCE.is_file():
         pytest.skip(f"{REFERENCE} not present (it sits beside the checkout)")
-    lines = [l for l in REFERENCE.read_text(encoding="utf-8").splitlines() if l.startswith("\u0622\u067e ")]
+    lines = [line for line in REFERENCE.read_text(encoding="utf-8").splitlines() if line.startswith("\u0622\u067e ")]
     assert lines == [prompt]
 
 
@@ -88,46 +90,64 @@ BAD = [
     ('version = "1.0"\n', "", "release.version: missing (expected a string)"),
     ("do_sample = true", 'do_sample = "yes"', "inference.do_sample: expected true or false, got 'yes'"),
     ("top_p = 0.9", "top_p = 1.5", "inference.top_p: expected a number in (0, 1], got 1.5"),
-    ('lr_scheduler = "cosine"', 'lr_scheduler = "exponential"', "training.cpt.lr_scheduler: expected one of 'cosine', 'linear', 'constant'"),
+    ('lr_scheduler = "cosine"', 'lr_scheduler = "exponential"',
+     "training.cpt.lr_scheduler: expected one of 'cosine', 'linear', 'constant'"),
     ('"Q4_K_M", "IQ4_XS"', '"Q4_K_XL", "IQ4_XS"', "variants.gguf.quant_types[3]: expected a llama.cpp type"),
-    ('stop_tokens = ["<|eot_id|>", "<|end_of_text|>"]', 'stop_tokens = ["<|end_of_text|>"]', "chat.stop_tokens: expected the end-of-turn token '<|eot_id|>'"),
+    ('stop_tokens = ["<|eot_id|>", "<|end_of_text|>"]', 'stop_tokens = ["<|end_of_text|>"]',
+     "chat.stop_tokens: expected the end-of-turn token '<|eot_id|>'"),
     ("hidden_size = 256", "hidden_size = 320", "base.scaffold.hidden_size: expected a positive multiple of 256"),
-    ("num_key_value_heads = 2", "num_key_value_heads = 3", "base.scaffold.num_key_value_heads: expected a divisor of num_attention_heads 4"),
+    ("num_key_value_heads = 2", "num_key_value_heads = 3",
+     "base.scaffold.num_key_value_heads: expected a divisor of num_attention_heads 4"),
     ('Q4_K_M = "tiny-instruct-q4_K_M"\n', "", "ollama.tags: missing a tag for GGUF type 'Q4_K_M'"),
-    ('repo = "qalb-demo/Qalb-Demo-1.0-Tiny-Instruct-FP16"', 'repo = "qalb-demo/Qalb-Demo-1.0-Tiny-Instruct"', "variants: each variant needs its own repo"),
-    ('dtype = "bfloat16"\nrepo', 'dtype = "float16"\nrepo', "variants: expected exactly one safetensors variant with dtype 'bfloat16'"),
+    ('repo = "qalb-demo/Qalb-Demo-1.0-Tiny-Instruct-FP16"', 'repo = "qalb-demo/Qalb-Demo-1.0-Tiny-Instruct"',
+     "variants: each variant needs its own repo"),
+    ('dtype = "bfloat16"\nrepo', 'dtype = "float16"\nrepo',
+     "variants: expected exactly one safetensors variant with dtype 'bfloat16'"),
     ('max_shard_size = "100MB"', 'max_shard_size = "lots"', "build.max_shard_size: expected a size like '5GB'"),
     ('endpoint = "local"', 'endpoint = "ftp://hub"', "hub.endpoint: expected an http(s) URL or 'local'"),
     ('format = "jsonl"', 'format = "csv"', "data.corpora[0].format: expected one of 'jsonl', 'parquet', 'text'"),
     ("[data.instruct]", "[data.instruct_set]", "data.instruct_set: unknown key"),
-    ('license_file = "licenses/llama3.1.txt"', 'license_file = "LICENSE.txt"', "release.license_file: expected a text file relative to the spec"),
+    ('license_file = "licenses/llama3.1.txt"', 'license_file = "LICENSE.txt"',
+     "release.license_file: expected a text file relative to the spec"),
     # one more per section checker, so each still reports what it did
-    ('languages = ["ur", "en"]', 'languages = ["urdu", "en"]', "release.languages[0]: expected an ISO 639 code like 'ur', got 'urdu'"),
+    ('languages = ["ur", "en"]', 'languages = ["urdu", "en"]',
+     "release.languages[0]: expected an ISO 639 code like 'ur', got 'urdu'"),
     ("init_std = ", "init_std = -1 #", "base.scaffold.init_std: expected a positive number"),
     ('target_modules = [', 'target_modules = ["mlp", ', "lora.target_modules[0]: expected one of q_proj"),
     ("save_steps = ", "save_steps = 0 #", "training.save_steps: expected a positive integer, got 0"),
-    ('modules_to_save = ["embed_tokens"', 'modules_to_save = ["norm"', "training.cpt.modules_to_save[0]: expected one of embed_tokens, lm_head, got 'norm'"),
+    ('modules_to_save = ["embed_tokens"', 'modules_to_save = ["norm"',
+     "training.cpt.modules_to_save[0]: expected one of embed_tokens, lm_head, got 'norm'"),
     ("min_chars = ", "min_chars = -1 #", "data.filters.min_chars: expected a non-negative integer, got -1"),
     ("boilerplate = [", 'boilerplate = ["(unclosed", ', "data.filters.boilerplate[0]: not a valid regular expression"),
-    ('pad_token = "<|finetune_right_pad_id|>"', 'pad_token = "<|pad|>"', "chat.pad_token: expected one of the Llama 3 special tokens ("),
-    ('stop_tokens = ["<|eot_id|>", "<|end_of_text|>"]', 'stop_tokens = ["<|eot_id|>"]', "chat.stop_tokens: expected the eos token '<|end_of_text|>'"),
+    ('pad_token = "<|finetune_right_pad_id|>"', 'pad_token = "<|pad|>"',
+     "chat.pad_token: expected one of the Llama 3 special tokens ("),
+    ('stop_tokens = ["<|eot_id|>", "<|end_of_text|>"]', 'stop_tokens = ["<|eot_id|>"]',
+     "chat.stop_tokens: expected the eos token '<|end_of_text|>'"),
     ("temperature = 0.1", "temperature = 3.0", "inference.temperature: expected 0..2, got 3.0"),
-    ("min_urdu_purity = ", "min_urdu_purity = 1.5 #", "evaluation.min_urdu_purity: expected a fraction in [0, 1], got 1.5"),
+    ("min_urdu_purity = ", "min_urdu_purity = 1.5 #",
+     "evaluation.min_urdu_purity: expected a fraction in [0, 1], got 1.5"),
     ("fidelity_chunks = 2", "fidelity_chunks = 0", "evaluation.fidelity_chunks: expected a positive integer, got 0"),
     ("fidelity_chunk_tokens = 512", "fidelity_chunk_tokens = 1",
      "evaluation.fidelity_chunk_tokens: expected at least 2 (BOS and one token of text), got 1"),
     ('fidelity_text = "eval/ur-en.txt"', 'fidelity_text = "eval/en.txt"',
      "evaluation.fidelity_text: expected a text file relative to the spec, 'eval/en.txt' does not exist"),
-    ("generation_prompts = 4 ", "generation_prompts = 0 ", "evaluation.generation_prompts: expected a positive integer, got 0"),
-    ('[variants.gguf]\nformat = "gguf"\ndtype = "F16"', '[variants.gguf]\nformat = "gguf"\ndtype = "F32"', "variants.gguf.dtype: expected the converted type 'F16', 'BF16' or 'Q8_0', got 'F32'"),
-    ("[gates.bnb4]\nmax_kld = ", "[gates.bnb4]\nmax_kld = -1 #", "gates.bnb4.max_kld: expected a non-negative number, got -1"),
+    ("generation_prompts = 4 ", "generation_prompts = 0 ",
+     "evaluation.generation_prompts: expected a positive integer, got 0"),
+    ('[variants.gguf]\nformat = "gguf"\ndtype = "F16"', '[variants.gguf]\nformat = "gguf"\ndtype = "F32"',
+     "variants.gguf.dtype: expected the converted type 'F16', 'BF16' or 'Q8_0', got 'F32'"),
+    ("[gates.bnb4]\nmax_kld = ", "[gates.bnb4]\nmax_kld = -1 #",
+     "gates.bnb4.max_kld: expected a non-negative number, got -1"),
     ("[gates.bnb4]", "[gates.bnb4_old]", "gates: missing a [gates.bnb4] fidelity gate for variant 'bnb4'"),
     ("[gates.Q6_K]", "[gates.Q6_K_old]", "gates: missing a [gates.Q6_K] fidelity gate for GGUF type 'Q6_K'"),
-    ('Q4_K_M = "tiny-instruct-q4_K_M"\n', 'Q4_K_M = "tiny-instruct-q4_K_M"\nQ2_K = "tiny-instruct-q2_K"\n', "ollama.tags.Q2_K: names a GGUF type that no variant builds"),
-    ('model = "qalb-demo"\n', 'model = "Qalb-Demo"\n', "ollama.model: expected a lower-case Ollama model name, got 'Qalb-Demo'"),
+    ('Q4_K_M = "tiny-instruct-q4_K_M"\n', 'Q4_K_M = "tiny-instruct-q4_K_M"\nQ2_K = "tiny-instruct-q2_K"\n',
+     "ollama.tags.Q2_K: names a GGUF type that no variant builds"),
+    ('model = "qalb-demo"\n', 'model = "Qalb-Demo"\n',
+     "ollama.model: expected a lower-case Ollama model name, got 'Qalb-Demo'"),
     ('max_shard_size = "100MB"', 'max_shard_size = "0MB"', "build.max_shard_size: expected a positive size"),
-    ("num_ctx = 8192 ", "num_ctx = 0 ", "ollama.num_ctx: expected a positive integer up to the model context 131072, got 0"),
-    ("num_ctx = 8192 ", "num_ctx = 262144 ", "ollama.num_ctx: expected a positive integer up to the model context 131072"),
+    ("num_ctx = 8192 ", "num_ctx = 0 ",
+     "ollama.num_ctx: expected a positive integer up to the model context 131072, got 0"),
+    ("num_ctx = 8192 ", "num_ctx = 262144 ",
+     "ollama.num_ctx: expected a positive integer up to the model context 131072"),
     ('[data.instruct]\nname = "Alif Urdu-instruct"', '[data.instruct]\nhub_id = "alif"\nname = "Alif Urdu-instruct"',
      "data.instruct.hub_id: expected a Hub dataset id 'owner/name', got 'alif'"),
     ('"training.seed" = ', '"training.sede" = ', "provenance.not_on_card.training.sede: names no value of this spec"),
@@ -140,7 +160,8 @@ BAD = [
      "evaluation.benchmark: expected a name for what the reported scores were measured on"),
     # the importance matrix of the GGUF variant
     ('calibration = "calibration/ur-en.txt"', 'calibration = "calibration/en.txt"',
-     "variants.gguf.imatrix.calibration: expected a text file relative to the spec, 'calibration/en.txt' does not exist"),
+     "variants.gguf.imatrix.calibration: expected a text file relative to the spec, "
+     "'calibration/en.txt' does not exist"),
     ("chunk_tokens = 128", "chunk_tokens = 4", "variants.gguf.imatrix.chunk_tokens: expected at least 8 tokens, got 4"),
     ("chunks = 4", "chunks = 0", "variants.gguf.imatrix.chunks: expected a positive integer, got 0"),
     ("chunks = 4", 'chunks = "all"', "variants.gguf.imatrix.chunks: expected an integer, got 'all'"),
@@ -414,7 +435,7 @@ def test_a_name_without_the_licences_prefix_is_a_warning_not_an_error(qalb_spec,
 
     out = inv("spec", "--spec", str(write_spec(tmp_path)))
     assert out.returncode == 0, out.stderr
-    warnings = [l for l in out.stderr.splitlines() if l.startswith("warning: ")]
+    warnings = [stderr_line for stderr_line in out.stderr.splitlines() if stderr_line.startswith("warning: ")]
     assert warnings == [f"warning: {tmp_path / 'demo.toml'}: release.name: 'Qalb-Demo-1.0-Tiny-Instruct' does not "
                         "begin with 'Llama', which the base model's licence (llama3.1, Llama 3.1 Community License) "
                         "asks of a model trained from its materials (license_terms.name_prefix); the owner decides"]

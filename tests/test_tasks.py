@@ -37,7 +37,8 @@ def test_usage_errors_are_one_line():
                                     "fine-tuning)"),
                        (("train", "--stage", "dpo"), "error: train: --stage dpo: expected cpt (continued pre-training) "
                                                      "or sft (instruction fine-tuning)"),
-                       (("scaffold",), "error: scaffold: give --out DIR (a release's base model is built by ./inv base)"),
+                       (("scaffold",), "error: scaffold: give --out DIR (a release's base model is built by "
+                                       "./inv base)"),
                        (("docker.build", "--build-arg", "X"), "error: --build-arg X: expected KEY=VALUE")]:
         out = inv(*args)
         assert out.returncode == 2 and out.stderr.strip() == line, (args, out.stderr)
@@ -64,7 +65,8 @@ def test_bad_spec_is_reported_in_one_line_per_problem_without_traceback(tmp_path
 
 def test_release_runs_one_stage_then_skips_it(tmp_path):
     """The task's options; the whole pipeline runs in tests/test_pipeline.py."""
-    spec = write_spec(tmp_path, (SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"', 'dir = "out"'))
+    spec = write_spec(tmp_path, (SPECS / "demo.toml").read_text(encoding="utf-8").replace('dir = "../build"',
+                                                                                          'dir = "out"'))
     first = inv("release", "--spec", str(spec), "--only", "base")
     assert first.returncode == 0, first.stderr
     assert "│ base  │ built " in first.stdout and "modelfiles" not in first.stdout

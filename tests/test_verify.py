@@ -4,6 +4,7 @@ BF16, stop tokens and Urdu purity; the manifest the publishing step requires."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -11,49 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge import make_adapter
 from test_modelfiles import _scripted_model
 
-from conftest import write_spec
-from release import bnb4, chat, forward, scaffold, verify
+from release import chat, forward, scaffold, verify
 from release import gguf as G
-from release import merge as merger
 from release.artifacts import read_manifest, sha256_file
 from release.shards import row_blocks
-from release.spec import Gate, load
-
-
-def small_spec_text() -> str:
-    """The demo spec with one llama.cpp quant type (Q8_0), to keep the test short."""
-    import re
-
-    from conftest import SPECS
-
-    text = (SPECS / "demo.toml").read_text(encoding="utf-8")
-    text, n = re.subn(r"^quant_types = \[.*\]$", 'quant_types = ["Q8_0"]', text, flags=re.M)
-    text = re.sub(r'^(?!F16 |Q8_0 )[A-Z][A-Z0-9_]* = "tiny-instruct-.*\n', "", text, flags=re.M)  # their Ollama tags
-    text, m = re.subn(r'^default_tag = ".*"', 'default_tag = "tiny-instruct-q8_0"', text, flags=re.M)
-    assert n == m == 1
-    return text
+from release.spec import Gate
 
 
 @pytest.fixture(scope="module")
-def built(tiny_model, tmp_path_factory):
-    """Every variant of a small release, built by the real stages' functions."""
-    root = tmp_path_factory.mktemp("verify")
-    spec = load(write_spec(root / "specs", small_spec_text()))
-    b = spec.build_dir
-    adapter = make_adapter(tiny_model, root / "adapter", seed=5)
-    merger.merge(tiny_model, [adapter], b / "merge" / "bf16", out_fp16=b / "merge" / "fp16", chat_spec=spec.chat,
-                 inference=spec.inference, progress=False)
-    _, v = bnb4.variant(spec)
-    bnb4.quantize_model(b / "merge" / "bf16", b / "bnb4", v, None, progress=False)
-    bnb4.write_model_files(b / "merge" / "bf16", b / "bnb4", v)
-    gguf_figures = G.build(spec, b / "merge" / "bf16", b / "gguf", progress=False)
-    models = {"bf16": b / "merge" / "bf16", "fp16": b / "merge" / "fp16", "bnb4": b / "bnb4", "gguf": b / "gguf"}
-    manifest = verify.run(spec, models, progress=False)
-    assert manifest.built
-    return spec, models, manifest, gguf_figures
+def built(demo_built):
+    """Every variant of the session's demo release (conftest.demo_build) and its verification,
+    read only: ``(spec, variant folders, verification manifest, gguf manifest)``."""
+    from release import pipeline
+
+    models = pipeline.models(demo_built)
+    manifest = read_manifest(pipeline.folder(demo_built, verify.STAGE))
+    return demo_built, models, manifest, read_manifest(pipeline.folder(demo_built, G.STAGE))
 
 
 def check_one(spec, flagship: Path, target: verify.Target) -> dict:
@@ -78,11 +54,12 @@ def _tokenizer(folder: Path):
 
 
 def test_every_variant_and_weight_file_is_recorded(built):
-    spec, models, manifest, _ = built
+    spec, models, manifest, gguf_manifest = built
     f = manifest.figures
-    assert set(f["variants"]) == {"bf16", "fp16", "bnb4", "gguf:F16", "gguf:Q8_0"}
+    assert set(f["variants"]) == {"bf16", "fp16", "bnb4", *(f"gguf:{q}" for q in spec.gguf_types())}
+    imatrix = gguf_manifest.figures["imatrix"]["file"]  # the gguf stage's, not a weight file
     weights = [p for d in ("merge/bf16", "merge/fp16", "bnb4") for p in (spec.build_dir / d).glob("*.safetensors")]
-    weights += list((spec.build_dir / "gguf").glob("*.gguf"))
+    weights += [p for p in (spec.build_dir / "gguf").glob("*.gguf") if p.name != imatrix]
     assert set(f["artifacts"]) == {p.relative_to(spec.build_dir).as_posix() for p in weights}
     for rel, a in f["artifacts"].items():
         assert a["sha256"] == sha256_file(spec.build_dir / rel)
@@ -179,7 +156,8 @@ def test_stop_token_gate_in_both_runtimes(built, tiny_model, tmp_path):
     nl2, words, eot, sh, eh, user = 271, [9906, 505, 110389], 128009, 128006, 128007, 882
     n = strict.evaluation.generation_prompts
     rows = {}
-    for name, chain in {"ends": [nl2, *words, eot, sh, user, eh, nl2], "header": [nl2, *words, sh, user, eh, nl2]}.items():
+    for name, chain in {"ends": [nl2, *words, eot, sh, user, eh, nl2],
+                        "header": [nl2, *words, sh, user, eh, nl2]}.items():
         folder = tmp_path / name
         _scripted_model(tiny_model, folder, chain)
         rows[name] = check_one(strict, folder, verify.Target("bf16", "bf16", None, "transformers", folder, None, True))
@@ -209,7 +187,8 @@ def test_urdu_purity(texts, expected):
 
 def test_generation_prompts_come_from_the_spec(demo_spec):
     def asking(n: int):
-        return dataclasses.replace(demo_spec, evaluation=dataclasses.replace(demo_spec.evaluation, generation_prompts=n))
+        return dataclasses.replace(demo_spec,
+                                   evaluation=dataclasses.replace(demo_spec.evaluation, generation_prompts=n))
 
     assert verify.prompts(asking(2)) == verify.URDU_PROMPTS[:2]
     with pytest.raises(verify.VerifyError, match="evaluation.generation_prompts: at most 4, got 5"):
@@ -277,7 +256,7 @@ def test_text_chunks_spread_over_the_whole_text(built, qalb_spec):
     assert [len(c) for c in chunks] == [100] * 5 and {c[0] for c in chunks} == {128000}
     starts = [_offset(ids, c[1:]) for c in chunks]
     assert starts[0] == 0 and starts[-1] == len(ids) - 99
-    assert all(b - a >= 99 for a, b in zip(starts, starts[1:]))
+    assert all(b - a >= 99 for a, b in itertools.pairwise(starts))
     real = verify.text_chunks(qalb_spec, tok)
     assert len(real) * len(real[0]) == 4096 == qalb_spec.evaluation.fidelity_chunks * 512
     assert verify.urdu_purity([tok.decode(c[1:]) for c in real]) > 0.6  # Urdu-first by letters
