@@ -31,10 +31,24 @@ def converter_dir() -> Path:
     return dest
 
 
-def convert(model_dir: Path, outfile: Path, *extra: str) -> subprocess.CompletedProcess:
-    """Run llama.cpp's converter as a subprocess with its own gguf-py first on the path."""
+def start(model_dir: Path, outfile: Path, *extra: str) -> subprocess.Popen:
+    """Start llama.cpp's converter as a subprocess with its own gguf-py first on the path (several
+    may run at once: each is one Python process, mostly on one core)."""
     ref = converter_dir()
     env = {"PYTHONPATH": str(ref / "gguf-py"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, str(ref / "convert_hf_to_gguf.py"), str(model_dir),
-                           "--outfile", str(outfile), *extra],
-                          capture_output=True, text=True, env=env, check=True)
+    return subprocess.Popen([sys.executable, str(ref / "convert_hf_to_gguf.py"), str(model_dir),
+                             "--outfile", str(outfile), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a converter ``start`` started; raise as ``check=True`` would when it failed."""
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def convert(model_dir: Path, outfile: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run llama.cpp's converter to the end."""
+    return finish(start(model_dir, outfile, *extra))

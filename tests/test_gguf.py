@@ -42,17 +42,16 @@ def _fields(path: Path) -> dict:
     return {k: f.contents() for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
 
 
-def reference(model_dir: Path, out: Path, spec, outtype: str, tmp: Path) -> Path:
-    """llama.cpp's converter on the same folder, given the same general.* metadata. The override
-    file cannot set general.license (llama.cpp takes it from the model card), so the copy it
-    converts gets a model card holding just the license."""
+def reference(model_dir: Path, out: Path, spec, outtype: str, tmp: Path):
+    """Start llama.cpp's converter on the same folder, given the same general.* metadata (finish
+    it with ``llamacpp.finish``). The override file cannot set general.license (llama.cpp takes it
+    from the model card), so the copy it converts gets a model card holding just the license."""
     copy = tmp / f"ref-src-{outtype}"
     shutil.copytree(model_dir, copy)
     (copy / "README.md").write_text(f"---\nlicense: {spec.release.license}\n---\n")
     meta = tmp / "metadata.json"
     meta.write_text(json.dumps(G.general_metadata(spec)))
-    llamacpp.convert(copy, out, "--outtype", outtype.lower(), "--metadata", str(meta))
-    return out
+    return llamacpp.start(copy, out, "--outtype", outtype.lower(), "--metadata", str(meta))
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +75,32 @@ def llama31_shaped(demo_spec, tokenizer_cache, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("model,outtype", [("merged", "F16"), ("merged", "BF16"), ("merged", "Q8_0"),
-                                           ("llama31_shaped", "F16")])
-def test_byte_parity_with_llama_cpp_converter(request, demo_spec, tmp_path, outtype, model):
+PARITY = [("merged", "F16"), ("merged", "BF16"), ("merged", "Q8_0"), ("llama31_shaped", "F16")]
+
+
+@pytest.fixture(scope="module")
+def references(request, demo_spec, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """llama.cpp's converter's file of each ``PARITY`` case, the four conversions run at once."""
+    started = {}
+    for model, outtype in PARITY:
+        tmp = tmp_path_factory.mktemp(f"ref-{model}-{outtype}")
+        started[model, outtype] = (tmp / "ref.gguf", reference(request.getfixturevalue(model), tmp / "ref.gguf",
+                                                                demo_spec, outtype, tmp))
+    for _, proc in started.values():
+        llamacpp.finish(proc)
+    return {case: path for case, (path, _) in started.items()}
+
+
+@pytest.mark.parametrize("model,outtype", PARITY)
+def test_byte_parity_with_llama_cpp_converter(request, demo_spec, references, tmp_path, outtype, model):
+    """Our converter against llama.cpp's, key by key and tensor by tensor; on the scaffold (the
+    real Llama 3 tokenizer) llama.cpp's own tokenizer check recognises llama-bpe."""
     src = request.getfixturevalue(model)
     ours = tmp_path / "ours.gguf"
     G.convert(src, ours, demo_spec, outtype, progress=False)
-    ref = reference(src, tmp_path / "ref.gguf", demo_spec, outtype, tmp_path)
+    ref = references[model, outtype]
     (a, ta), (b, tb) = _read(ours), _read(ref)
+    assert b"llama-bpe" in b["tokenizer.ggml.pre"][1] and b"gpt2" in b["tokenizer.ggml.model"][1]
     # Intended difference: a base model without a chat template gets the release's template.
     if model == "llama31_shaped":
         assert "tokenizer.chat_template" not in b

@@ -155,7 +155,9 @@ def test_artifact_table_marks_gates_the_spec_does_not_enforce(demo_spec):
 def _started(build: Path, stage: str) -> bool:
     """The stage has work on disk that a kill would cut short."""
     if stage in ("cpt", "sft"):  # a complete trainer checkpoint: the kill exercises the resume
-        return any(build.glob(f".checkpoints/{stage}-*/trainer/checkpoint-*/trainer_state.json"))
+        from training import stages
+
+        return any(stages._last_checkpoint(d / "trainer") for d in build.glob(f".checkpoints/{stage}-*"))
     partial = build / f".{stage}.partial"
     return partial.is_dir() and (stage == "verify" or any(p.is_file() for p in partial.rglob("*")))
 

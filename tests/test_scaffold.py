@@ -9,7 +9,6 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import llamacpp
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -144,13 +143,3 @@ def test_tokenizer_equals_meta_tiktoken_and_round_trips(tiny_model, text):
     assert tok.decode(ids, skip_special_tokens=True) == text
 
 
-def test_llama_cpp_converter_recognises_llama_bpe(tiny_model, tmp_path):
-    from gguf import GGUFReader
-
-    out = tmp_path / "vocab.gguf"
-    llamacpp.convert(tiny_model, out, "--vocab-only")
-    fields = GGUFReader(out).fields
-    assert fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
-    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
-    assert fields["tokenizer.ggml.eos_token_id"].contents() == 128001
-    assert len(fields["tokenizer.ggml.tokens"].contents()) == 128_256
