@@ -206,6 +206,22 @@ def train(c, stage=None, spec=DEMO, force=False, runner=None, processes=1, nodes
     stages.summary(s, stage, result.manifest)
 
 
+TRAIN_HELP = {"spec": f"release spec (default {DEMO})", "force": "train again even if up to date",
+              "runner": RUNNER_HELP, **LAUNCH_HELP}
+
+
+@task(help=TRAIN_HELP)
+def cpt(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None):
+    """Stage cpt: continued pre-training, a LoRA on the base (as train --stage cpt)."""
+    train(c, "cpt", spec, force, runner, processes, nodes, rdzv)
+
+
+@task(help=TRAIN_HELP)
+def sft(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None):
+    """Stage sft: instruction fine-tuning, a LoRA on base + CPT (as train --stage sft)."""
+    train(c, "sft", spec, force, runner, processes, nodes, rdzv)
+
+
 @task(iterable=["adapter"], help={
     "spec": f"release spec (default {DEMO})",
     "base": "base model folder (default: the base stage's); with --adapter",

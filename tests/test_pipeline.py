@@ -269,7 +269,7 @@ def test_every_stage_has_a_task_of_its_name():
 
     tasks = set(ns.task_names)
     for name in pipeline.NAMES:
-        assert name in tasks or (name in ("cpt", "sft") and "train" in tasks), name
+        assert name in tasks, name
 
 
 def test_stage_folders_and_variant_folders_come_from_the_pipeline():

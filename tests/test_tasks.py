@@ -37,6 +37,8 @@ def test_usage_errors_are_one_line():
                                     "fine-tuning)"),
                        (("train", "--stage", "dpo"), "error: train: --stage dpo: expected cpt (continued pre-training) "
                                                      "or sft (instruction fine-tuning)"),
+                       (("cpt", "--nodes", "2"), "error: --nodes 2: give the rendezvous with --rdzv HOST:PORT (a "
+                                                 "host every node reaches; the same on every node)"),
                        (("scaffold",), "error: scaffold: give --out DIR (a release's base model is built by "
                                        "./inv base)"),
                        (("docker.build", "--build-arg", "X"), "error: --build-arg X: expected KEY=VALUE")]:
