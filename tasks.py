@@ -41,6 +41,16 @@ def _guarded(fn: Callable[[], object]) -> object:
         raise Exit(code=130) from None
 
 
+def _refuse(message: str) -> None:
+    """Stop with a usage error, printed as every user error is (one line, exit 2)."""
+    from release.errors import UsageError
+
+    def fail() -> None:
+        raise UsageError(message)
+
+    _guarded(fail)
+
+
 def _spec(path: str):
     from release import spec
 
@@ -198,7 +208,7 @@ def train(c, stage=None, spec=DEMO, force=False, runner=None, processes=1, nodes
         return distributed.launch(processes, nodes, rdzv)
 
     how = _guarded(launch)
-    traits = cpt.TRAITS
+    traits = {cpt.STAGE: cpt, sft.STAGE: sft}[stage].TRAITS
     if _runner("train", runner, image=(traits.image, traits.gpu), stage=stage, spec=spec, force=force,
                processes=how.processes, nodes=how.nodes, rdzv=how.rdzv):
         return
@@ -236,15 +246,13 @@ def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=N
     from release import merge as stage
     from release import pipeline
     from release.artifacts import human_bytes
-    from release.errors import UsageError
 
     if _runner("merge", runner, spec=spec, base=base, adapter=adapter, out=out, force=force):
         return
     if not adapter:
         if base or out:
-            _guarded(lambda: (_ for _ in ()).throw(UsageError("--base/--out: give the adapters too (--adapter FOLDER, "
-                                                                "repeated); without them the release's "
-                                                                "stages are merged")))
+            _refuse("--base/--out: give the adapters too (--adapter FOLDER, repeated); without them the "
+                    "release's stages are merged")
         s, result = _stage(spec, stage.STAGE, force=force)
         manifest, out_dir = result.manifest, result.directory
     else:

@@ -5,7 +5,7 @@ repos are ``quantized`` versions of the flagship. Everything in a card comes fro
 where a stage has run, from its manifest (file sizes, sha256, fidelity figures). A value the
 model's own card does not state (``[provenance.not_on_card]``) is marked as such wherever it is
 printed. Next to each card the stage writes the licence's NOTICE and, for the GGUF repo, the
-size/fidelity chart (release/chart.py); the hub stage publishes the whole folder.
+size/fidelity chart (release/chart.py); the publish stage publishes the whole folder.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from release.artifacts import toolchain
+from release.artifacts import Traits, toolchain
 from release.errors import DockerError
 
 IMAGES = ("release", "train")
@@ -37,7 +37,7 @@ PASSED = SECRETS + ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER"
 # (image, uses a GPU): what a task runs in. The stages declare theirs (``TRAITS.image``,
 # ``TRAITS.gpu``) and the callers pass them; everything else runs in the release image.
 Image = tuple[str, bool]
-RELEASE_IMAGE: Image = ("release", False)
+RELEASE_IMAGE: Image = (Traits().image, Traits().gpu)  # a stage's default traits
 # Options of stage tasks that name files or folders: they must be visible in the container.
 PATH_OPTIONS = ("spec", "base", "adapter", "out", "model", "check")
 # Folder inside the build context where `build` stages the wheelhouse and the CA bundle

@@ -39,6 +39,8 @@ def test_usage_errors_are_one_line():
                                                      "or sft (instruction fine-tuning)"),
                        (("cpt", "--nodes", "2"), "error: --nodes 2: give the rendezvous with --rdzv HOST:PORT (a "
                                                  "host every node reaches; the same on every node)"),
+                       (("merge", "--out", "x"), "error: --base/--out: give the adapters too (--adapter FOLDER, "
+                                                 "repeated); without them the release's stages are merged"),
                        (("scaffold",), "error: scaffold: give --out DIR (a release's base model is built by "
                                        "./inv base)"),
                        (("docker.build", "--build-arg", "X"), "error: --build-arg X: expected KEY=VALUE")]:
