@@ -15,6 +15,7 @@ from invoke import Collection, Exit, task
 
 ROOT = Path(__file__).parent
 DEMO = "specs/demo.toml"
+WAIT_HELP = "if another run is writing the build folder, wait for it instead of refusing"
 RUNNER_HELP = "docker: run in the task's container image; local: here (default: docker for training on a GPU host)"
 LAUNCH_HELP = {
     "processes": "training processes per host (DDP through torchrun: one per GPU; default 1)",
@@ -25,10 +26,17 @@ LAUNCH_HELP = {
 
 def _guarded(fn: Callable[[], object]) -> object:
     """Run ``fn`` (with the libraries' known-harmless notices dropped: release/quiet.py); turn the
-    toolchain's own errors into one line each on stderr and exit 2."""
-    from release.errors import ReleaseError
+    toolchain's own errors into one line each on stderr and exit 2, and an interrupt (Ctrl-C,
+    or SIGTERM, which raises as Ctrl-C does) into one line and exit 128 + its signal (130, 143)."""
+    import signal
+
+    from release.errors import Interrupted, ReleaseError
     from release.quiet import known_notices
 
+    def terminated(signum, _frame):
+        raise Interrupted(signum)
+
+    before = signal.signal(signal.SIGTERM, terminated)
     try:
         with known_notices():
             return fn()
@@ -36,9 +44,24 @@ def _guarded(fn: Callable[[], object]) -> object:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         raise Exit(code=2) from None
-    except KeyboardInterrupt:
-        print("interrupted: finished stages are kept; re-run to resume", file=sys.stderr)
-        raise Exit(code=130) from None
+    except (Interrupted, KeyboardInterrupt) as e:
+        stopped = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+        print(stopped, file=sys.stderr)
+        raise Exit(code=128 + stopped.signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _locked(s, fn: Callable[[], object], wait: bool) -> object:
+    """``fn()`` holding the build folder's writer lock (release/lock.py), for the tasks that write
+    into it without the pipeline."""
+    from release import lock
+
+    def held():
+        with lock.hold(s.build_dir, wait=wait, notice=lambda text: print(text, file=sys.stderr)):
+            return fn()
+
+    return _guarded(held)
 
 
 def _refuse(message: str) -> None:
@@ -168,34 +191,35 @@ def scaffold(c, out=None, spec=DEMO, shape="spec", layers="2", seed="0", force=F
     print(f"{out}: {f['parameters']:,} parameters, {human_bytes(f['bytes'])} in {f['shards']} shard(s)")
 
 
-@task(help={"spec": f"release spec (default {DEMO})", "force": "rebuild even if up to date", "runner": RUNNER_HELP})
-def base(c, spec=DEMO, force=False, runner=None):
+@task(help={"spec": f"release spec (default {DEMO})", "force": "rebuild even if up to date", "runner": RUNNER_HELP,
+            "wait": WAIT_HELP})
+def base(c, spec=DEMO, force=False, runner=None, wait=False):
     """Stage base: the spec's base model (built from [base.scaffold], recorded from base.path, or
     downloaded from the Hub into its cache)."""
     from release import pipeline
 
     if _runner("base", runner, spec=spec, force=force):
         return
-    s, result = _stage(spec, "base", force=force)
+    s, result = _stage(spec, "base", force=force, wait=wait)
     pipeline.summary(s, [result])
 
 
 @task(help={"spec": f"release spec (default {DEMO})", "force": "curate again even if up to date",
-            "runner": RUNNER_HELP})
-def data(c, spec=DEMO, force=False, runner=None):
+            "runner": RUNNER_HELP, "wait": WAIT_HELP})
+def data(c, spec=DEMO, force=False, runner=None, wait=False):
     """Stage data: curate the corpora into the CPT and SFT sets with a retention report."""
     from training import data as stage
 
     if _runner("data", runner, image=(stage.TRAITS.image, stage.TRAITS.gpu), spec=spec, force=force):
         return
-    s, result = _stage(spec, stage.STAGE, force=force)
+    s, result = _stage(spec, stage.STAGE, force=force, wait=wait)
     stage.summary(s, result.manifest)
 
 
 @task(help={"stage": "cpt (continued pre-training) or sft (instruction fine-tuning)",
             "spec": f"release spec (default {DEMO})", "force": "train again even if up to date",
-            "runner": RUNNER_HELP, **LAUNCH_HELP})
-def train(c, stage=None, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None):
+            "runner": RUNNER_HELP, "wait": WAIT_HELP, **LAUNCH_HELP})
+def train(c, stage=None, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None, wait=False):
     """Stages cpt and sft: train a LoRA with Unsloth (build/<release>/<stage>); an interrupted run resumes."""
     from release.errors import UsageError
     from training import cpt, distributed, sft, stages
@@ -212,24 +236,24 @@ def train(c, stage=None, spec=DEMO, force=False, runner=None, processes=1, nodes
     if _runner("train", runner, image=(traits.image, traits.gpu), stage=stage, spec=spec, force=force,
                processes=how.processes, nodes=how.nodes, rdzv=how.rdzv):
         return
-    s, result = _stage(spec, stage, force=force, launch=how)
+    s, result = _stage(spec, stage, force=force, launch=how, wait=wait)
     stages.summary(s, stage, result.manifest)
 
 
 TRAIN_HELP = {"spec": f"release spec (default {DEMO})", "force": "train again even if up to date",
-              "runner": RUNNER_HELP, **LAUNCH_HELP}
+              "runner": RUNNER_HELP, "wait": WAIT_HELP, **LAUNCH_HELP}
 
 
 @task(help=TRAIN_HELP)
-def cpt(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None):
+def cpt(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None, wait=False):
     """Stage cpt: continued pre-training, a LoRA on the base (as train --stage cpt)."""
-    train(c, "cpt", spec, force, runner, processes, nodes, rdzv)
+    train(c, "cpt", spec, force, runner, processes, nodes, rdzv, wait)
 
 
 @task(help=TRAIN_HELP)
-def sft(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None):
+def sft(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None, wait=False):
     """Stage sft: instruction fine-tuning, a LoRA on base + CPT (as train --stage sft)."""
-    train(c, "sft", spec, force, runner, processes, nodes, rdzv)
+    train(c, "sft", spec, force, runner, processes, nodes, rdzv, wait)
 
 
 @task(iterable=["adapter"], help={
@@ -240,8 +264,9 @@ def sft(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None)
     "out": "output folder, with --adapter (default build/<release>/merge); gets bf16/ and, if the spec has it, fp16/",
     "force": "merge again even if up to date",
     "runner": RUNNER_HELP,
+    "wait": WAIT_HELP,
 })
-def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=None):
+def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=None, wait=False):
     """Stage merge: LoRA adapters into the base model, streamed BF16 (and FP16) safetensors."""
     from release import merge as stage
     from release import pipeline
@@ -253,13 +278,14 @@ def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=N
         if base or out:
             _refuse("--base/--out: give the adapters too (--adapter FOLDER, repeated); without them the "
                     "release's stages are merged")
-        s, result = _stage(spec, stage.STAGE, force=force)
+        s, result = _stage(spec, stage.STAGE, force=force, wait=wait)
         manifest, out_dir = result.manifest, result.directory
     else:
         s = _spec(spec)
         base_dir = Path(base) if base else pipeline.base_model_dir(s)
         out_dir = Path(out) if out else pipeline.folder(s, stage.STAGE)
-        manifest = _guarded(lambda: stage.run_merge(s, base_dir, [Path(a) for a in adapter], out_dir, force=force))
+        manifest = _locked(s, lambda: stage.run_merge(s, base_dir, [Path(a) for a in adapter], out_dir, force=force),
+                           wait)
     f = manifest.figures
     print(f"{out_dir}: {'built' if manifest.built else 'up to date'}, {len(manifest.outputs)} files")
     print(f"{f['tensors']} tensors ({f['lora_merged']} LoRA merges, {f['replaced']} replaced), "
@@ -267,14 +293,14 @@ def merge(c, spec=DEMO, base=None, adapter=None, out=None, force=False, runner=N
 
 
 @task(help={"spec": f"release spec (default {DEMO})", "force": "quantize again even if up to date",
-            "runner": RUNNER_HELP})
-def bnb4(c, spec=DEMO, force=False, runner=None):
+            "runner": RUNNER_HELP, "wait": WAIT_HELP})
+def bnb4(c, spec=DEMO, force=False, runner=None, wait=False):
     """Stage bnb4: the bitsandbytes 4-bit variant of the merged BF16 model."""
     from release import pipeline
 
     if _runner("bnb4", runner, spec=spec, force=force):
         return
-    s, result = _stage(spec, "bnb4", force=force)
+    s, result = _stage(spec, "bnb4", force=force, wait=wait)
     pipeline.summary(s, [result])
 
 
@@ -283,8 +309,9 @@ def bnb4(c, spec=DEMO, force=False, runner=None):
     "model": "HF Llama folder to convert (default: the spec's merged BF16 model)",
     "force": "convert again even if up to date",
     "runner": RUNNER_HELP,
+    "wait": WAIT_HELP,
 })
-def gguf(c, spec=DEMO, model=None, force=False, runner=None):
+def gguf(c, spec=DEMO, model=None, force=False, runner=None, wait=False):
     """Stage gguf: convert to GGUF (F16/BF16/Q8_0) and quantize with llama.cpp (the spec's quant types)."""
     from rich.table import Table
 
@@ -294,11 +321,11 @@ def gguf(c, spec=DEMO, model=None, force=False, runner=None):
     if _runner("gguf", runner, spec=spec, model=model, force=force):
         return
     if model is None:
-        s, result = _stage(spec, stage.STAGE, force=force)
+        s, result = _stage(spec, stage.STAGE, force=force, wait=wait)
         manifest = result.manifest
     else:
         s = _spec(spec)
-        manifest = _guarded(lambda: stage.run(s, {"model": Path(model)}, force=force))
+        manifest = _locked(s, lambda: stage.run(s, {"model": Path(model)}, force=force), wait)
     table = Table(title=f"GGUF files of {s.release.name} ({'built' if manifest.built else 'up to date'})")
     for col in ("type", "file", "size", "bits/weight", "sha256", "seconds"):
         table.add_column(col)
@@ -307,8 +334,8 @@ def gguf(c, spec=DEMO, model=None, force=False, runner=None):
     summary_console().print(table)
 
 
-@task(help={"spec": f"release spec (default {DEMO})", "force": "verify again even if up to date"})
-def verify(c, spec=DEMO, force=False):
+@task(help={"spec": f"release spec (default {DEMO})", "force": "verify again even if up to date", "wait": WAIT_HELP})
+def verify(c, spec=DEMO, force=False, wait=False):
     """Stage verify: build what verification needs, then run the release gates on every variant
     (exit 2 on a failure)."""
     from release import pipeline
@@ -316,7 +343,7 @@ def verify(c, spec=DEMO, force=False):
     from release.artifacts import read_manifest, summary_console
 
     s = _spec(spec)
-    results = _guarded(lambda: pipeline.run(s, until=stage.STAGE, force={stage.STAGE} if force else False))
+    results = _guarded(lambda: pipeline.run(s, until=stage.STAGE, force={stage.STAGE} if force else False, wait=wait))
     pipeline.summary(s, results, artifacts=True)
     summary_console().print(pipeline.verify_table(read_manifest(pipeline.folder(s, stage.STAGE)).figures))
     print(f"{s.release.name} {s.release.version}: every release gate passed")
@@ -349,20 +376,22 @@ def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None, runner=N
     print(f"{len(written)} files in {out}: " + ", ".join(p.name for p in written if p.suffix != ".Modelfile"))
 
 
-@task(help={"spec": f"release spec (default {DEMO})", "force": "write the cards again even if up to date"})
-def cards(c, spec=DEMO, force=False):
+@task(help={"spec": f"release spec (default {DEMO})", "force": "write the cards again even if up to date",
+            "wait": WAIT_HELP})
+def cards(c, spec=DEMO, force=False, wait=False):
     """Stage cards: the model card of every repo, build/<release>/cards/<variant>/README.md."""
     from release import pipeline
 
-    s, result = _stage(spec, "cards", force=force)
+    s, result = _stage(spec, "cards", force=force, wait=wait)
     pipeline.summary(s, [result])
     if not result.manifest.figures.get("verified"):
         print("note: no verification manifest yet, so the variants table has no figures; "
               "run ./inv release --from verify")
 
 
-@task(help={"spec": f"release spec (default {DEMO})", "push": "upload and tag (default: show the plan only)"})
-def publish(c, spec=DEMO, push=False):
+@task(help={"spec": f"release spec (default {DEMO})", "push": "upload and tag (default: show the plan only)",
+            "wait": WAIT_HELP})
+def publish(c, spec=DEMO, push=False, wait=False):
     """Stage publish: plan the Hub upload of every repo (files to add, change, delete); --push
     uploads and tags.
 
@@ -371,7 +400,7 @@ def publish(c, spec=DEMO, push=False):
     from release import pipeline
     from release import publish as stage
 
-    s, result = _stage(spec, stage.STAGE, push=push)
+    s, result = _stage(spec, stage.STAGE, push=push, wait=wait)
     pipeline.summary(s, [result])
     if not push:
         print("plan only: nothing was uploaded; add --push to publish")
@@ -385,10 +414,13 @@ def publish(c, spec=DEMO, push=False):
     "push": "after the plan, upload every repo to the Hub and tag it (default: plan only)",
     "runner": "docker: each stage in its image (data, cpt, sft in the train image; the rest in the release "
               "image); local: here (default)",
+    "wait": WAIT_HELP,
+    "check": "hash every built file again and rebuild the stages whose bytes changed (a plain run hashes only "
+             "files modified since their stage was built)",
     **LAUNCH_HELP,
 })
 def release(c, spec=DEMO, force=False, only=None, from_=None, push=False, runner="local", processes=1, nodes=1,
-            rdzv=None):
+            rdzv=None, wait=False, check=False):
     """Run the release pipeline: base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, publish."""
     import time
 
@@ -399,7 +431,7 @@ def release(c, spec=DEMO, force=False, only=None, from_=None, push=False, runner
     how = _guarded(lambda: distributed.launch(processes, nodes, rdzv))
     start = time.perf_counter()
     results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_, push=push, launch=how,
-                                            runner=runner, root=ROOT))
+                                            runner=runner, root=ROOT, wait=wait, check=check))
     pipeline.summary(s, results, artifacts=True)
     print(f"{s.release.name} {s.release.version}: {len(results)} stages in {time.perf_counter() - start:.0f} s"
           + ("" if push else "; nothing left this machine (add --push to publish)"))

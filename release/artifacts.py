@@ -10,6 +10,7 @@ stage could take for finished ones. A stage whose manifest matches its inputs is
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib.metadata
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from release.errors import StageError
+from release.errors import DiskFull, StageError
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -203,25 +204,42 @@ def built_elsewhere(before: Manifest | None, after: Manifest) -> Manifest:
 
 
 def read_manifest(stage_dir: Path) -> Manifest | None:
+    """The stage's manifest; None when there is none or it is damaged (truncated, not JSON, not
+    a manifest), so that the stage counts as unbuilt and is rebuilt, as after an interrupted run."""
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return Manifest.from_json(path.read_text(encoding="utf-8"))
-    except (ValueError, TypeError, KeyError) as e:
-        raise StageError(f"{path}: unreadable manifest ({e}); delete the folder or re-run with --force") from None
+        m = Manifest.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return m if isinstance(m.outputs, list) and isinstance(m.figures, dict) else None
 
 
 def check_outputs(stage_dir: Path, manifest: Manifest, deep: bool = False) -> list[str]:
-    """Problems with the files a manifest lists: missing, resized, or (deep) changed bytes."""
+    """Problems with the files a manifest lists: missing, resized, or changed bytes.
+
+    Bytes are hashed again for a file modified after the manifest was written (its mtime is
+    newer: an edit by hand at the same size), as git re-reads a file whose stat changed, and for
+    every file with ``deep`` (``./inv release --check``: also a change that kept the old mtime,
+    or bit rot). Hashing every file on every run would read the whole release (16 GB at 8B)
+    just to skip it."""
     problems = []
+    try:
+        written = (Path(stage_dir) / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        written = 0
     for e in manifest.outputs:
         p = Path(stage_dir) / e.path
-        if not p.is_file():
+        try:
+            st = p.stat()
+        except OSError:
+            st = None
+        if st is None or not p.is_file():
             problems.append(f"{p}: missing")
-        elif p.stat().st_size != e.size:
-            problems.append(f"{p}: size {p.stat().st_size} != {e.size} in the manifest")
-        elif deep and sha256_file(p) != e.sha256:
+        elif st.st_size != e.size:
+            problems.append(f"{p}: size {st.st_size} != {e.size} in the manifest")
+        elif (deep or st.st_mtime_ns > written) and sha256_file(p) != e.sha256:
             problems.append(f"{p}: sha256 differs from the manifest")
     return problems
 
@@ -294,11 +312,37 @@ def run_stage(
         for d in {partial, *((partial / e.path).parent for e in outputs)}:
             fsync_dir(d)
         _swap_in(partial, stage_dir)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(e, partial)
         shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            free = shutil.disk_usage(stage_dir.parent).free
+            raise DiskFull(f"{name}: the disk filled while writing {partial} ({human_bytes(free)} free now that "
+                           "the unfinished stage is removed; earlier stages are kept); free space and run the same "
+                           "command to resume") from e
         raise
     manifest.built = True
     return manifest
+
+
+NEARLY_FULL = 16 << 20  # bytes: below this, a failed write is taken for a full disk
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error`` (or what caused it) is a full disk: ``ENOSPC`` anywhere in its chain, or
+    any failure while ``folder``'s filesystem is nearly full. The second covers the writers that
+    do not say ENOSPC: safetensors' and torch's writers, llama.cpp's tools (an exit status)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(error, Exception):  # an interrupt is never a full disk
+        return False
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL
+    except OSError:
+        return False
 
 
 def _swap_in(partial: Path, stage_dir: Path) -> None:

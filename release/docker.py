@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from release import children, lock
 from release.artifacts import Traits, toolchain
 from release.errors import DockerError
 
@@ -181,10 +182,13 @@ def plan(task: str, options: Mapping[str, object], root: Path, *, image: Image =
                 raise DockerError(f"--{name} {value}: outside the checkout {root}, so not visible in the "
                                   f"container; move it into the checkout or use --runner local")
     cwd = Path.cwd().resolve()
+    env = {k: str(v) for k, v in hf.items()}
+    if os.environ.get(lock.ENV):  # the container writes under this process's lock (release/lock.py)
+        env[lock.ENV] = os.environ[lock.ENV]
     return run_command(task_argv(task, options), tag or image_tag(image),
                        workdir=cwd if _inside(cwd, [root]) else root, mounts=mounts,
                        user=(os.getuid(), os.getgid()), gpus=gpus and gpu_present(),
-                       env={k: str(v) for k, v in hf.items()}, host_network=int(options.get("nodes") or 1) > 1,
+                       env=env, host_network=int(options.get("nodes") or 1) > 1,
                        name=container)
 
 
@@ -225,8 +229,8 @@ def dispatch(task: str, runner: str | None, options: Mapping[str, object], root:
         folder.mkdir(parents=True, exist_ok=True)
     print(f"docker runner: {shown(cmd)}", file=sys.stderr, flush=True)
     try:
-        rc = subprocess.run(cmd).returncode
-    finally:
+        rc = children.run(cmd).returncode
+    finally:  # an interrupt too: the container is stopped and removed
         subprocess.run([_docker(), "rm", "-f", name], capture_output=True)
     if rc != 0:
         raise DockerError(f"{task} in container {tag} failed with exit status {rc} (its errors are above)")

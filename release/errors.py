@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ReleaseError", "UsageError", "SpecError", "TemplateError", "ModelfileError", "StageError", "CurationError",
     "MergeError", "Bnb4Error", "GGUFError", "VerifyError", "PublishError", "DockerError", "LocalHubError",
+    "BuildLocked", "DiskFull", "Interrupted",
 ]
 
 
@@ -69,6 +70,28 @@ class PublishError(StageError):
 
 class DockerError(StageError):
     """A container engine or image that is missing or failed."""
+
+
+class BuildLocked(StageError):
+    """Another process is writing the build folder (release/lock.py)."""
+
+
+class DiskFull(StageError):
+    """The disk filled while a stage was writing; its unfinished folder was removed."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM, with the stage it stopped. Not an ``Exception``, as
+    ``KeyboardInterrupt`` is not, so that no handler of errors swallows it: every ``finally`` and
+    cleanup runs, and tasks print one line and exit ``128 + signum`` (130, 143)."""
+
+    def __init__(self, signum: int, stage: str | None = None):
+        self.signum, self.stage = signum, stage
+        super().__init__(signum, stage)
+
+    def __str__(self) -> str:
+        where = f" in stage {self.stage}" if self.stage else ""
+        return f"interrupted{where}; run the same command to resume"
 
 
 class LocalHubError(ReleaseError):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from release import chat, shards
+from release import chat, children, shards
 from release.artifacts import Manifest, Traits, atomic_path, sha256_file, stage_dir
 from release.errors import GGUFError
 from release.spec import CONVERTED, Spec
@@ -382,7 +382,7 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 0, imatrix: Path |
             cmd = [str(llamatools.tool("llama-quantize")), "--imatrix", Path(imatrix).name,
                    str(Path(src).resolve()), str(tmp.resolve()), qtype, *([str(threads)] if threads > 0 else [])]
             cwd = Path(imatrix).parent
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        out = children.run(cmd, cwd=cwd, capture_output=True, text=True)
         if out.returncode != 0:
             last = ((out.stderr or out.stdout).strip().splitlines() or ["no output"])[-1]
             raise GGUFError(f"{dst}: llama.cpp's quantizer failed for {qtype} (exit {out.returncode}: {last})")
@@ -426,8 +426,8 @@ def _run_tool(cmd: list[str], cwd: Path, what: str, progress: bool) -> None:
         from rich.console import Console
 
         status = Console(stderr=True).status(what)
-    with status as shown, subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                           text=True, errors="replace") as proc:
+    with status as shown, children.popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, errors="replace") as proc:
         for line in proc.stdout:
             if line.strip():
                 tail.append(re.sub(r"^[\d.]+ [A-Z] ", "", line.strip()))  # without the log's time and level

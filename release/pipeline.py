@@ -23,6 +23,7 @@ ones must be built). Distributed stages run on as many processes and hosts as ``
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,18 @@ from typing import Protocol
 from rich.console import Console
 from rich.table import Table
 
-from release import base, bnb4, cards, docker, gguf, merge, modelfiles, preflight, publish, verify
-from release.artifacts import Manifest, Traits, built_elsewhere, human_bytes, read_manifest, stage_dir, summary_console
-from release.errors import StageError
+from release import base, bnb4, cards, docker, gguf, lock, merge, modelfiles, preflight, publish, verify
+from release.artifacts import (
+    Manifest,
+    Traits,
+    built_elsewhere,
+    check_outputs,
+    human_bytes,
+    read_manifest,
+    stage_dir,
+    summary_console,
+)
+from release.errors import Interrupted, StageError
 from release.spec import Spec
 from training import cpt, data, distributed, sft
 
@@ -144,22 +154,57 @@ ONE_PROCESS = distributed.Launch()
 def run(spec: Spec, *, force: bool | Collection[str] = False, only: str | None = None, start: str | None = None,
         until: str | None = None, push: bool = False, progress: bool = True,
         console: Console | None = None, launch: distributed.Launch = ONE_PROCESS,
-        runner: str = "local", root: Path | None = None) -> list[StageResult]:
+        runner: str = "local", root: Path | None = None, wait: bool = False, check: bool = False) -> list[StageResult]:
     """Run the stages in order (``start`` to ``until``, or ``only`` one); returns what each did.
     Raises ``StageError`` when verification fails (after recording it), so nothing unverified
     goes on to the cards and the Hub. ``push`` publishes the Hub plan once it is made.
     ``launch``: the training stages' processes and hosts; ``runner`` ``docker``: each stage in
     its container image, from the checkout ``root``. ``force``: rebuild every stage run (True)
-    or the stages named."""
+    or the stages named. ``check``: hash every built file again and rebuild the stages whose
+    bytes changed. The build folder is locked for the whole run (release/lock.py; ``wait``:
+    wait for another writer instead of refusing); Ctrl-C and SIGTERM become ``Interrupted``
+    naming the stage they stopped."""
     if runner not in docker.RUNNERS:
         raise StageError(f"--runner {runner}: expected one of {', '.join(docker.RUNNERS)}")
     console = console or summary_console()
     names = select(spec, only, start, until)
     forced = set(names) if force is True else set(force or ())
-    # before anything is built: refuse in one line when the disk cannot hold what will be written
-    preflight.check(spec, names, built={n for n in names if n not in forced and read_manifest(folder(spec, n))})
+    group = f"{','.join(names)}@{launch.rdzv}" if launch.nodes > 1 and launch.rdzv else None
+    current: list[str | None] = [None]
+    try:
+        with lock.hold(spec.build_dir, wait=wait, group=group, notice=console.print):
+            if check:
+                forced |= changed(spec, names, console)
+            # before anything is built: refuse in one line when the disk cannot hold what will be written
+            preflight.check(spec, names,
+                            built={n for n in names if n not in forced and read_manifest(folder(spec, n))})
+            return _run_stages(spec, names, forced, current, push=push, progress=progress, console=console,
+                               launch=launch, runner=runner, root=root)
+    except KeyboardInterrupt:
+        raise Interrupted(signal.SIGINT, current[0]) from None
+    except Interrupted as e:
+        e.stage = e.stage or current[0]
+        raise
+
+
+def changed(spec: Spec, names: list[str], console: Console) -> set[str]:
+    """The built stages among ``names`` with a file whose bytes differ from its manifest (each
+    printed): ``--check``, which hashes everything again."""
+    out = set()
+    for name in names:
+        m = read_manifest(folder(spec, name))
+        for problem in check_outputs(folder(spec, name), m, deep=True) if m else []:
+            console.print(f"changed since built: {problem}; rebuilding stage {name}")
+            out.add(name)
+    return out
+
+
+def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[str | None], *, push: bool,
+                progress: bool, console: Console, launch: distributed.Launch, runner: str,
+                root: Path | None) -> list[StageResult]:
     results = []
     for name in names:
+        current[0] = name
         s = stage(name)
         if progress:
             console.print(f"[bold]{name}[/bold] …")

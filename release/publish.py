@@ -157,7 +157,8 @@ def check_verified(spec: Spec, feeds: Mapping[str, Path], weights: dict[Path, st
                                "fix it and run ./inv release --from verify")
         if a.get("sha256") != sha:
             raise PublishError(f"{path}: bytes changed since verification (sha256 {sha[:12]}…, verified "
-                               f"{str(a.get('sha256'))[:12]}…); run ./inv release --from verify again")
+                               f"{str(a.get('sha256'))[:12]}…); run ./inv release --check to rebuild it from "
+                               "its stage (a plain re-verify would approve the changed file)")
     if not m.figures.get("passed"):
         failed = sorted(k for k, v in m.figures.get("variants", {}).items() if not v.get("passed"))
         raise PublishError(f"{where}: verification failed ({', '.join(failed) or 'no variant passed'}); "
@@ -223,18 +224,78 @@ def _scrub(text: str, secret: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _hub_errors(what: str, secret: str | None) -> Iterator[None]:
+def _hub_errors(what: str, secret: str | None, url: str | None = None) -> Iterator[None]:
     """Turn the client's errors (HTTP answers, the network, offline mode, an id it refuses) into
-    one line that names the operation and never the token; anything else is a bug and keeps its
-    traceback. The client's exception is chained (``from e``) for debugging; tasks print only
-    the line."""
+    one line that names the operation, the endpoint and what to do, and never the token; anything
+    else is a bug and keeps its traceback. The client's exception is chained (``from e``) for
+    debugging; tasks print only the line."""
     import httpx
     from huggingface_hub.errors import HFValidationError
 
     try:
         yield
     except (httpx.HTTPError, OSError, HFValidationError) as e:
-        raise PublishError(_scrub(f"{what}: {type(e).__name__}: {_explain(e)}", secret)) from e
+        where = f" ({url})" if url else ""
+        todo = f"; {RESUME}" if transient(e) else ""
+        raise PublishError(_scrub(f"{what}{where}: {type(e).__name__}: {_explain(e)}{todo}", secret)) from e
+
+
+RESUME = ("the Hub did not answer after retries with backoff; run the same command again to resume (each repo "
+          "shows whole commits only; what the Hub holds is not sent again, and the release tag is set once every "
+          "repo is committed)")
+TRANSIENT = (408, 429, 500, 502, 503, 504)  # huggingface_hub's http_backoff retries these
+RETRIES = 5  # and its schedule: 1, 2, 4, 8, 8 s, or the server's Retry-After
+
+
+def transient(e: BaseException) -> bool:
+    """An error worth retrying: a timeout, a dropped connection, 408, 429 or 5xx."""
+    import httpx
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return status in TRANSIENT or isinstance(e, (httpx.TimeoutException, httpx.NetworkError,
+                                                 httpx.RemoteProtocolError))
+
+
+def _retrying(call, *, tries: int = RETRIES + 1):
+    """``call()``, retried on transient errors as huggingface_hub's ``http_backoff`` retries the
+    requests it makes itself (uploads, LFS batch, preupload): for the API calls it does not retry
+    (create repo, tree, refs, tags, the commit)."""
+    wait = 1.0
+    for attempt in range(1, tries + 1):
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - only transient errors are retried; the rest re-raise at once
+            if attempt == tries or not transient(e):
+                raise
+            after = getattr(getattr(e, "response", None), "headers", {}).get("Retry-After", "")
+            time.sleep(float(after) + 1 if after.isdigit() else wait)  # +1 s, as huggingface_hub does
+            wait = min(8.0, wait * 2)
+
+
+def timeout_seconds() -> float:
+    """How long a push waits for the server: ``HF_HUB_DOWNLOAD_TIMEOUT`` (huggingface_hub's own
+    setting, its default timeout for requests) when set, else 60 s, as the Hub's commit endpoint
+    may take a while on large commits."""
+    value = os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT", "")
+    try:
+        return float(value) if value else 60.0
+    except ValueError:
+        return 60.0
+
+
+def _with_timeout(seconds: float) -> None:
+    """Make huggingface_hub's shared client give up on a server silent for ``seconds``; its own
+    default waits forever. A timeout is then retried like a dropped connection."""
+    import httpx
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http  # its default client: event hooks, redirects
+
+    def factory() -> httpx.Client:
+        client = _http.default_client_factory()
+        client.timeout = httpx.Timeout(seconds, connect=min(seconds, 10.0))
+        return client
+
+    set_client_factory(factory)
 
 
 def _explain(e: Exception) -> str:
@@ -263,14 +324,15 @@ def compare(plan: RepoPlan, api, secret: str | None) -> RepoPlan:
     from huggingface_hub.utils.sha import git_hash
 
     remote: dict[str, RepoFile] = {}
-    with _hub_errors(f"{plan.repo}: listing the remote files", secret):
+    with _hub_errors(f"{plan.repo}: listing the remote files", secret, api.endpoint):
         try:
-            info = api.repo_info(plan.repo)
+            info = _retrying(lambda: api.repo_info(plan.repo))
             plan.exists, plan.remote_sha = True, info.sha
-            remote = {f.path: f for f in api.list_repo_tree(plan.repo, recursive=True, revision=info.sha)
-                      if isinstance(f, RepoFile)}
+            remote = _retrying(lambda: {f.path: f for f in api.list_repo_tree(plan.repo, recursive=True,
+                                                                               revision=info.sha)
+                                        if isinstance(f, RepoFile)})
         except (RepositoryNotFoundError, RevisionNotFoundError):
-            plan.exists = False
+            plan.exists, plan.remote_sha = False, None
     plan.add, plan.change, plan.unchanged = [], [], []
     for path, f in plan.files.items():
         r = remote.get(path)
@@ -402,11 +464,16 @@ def offers_xet(api, repo: str) -> bool:
 
 def push(spec: Spec, plans: list[RepoPlan], *, console: Console | None = None,
          progress: bool = True) -> list[PushResult]:
-    """Upload each planned repo (``plan``, or ``read_plans`` after the stage ran) as one commit,
-    then tag it. Re-running resumes. The caller prints ``push_table(spec, results)``."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    """Upload each planned repo (``plan``, or ``read_plans`` after the stage ran) as one commit;
+    once every repo has its commit, tag them all. The caller prints ``push_table(spec, results)``.
 
+    What a push cut short leaves: whole commits only (a commit is atomic on the Hub), some repos
+    with the release's commit and the others without, and the tag on none, so nothing names a
+    half-published release. Its LFS objects already sent stay on the Hub. Re-running plans again
+    from what the Hub holds, sends only the missing files and commits, then tags every repo.
+    Transient errors are retried with backoff (huggingface_hub's for uploads; ``_retrying`` for
+    the calls it does not retry); the commit names the parent it was planned on, so a commit
+    whose answer was lost is not made twice."""
     console = console or summary_console()
     url = endpoint(spec)
     if url is None:
@@ -415,46 +482,83 @@ def push(spec: Spec, plans: list[RepoPlan], *, console: Console | None = None,
     secret = token()
     if not secret:
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    _with_timeout(timeout_seconds())
     api = _api(url, secret)
     message = f"{spec.release.name} {spec.release.version}"
     tag = spec.hub.revision_tag
-    results = []
+    committed = []
     disable_progress_bars()  # one rich bar per file instead of tqdm's
     try:
         with _progress(console, progress) as bar:
             for p in plans:
-                with _hub_errors(f"{p.repo}: creating the repo", secret):
-                    api.create_repo(p.repo, private=spec.hub.private, exist_ok=True)
-                with _hub_errors(f"{p.repo}: checking xet support", secret):
-                    xet = offers_xet(api, p.repo)
-                adds = []
-                for path in p.add + p.change:
-                    op = CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(p.folder / path))
-                    op.upload_info.sha256 = bytes.fromhex(p.files[path].sha256)  # hashed once, in plan
-                    adds.append(op)
-                ops = adds + [CommitOperationDelete(path_in_repo=d) for d in p.delete]
-                task = bar.add_task(p.repo, total=p.upload_bytes)
-                with _lfs_only(not xet):
-                    for op in adds:  # one file at a time: progress per file; finished files stay uploaded
-                        bar.update(task, description=f"{p.repo.split('/')[-1]}/{op.path_in_repo}")
-                        with _hub_errors(f"{p.repo}: uploading {op.path_in_repo}", secret):
-                            api.preupload_lfs_files(p.repo, additions=[op])
-                        bar.advance(task, op.upload_info.size)
-                    if ops:
-                        with _hub_errors(f"{p.repo}: committing", secret):
-                            info = api.create_commit(p.repo, ops, commit_message=message,
-                                                     commit_description=f"{message}: {len(adds)} files added or "
-                                                     f"changed, {len(p.delete)} deleted.")
-                        commit_url, oid = info.commit_url, info.oid
-                    else:
-                        commit_url, oid = None, p.remote_sha or ""
-                bar.update(task, completed=p.upload_bytes, description=p.repo)
-                with _hub_errors(f"{p.repo}: tagging {tag}", secret):
-                    _move_tag(api, p.repo, tag, oid, message)
-                results.append(PushResult(p.repo, commit_url, oid, len(adds), p.upload_bytes, tag))
+                committed.append(_commit_repo(api, p, message, secret, bar, private=spec.hub.private))
+        for r in committed:  # every repo has its commit: now the release tag, on each
+            with _hub_errors(f"{r.repo}: tagging {tag}", secret, url):
+                _retrying(lambda r=r: _move_tag(api, r.repo, tag, r.oid, message))
     finally:
         enable_progress_bars()
-    return results
+    return [replace(r, tag=tag) for r in committed]
+
+
+def _commit_repo(api, p: RepoPlan, message: str, secret: str | None, bar: Progress, *,
+                 private: bool) -> PushResult:
+    """Create ``p.repo`` if needed, upload its new and changed files, and commit them at once."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    url = api.endpoint
+    with _hub_errors(f"{p.repo}: creating the repo", secret, url):
+        _retrying(lambda: api.create_repo(p.repo, private=private, exist_ok=True))
+    with _hub_errors(f"{p.repo}: checking xet support", secret, url):
+        xet = _retrying(lambda: offers_xet(api, p.repo))
+        parent = p.remote_sha if p.exists else _retrying(lambda: api.repo_info(p.repo)).sha
+    adds = []
+    for path in p.add + p.change:
+        op = CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(p.folder / path))
+        op.upload_info.sha256 = bytes.fromhex(p.files[path].sha256)  # hashed once, in plan
+        adds.append(op)
+    deletes = [CommitOperationDelete(path_in_repo=d) for d in p.delete]
+    task = bar.add_task(p.repo, total=p.upload_bytes)
+    with _lfs_only(not xet):
+        for op in adds:  # one file at a time: progress per file; finished files stay uploaded
+            bar.update(task, description=f"{p.repo.split('/')[-1]}/{op.path_in_repo}")
+            with _hub_errors(f"{p.repo}: uploading {op.path_in_repo}", secret, url):
+                api.preupload_lfs_files(p.repo, additions=[op])  # retried by huggingface_hub
+            bar.advance(task, op.upload_info.size)
+        commit_url, oid = None, p.remote_sha or parent or ""
+        if adds or deletes:
+            with _hub_errors(f"{p.repo}: committing", secret, url):
+                commit_url, oid = _commit_once(api, p, adds + deletes, parent, message, len(adds), secret)
+    bar.update(task, completed=p.upload_bytes, description=p.repo)
+    return PushResult(p.repo, commit_url, oid, len(adds), p.upload_bytes, "")
+
+
+def _commit_once(api, p: RepoPlan, ops: list, parent: str | None, message: str, files: int,
+                 secret: str | None) -> tuple[str | None, str]:
+    """The commit of ``ops`` on ``parent``, retried on transient errors. A retry refused because
+    the branch moved (412) is the first attempt having landed when its answer was lost: it is
+    taken as done when the remote now holds exactly the planned files."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    attempts = [0]
+
+    def commit():
+        attempts[0] += 1
+        try:
+            info = api.create_commit(p.repo, ops, commit_message=message, parent_commit=parent,
+                                     commit_description=f"{message}: {files} files added or changed, "
+                                     f"{len(p.delete)} deleted.")
+            return info.commit_url, info.oid
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if attempts[0] > 1 and status in (409, 412):
+                again = compare(replace(p), api, secret)
+                if not (again.add or again.change or again.delete):
+                    return None, again.remote_sha or ""
+            raise
+
+    return _retrying(commit)
 
 
 def _move_tag(api, repo: str, tag: str, oid: str, message: str) -> None:

@@ -442,7 +442,8 @@ def test_refuses_bytes_changed_after_verification(release_build, tmp_path, local
     with pytest.raises(publish.PublishError) as e:
         publish.push(spec, _plan(spec), progress=False)
     assert str(e.value).startswith(f"{target}: bytes changed since verification (sha256 ")
-    assert str(e.value).endswith("run ./inv release --from verify again") and "\n" not in str(e.value)
+    assert str(e.value).endswith("run ./inv release --check to rebuild it from its stage (a plain re-verify would "
+                                 "approve the changed file)") and "\n" not in str(e.value)
     assert local_hub.stats["requests"] == {}
 
 

@@ -18,16 +18,14 @@ process does (training/worker.py, training/stages.py), with these differences, a
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from release import children
 from release.errors import StageError
 
 
@@ -152,7 +150,7 @@ def run(spec, stage: str, inputs: Mapping[str, Path], how: Launch, *, force: boo
     cmd = command(spec.path, stage, inputs, how, force=force)
     if progress:
         print(f"torchrun: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    rc = subprocess.run(cmd, env=env).returncode
+    rc = children.run(cmd, env=env).returncode  # torchrun; its workers die with it
     if rc != 0:
         raise StageError(f"{stage}: torchrun ended with exit status {rc} (the workers' errors are above); "
                          "run the same command again to resume from the last checkpoint")
@@ -161,14 +159,3 @@ def run(spec, stage: str, inputs: Mapping[str, Path], how: Launch, *, force: boo
         raise StageError(f"{folder}: no manifest after training; on several hosts the build folder must be one "
                          "shared filesystem (rank 0 writes it)")
     return built_elsewhere(before, after)
-
-
-def die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent (torchrun) dies, even by SIGKILL."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the call
-        os._exit(1)

@@ -47,6 +47,7 @@ from release.artifacts import (
     input_digest,
     read_manifest,
     run_stage,
+    sha256_file,
     stage_dir,
     summary_console,
     tool_versions,
@@ -184,7 +185,7 @@ def train(spec: Spec, stage: str, inputs: Mapping[str, Path], out: Path | None, 
     args = _plan(spec, stage, settings, work, len(dataset), progress, log)
     trainer, tokens, label_tokens = _trainer(spec, stage, model, tokenizer, dataset, args, tokens, log)
     _bar_only(trainer)
-    resume = _last_checkpoint(work / "trainer")
+    resume = _last_checkpoint(work / "trainer", log)
     if resume:
         log(f"resuming from {resume.name}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -360,7 +361,9 @@ def _mark_complete():
             distributed.barrier()
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                write_text(folder / COMPLETE, "ok\n")
+                files = {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                         for f in sorted(folder.rglob("*")) if f.is_file() and f.name != COMPLETE}
+                write_text(folder / COMPLETE, json.dumps(files, indent=1, sort_keys=True) + "\n")
 
     return MarkComplete()
 
@@ -445,18 +448,28 @@ def _arguments(spec: Spec, stage: str, settings: dict, output_dir: Path, device_
     return SFTConfig(**common)
 
 
-def _last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete trainer checkpoint: marked complete (``_mark_complete``) and with a
-    readable trainer state; one cut short by a kill is skipped."""
-    def complete(p: Path) -> bool:
-        try:
-            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+def _last_checkpoint(folder: Path, log=None) -> Path | None:
+    """The newest intact trainer checkpoint: marked complete (``_mark_complete``) and every file
+    with the size and sha256 the mark records. One cut short by a kill has no mark; one damaged
+    later (a truncated or changed file) is skipped, said in the log, for the one before it."""
+    def intact(p: Path) -> bool:
+        if not p.name.split("-")[-1].isdigit():
             return False
-        return p.name.split("-")[-1].isdigit() and (p / COMPLETE).is_file()
+        try:
+            files = json.loads((p / COMPLETE).read_text(encoding="utf-8"))
+            damaged = [name for name, f in files.items() if not (p / name).is_file()
+                       or (p / name).stat().st_size != f["size"] or sha256_file(p / name) != f["sha256"]]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return False  # no mark (cut short) or an unreadable one
+        if damaged and log is not None:
+            log(f"{p.name} is damaged ({', '.join(damaged[:3])} changed since it was saved); not resuming from it")
+        return not damaged
 
-    return max((p for p in folder.glob("checkpoint-*") if complete(p)),
-               key=lambda p: int(p.name.split("-")[-1]), default=None)
+    for p in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                    if p.name.split("-")[-1].isdigit() else -1, reverse=True):
+        if intact(p):
+            return p
+    return None
 
 
 def _merged_cpt_model(inputs: Mapping[str, Path], work: Path, log) -> Path:

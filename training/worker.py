@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from release import children
 from training import cpt, distributed, sft
 
 STAGES = {s.STAGE: s for s in (cpt, sft)}
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", required=True, help="JSON object: input name -> path")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    distributed.die_with_parent()
+    children.die_with_parent()
     import torch.distributed as dist
 
     from release import spec as spec_mod
