@@ -31,7 +31,7 @@ def _guarded(fn: Callable[[], object]) -> object:
     import signal
 
     from release.errors import Interrupted, ReleaseError
-    from release.quiet import known_notices
+    from release.quiet import known_notices, silence_open_bars
 
     def terminated(signum, _frame):
         raise Interrupted(signum)
@@ -46,7 +46,7 @@ def _guarded(fn: Callable[[], object]) -> object:
         raise Exit(code=2) from None
     except (Interrupted, KeyboardInterrupt) as e:
         stopped = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
-        print(stopped, file=sys.stderr)
+        print(("\n" if silence_open_bars() else "") + str(stopped), file=sys.stderr)
         raise Exit(code=128 + stopped.signum) from None
     finally:
         signal.signal(signal.SIGTERM, before)

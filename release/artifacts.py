@@ -345,6 +345,16 @@ def disk_full(error: BaseException, folder: Path) -> bool:
         return False
 
 
+def remove_leftovers(build_dir: Path) -> list[Path]:
+    """Remove what dead runs left in ``build_dir``: unfinished ``.<stage>.partial`` folders and
+    retired ``.<stage>.old`` ones (their stages are rebuilt or were swapped in). Only the holder of
+    the build folder's lock may call this: another run's partial folder is its work in progress."""
+    found = sorted(p for pattern in (".*.partial", ".*.old") for p in Path(build_dir).glob(pattern) if p.is_dir())
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return found
+
+
 def _swap_in(partial: Path, stage_dir: Path) -> None:
     """Replace ``stage_dir`` by ``partial``. At no moment does ``stage_dir`` hold a mix."""
     retired = stage_dir.with_name(f".{stage_dir.name}.old")

@@ -55,7 +55,9 @@ class Holder:
 
 
 def _me(group: str | None) -> Holder:
-    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    name = program.parent.name if program.name == "__main__.py" else program.name  # python -m invoke: invoke
+    argv = [name, *sys.argv[1:]]
     return Holder(os.getpid(), socket.gethostname(), shlex.join(argv), time.strftime("%Y-%m-%dT%H:%M:%S%z"), group)
 
 

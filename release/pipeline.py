@@ -24,6 +24,7 @@ ones must be built). Distributed stages run on as many processes and hosts as ``
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from release.artifacts import (
     check_outputs,
     human_bytes,
     read_manifest,
+    remove_leftovers,
     stage_dir,
     summary_console,
 )
@@ -172,7 +174,11 @@ def run(spec: Spec, *, force: bool | Collection[str] = False, only: str | None =
     group = f"{','.join(names)}@{launch.rdzv}" if launch.nodes > 1 and launch.rdzv else None
     current: list[str | None] = [None]
     try:
-        with lock.hold(spec.build_dir, wait=wait, group=group, notice=console.print):
+        with lock.hold(spec.build_dir, wait=wait, group=group,
+                       notice=lambda text: print(text, file=sys.stderr)) as holder:
+            if holder is not None:  # this run writes the folder alone: what others left is a dead run's
+                for leftover in remove_leftovers(spec.build_dir):
+                    print(f"note: removed {leftover}, left unfinished by a run that ended", file=sys.stderr)
             if check:
                 forced |= changed(spec, names, console)
             # before anything is built: refuse in one line when the disk cannot hold what will be written

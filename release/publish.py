@@ -232,12 +232,17 @@ def _hub_errors(what: str, secret: str | None, url: str | None = None) -> Iterat
     import httpx
     from huggingface_hub.errors import HFValidationError
 
+    expected = (httpx.HTTPError, OSError, HFValidationError)
     try:
         yield
-    except (httpx.HTTPError, OSError, HFValidationError) as e:
+    except expected + (RuntimeError,) as e:
+        # huggingface_hub wraps an LFS upload's failure: RuntimeError("Error while uploading ...") from it
+        cause = e.__cause__ if isinstance(e, RuntimeError) else e
+        if not isinstance(cause, expected):
+            raise
         where = f" ({url})" if url else ""
-        todo = f"; {RESUME}" if transient(e) else ""
-        raise PublishError(_scrub(f"{what}{where}: {type(e).__name__}: {_explain(e)}{todo}", secret)) from e
+        todo = f"; {RESUME}" if transient(cause) else ""
+        raise PublishError(_scrub(f"{what}{where}: {type(cause).__name__}: {_explain(cause)}{todo}", secret)) from e
 
 
 RESUME = ("the Hub did not answer after retries with backoff; run the same command again to resume (each repo "

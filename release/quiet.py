@@ -124,3 +124,14 @@ def import_unsloth():
             if not (cpu and issubclass(category, UserWarning) and UNSLOTH_IMPORT_ORDER.match(str(message))):
                 shown(*args, **kwargs)
     return unsloth
+
+
+def silence_open_bars() -> bool:
+    """Silence the tqdm bars an interrupt left open (the trainer's, a download's): they would
+    draw their last frame at exit, after the interrupt's one line. True when there were any, so
+    the line they were drawn on is unfinished."""
+    tqdm = sys.modules.get("tqdm.std")  # loaded only if a library drew a bar
+    bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()))
+    for bar in bars:
+        bar.disable = True
+    return bool(bars)

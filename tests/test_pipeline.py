@@ -1,5 +1,5 @@
-"""The whole demo release through `invoke release`, uninterrupted and killed (SIGKILL) inside each
-stage in turn: the re-runs finish it and every artifact has the same sha256 as the
+"""The whole demo release through `invoke release`, uninterrupted and stopped (Ctrl-C, SIGTERM,
+SIGKILL) inside each stage in turn: the re-runs finish it and every artifact has the same sha256 as the
 uninterrupted run's."""
 
 from __future__ import annotations
@@ -162,7 +162,31 @@ def _started(build: Path, stage: str) -> bool:
     return partial.is_dir() and (stage == "verify" or any(p.is_file() for p in partial.rglob("*")))
 
 
+# How each stage is stopped: Ctrl-C in a terminal (SIGINT to the whole process group), SIGTERM to
+# the main process alone (a CI runner's cancel, `kill PID`: its children must be stopped by it),
+# or SIGKILL to the group (a power cut; nothing runs after it).
+STOPS = {"base": ("SIGTERM", "pid"), "data": ("SIGINT", "group"), "cpt": ("SIGTERM", "pid"),
+         "sft": ("SIGKILL", "group"), "merge": ("SIGINT", "group"), "bnb4": ("SIGKILL", "group"),
+         "gguf": ("SIGTERM", "pid"), "verify": ("SIGINT", "group")}
+
+
+def _survivors(session: int) -> list[str]:
+    """Processes (zombies aside) still in the session a test started: what an interrupt left behind."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if os.getsid(p.info["pid"]) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.info['pid']} {p.info['name']}")
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
 def test_killed_inside_each_stage_then_resumed_gives_the_same_artifacts(uninterrupted, tmp_path):
+    """Each stage is stopped once (Ctrl-C, SIGTERM or SIGKILL: ``STOPS``) and the same command is run
+    again; the interrupts end in one line with 130 or 143 and leave no process behind."""
     spec_a, done, _ = uninterrupted
     assert done.returncode == 0
     spec = demo_copy(tmp_path)
@@ -170,21 +194,32 @@ def test_killed_inside_each_stage_then_resumed_gives_the_same_artifacts(uninterr
     killed = []
     for stage in [n for n in pipeline.applicable(load(spec)) if n != publish.STAGE]:
         proc = subprocess.Popen(release_cmd(spec), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, text=True)
         while proc.poll() is None and not _started(build, stage):
             time.sleep(0.005)
         if proc.poll() is None:
             if stage == "verify":
                 time.sleep(3)  # inside the measurements, not at their start
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            name, target = STOPS.get(stage, ("SIGKILL", "group"))
+            signum = getattr(signal, name)
+            os.killpg(proc.pid, signum) if target == "group" else os.kill(proc.pid, signum)
+            _, err = proc.communicate(timeout=120)
             killed.append(stage)
+            if signum != signal.SIGKILL:
+                assert proc.returncode == 128 + signum, (stage, name, proc.returncode, err[-3000:])
+                line = f"interrupted in stage {stage}; run the same command to resume"
+                assert err.strip().splitlines()[-1] == line, (stage, err[-3000:])
+                assert "Traceback" not in err, (stage, err[-3000:])
+            deadline = time.monotonic() + 10
+            while _survivors(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _survivors(proc.pid) == [], (stage, name)
             # nothing half-built is visible: the stage folder is absent or a complete build
             m = read_manifest(build / stage)
             assert ((m is None and not (build / stage).exists())
                     or (m is not None and not check_outputs(build / stage, m)))
         else:
-            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+            assert proc.returncode == 0, proc.stderr.read()[-2000:]
     # every stage that takes measurable time was interrupted at least once
     assert {"base", "data", "cpt", "sft", "merge", "bnb4", "gguf", "verify"} <= set(killed), killed
     final = subprocess.run(release_cmd(spec), cwd=tmp_path, capture_output=True, text=True, timeout=1800)
