@@ -474,3 +474,52 @@ def test_hub_faults(demo_built, tmp_path, online, name):
         state = remote(spec, hub.url)
         assert {r: set(s["files"]) for r, s in state.items()} == want
         assert all(s["tags"] == [spec.hub.revision_tag] for s in state.values())
+
+
+# --- interrupts inside a child process ----------------------------------------------------------
+
+
+def _child_running(pid: int, names: tuple[str, ...]) -> bool:
+    import psutil
+
+    try:
+        return any(any(n in " ".join(c.cmdline()) for n in names) for c in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return False
+
+
+INSIDE = {  # task and options, the child's command line to wait for, the stage
+    "llama.cpp's tools": (("gguf", "--force"), ("llama-imatrix", "llama-quantize", "import llama_cpp"), "gguf"),
+    "torchrun": (("cpt", "--force", "--processes", "2"), ("training.worker",), "cpt"),
+}
+
+
+@pytest.mark.parametrize("where", list(INSIDE))
+def test_sigterm_while_a_child_runs_stops_it_and_the_rerun_resumes(demo_built, tmp_path, where):
+    """SIGTERM to the task's own process (not its group, as `kill PID` or a CI cancel sends it)
+    while llama.cpp's quantizer or torchrun's workers run: one line, exit 143, no process left,
+    and the same command then gives the uninterrupted run's bytes."""
+    from test_pipeline import _survivors
+
+    (task, *options), names, stage = INSIDE[where]
+    spec = linked_copy(demo_built.path, tmp_path / "rel")
+    build = load(spec).build_dir
+    proc = start(spec, task, *options)
+    deadline = time.monotonic() + 300
+    while not _child_running(proc.pid, names):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"interrupted in stage {stage}; run the same command to resume", err[-2000:]
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while _survivors(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _survivors(proc.pid) == []
+    assert not (build / f".{stage}.partial").exists()
+    again = run(spec, task, *[o for o in options if o != "--force"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    if where != "torchrun":  # two processes train to other bytes than the demo's one (same losses, 5e-4)
+        same_as(demo_built.build_dir, build, [stage])
