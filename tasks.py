@@ -30,15 +30,12 @@ def _guarded(fn: Callable[[], object]) -> object:
     or SIGTERM, which raises as Ctrl-C does) into one line and exit 128 + its signal (130, 143)."""
     import signal
 
+    from release import interrupts
     from release.errors import Interrupted, ReleaseError
     from release.quiet import known_notices, silence_open_bars
 
-    def terminated(signum, _frame):
-        raise Interrupted(signum)
-
-    before = signal.signal(signal.SIGTERM, terminated)
     try:
-        with known_notices():
+        with interrupts.handled(), known_notices():
             return fn()
     except ReleaseError as e:
         for line in str(e).splitlines():
@@ -48,8 +45,6 @@ def _guarded(fn: Callable[[], object]) -> object:
         stopped = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
         print(("\n" if silence_open_bars() else "") + str(stopped), file=sys.stderr)
         raise Exit(code=128 + stopped.signum) from None
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def _locked(s, fn: Callable[[], object], wait: bool) -> object:

@@ -90,24 +90,28 @@ def hold(build_dir: Path, *, wait: bool = False, group: str | None = None,
         return
     build_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(build_dir / LOCK, fallback_to_soft=False, preserve_lock_file=True, thread_local=False)
+    joined = False
     try:
         try:
             lock.acquire(timeout=0)
         except Timeout:
             other = _settled_holder(build_dir)
-            if group is not None and other is not None and other.group == group:
-                yield None  # a launcher of the same multi-host training run: rank 0's writes
-                return
             who = other.line() if other else "another process"
-            if not wait:
+            if group is not None and other is not None and other.group == group:
+                joined = True  # a launcher of the same multi-host training run: rank 0's writes
+            elif not wait:
                 raise BuildLocked(f"{build_dir}: another run is writing this build folder ({who}); wait for it "
                                   "to finish, or run the same command with --wait") from None
-            if notice is not None:
-                notice(f"waiting for {build_dir}: another run is writing it ({who})")
-            lock.acquire()
-    except OSError as e:
+            else:
+                if notice is not None:
+                    notice(f"waiting for {build_dir}: another run is writing it ({who})")
+                lock.acquire()
+    except OSError as e:  # not the with-block's errors: only taking the lock is guarded here
         raise BuildLocked(f"{build_dir / LOCK}: cannot lock the build folder ({e.strerror or e}); its filesystem "
                           "must support flock (for NFS: the lock manager, for Lustre: mount with -o flock)") from None
+    if joined:
+        yield None
+        return
     me = _me(group)
     previous = os.environ.get(ENV)
     try:

@@ -33,7 +33,7 @@ from typing import Protocol
 from rich.console import Console
 from rich.table import Table
 
-from release import base, bnb4, cards, docker, gguf, lock, merge, modelfiles, preflight, publish, verify
+from release import base, bnb4, cards, docker, gguf, interrupts, lock, merge, modelfiles, preflight, publish, verify
 from release.artifacts import (
     Manifest,
     Traits,
@@ -210,6 +210,7 @@ def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[st
                 root: Path | None) -> list[StageResult]:
     results = []
     for name in names:
+        interrupts.check(current[0])  # one that a library swallowed stops the run here
         current[0] = name
         s = stage(name)
         if progress:
@@ -233,6 +234,7 @@ def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[st
             pushed = publish.push(spec, publish.read_plans(spec), console=console, progress=progress)
             console.print(publish.push_table(spec, pushed))
             manifest.figures["pushed"] = len(pushed)
+    interrupts.check(current[0])
     return results
 
 

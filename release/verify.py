@@ -17,6 +17,8 @@ there is one); llama.cpp uses every core, and the GPU when its build has one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import time
@@ -377,13 +379,23 @@ def check(spec: Spec, t: Target, ref: Reference, tok, device: str) -> dict:
         row.update(loads=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:300], stopped=False,
                    urdu_purity=0.0, passed=False, seconds=round(time.perf_counter() - start, 2))
         return row
-    ev = spec.evaluation
     row["loads"] = True
     row["error"] = None
     row["stops"] = [g.reason for g in gens]
     row["stopped"] = all(g.reason != "length" for g in gens)
     row["urdu_purity"] = urdu_purity([g.text for g in gens])
     row["sample"] = gens[0].text[:160]
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return judge(spec, t, row)
+
+
+def judge(spec: Spec, t: Target, row: dict) -> dict:
+    """``row``'s gate results under the spec's gates and thresholds: the judgement, kept apart
+    from the measurement so that changed gates re-judge stored figures (``run``)."""
+    ev = spec.evaluation
+    row["max_kld"], row["min_top1"] = (t.gate.max_kld, t.gate.min_top1) if t.gate else (None, None)
+    if not row.get("loads", True):
+        return row
     fidelity_ok = t.reference or (t.gate is not None and row["kld_mean"] <= t.gate.max_kld
                                   and row["top1"] >= t.gate.min_top1)
     row["fidelity_passed"] = fidelity_ok
@@ -391,7 +403,6 @@ def check(spec: Spec, t: Target, ref: Reference, tok, device: str) -> dict:
     row["purity_passed"] = row["urdu_purity"] >= ev.min_urdu_purity
     row["passed"] = (fidelity_ok and (row["stopped"] or not ev.enforce_stop_token)
                      and (row["purity_passed"] or not ev.enforce_urdu_purity))
-    row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
 
@@ -422,12 +433,21 @@ def verify(spec: Spec, models: dict[str, Path], progress: bool = True, workdir: 
                 rel = p.relative_to(spec.build_dir).as_posix() if p.is_relative_to(spec.build_dir) else p.as_posix()
                 artifacts[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size, "variant": t.variant,
                                   "quant": t.quant, "passed": rows[t.key]["passed"]}
+    fidelity = {"text": spec.evaluation.fidelity_text, "chunks": len(chunks), "chunk_tokens": len(chunks[0]),
+                "positions": sum(map(len, chunks))}
+    return _summed(spec, rows, artifacts, fidelity=fidelity, prompts=len(asked), device=device, threads=cpu_threads())
+
+
+def _summed(spec: Spec, rows: dict, artifacts: dict, *, fidelity: dict, prompts: int, device: str,
+            threads: int) -> dict:
+    """The verification figures of judged ``rows`` (see ``run``)."""
     ev = spec.evaluation
+    for a in artifacts.values():
+        a["passed"] = rows[a["variant"] if a["quant"] is None else f"gguf:{a['quant']}"]["passed"]
     return {"passed": all(r["passed"] for r in rows.values()), "artifacts": artifacts, "variants": rows,
-            "fidelity": {"text": ev.fidelity_text, "chunks": len(chunks), "chunk_tokens": len(chunks[0]),
-                         "positions": sum(map(len, chunks))},
-            "generation": {"prompts": len(asked), "max_new_tokens": ev.max_new_tokens},
-            "device": device, "threads": cpu_threads(),
+            "fidelity": fidelity,
+            "generation": {"prompts": prompts, "max_new_tokens": ev.max_new_tokens},
+            "device": device, "threads": threads,
             "enforced": {"urdu_purity": ev.enforce_urdu_purity, "stop_token": ev.enforce_stop_token}}
 
 
@@ -441,20 +461,56 @@ def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress
     (``fidelity``, ``generation``, ``device``, ``threads``). A failed gate is recorded, not
     raised: the manifest is the evidence; the pipeline and the publishing step refuse to go on.
     """
-    from release.artifacts import run_stage, write_json
+    from release.artifacts import fingerprint, input_digest, run_stage, tool_versions, write_json
 
-    def build(out: Path) -> dict:
-        figures = verify(spec, models, progress, workdir=out)  # the reference's logits: deleted before the end
-        write_json(out / "verification.json", figures)
-        return figures
-
+    tools = ("transformers", "llama-cpp-python", "bitsandbytes", "torch")
     sections = {k: spec.section_hash(k) for k in ("chat", "inference", "evaluation", "gates", "variants")}
     models = dict(inputs)
     feeds = {k: Path(v) for k, v in sorted(models.items())}
     feeds["fidelity_text"] = spec.resolve(spec.evaluation.fidelity_text)
+    # what the measurements depend on: everything but the gates and thresholds they are judged by
+    measured = {k: v for k, v in sections.items() if k not in ("gates", "evaluation")}
+    measured["evaluation"] = hashlib.sha256(json.dumps(
+        {k: v for k, v in spec.raw.get("evaluation", {}).items() if k not in THRESHOLDS},
+        sort_keys=True, default=str).encode()).hexdigest()
+    key = fingerprint({k: input_digest(v) for k, v in feeds.items()}, measured, tool_versions(*tools))
+
+    def build(out: Path) -> dict:
+        figures = rejudged(spec, models, stage_dir(spec.build_dir, STAGE), key)
+        if figures is None:
+            figures = verify(spec, models, progress, workdir=out)  # the reference's logits: deleted before the end
+        figures["measured"] = key
+        write_json(out / "verification.json", figures)
+        return figures
+
     return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs=feeds,
                      spec_sections=sections,
-                     tools=("transformers", "llama-cpp-python", "bitsandbytes", "torch"), force=force)
+                     tools=tools, force=force)
+
+
+THRESHOLDS = ("min_urdu_purity", "enforce_urdu_purity", "enforce_stop_token")  # [evaluation] keys that judge
+
+
+def rejudged(spec: Spec, models: dict[str, Path], folder: Path, key: str) -> dict | None:
+    """The last verification's figures judged again under the spec's current gates, when only
+    gates or thresholds changed since (its ``measured`` key is ``key``): a stricter or looser
+    gate needs no new measurement. None when something measured changed."""
+    try:
+        old = json.loads((folder / "verification.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(old, dict) or old.get("measured") != key:
+        return None
+    rows = old["variants"]
+    all_targets = targets(spec, models)
+    if {t.key for t in all_targets} != set(rows):
+        return None
+    for t in all_targets:
+        judge(spec, t, rows[t.key])
+    figures = _summed(spec, rows, old["artifacts"], fidelity=old["fidelity"], prompts=old["generation"]["prompts"],
+                      device=old["device"], threads=old["threads"])
+    figures["rejudged"] = True
+    return figures
 
 
 def failures(figures: dict) -> list[str]:

@@ -269,6 +269,8 @@ def test_verify_task_reports_gates_and_a_failed_gate_stops_publishing(uninterrup
     assert "Traceback" not in failed.stderr
     figures = read_manifest(load(strict).build_dir / "verify").figures
     assert figures["passed"] is False and figures["variants"]["gguf:Q8_0"]["passed"] is False
+    # only a gate changed: the stored measurements were judged again, not measured again
+    assert figures["rejudged"] is True and figures["variants"]["gguf:Q8_0"]["max_kld"] == 0.000001
     # the publishing plan refuses the failed file in one line
     plan = _task("publish", strict)
     assert plan.returncode == 2 and "Q8_0.gguf: failed verification" in plan.stderr, plan.stderr[-2000:]
