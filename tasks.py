@@ -26,8 +26,10 @@ LAUNCH_HELP = {
 
 def _guarded(fn: Callable[[], object]) -> object:
     """Run ``fn`` (with the libraries' known-harmless notices dropped: release/quiet.py); turn the
-    toolchain's own errors into one line each on stderr and exit 2, and an interrupt (Ctrl-C,
-    or SIGTERM, which raises as Ctrl-C does) into one line and exit 128 + its signal (130, 143)."""
+    toolchain's own errors (and a full disk met outside a stage's build) into one line each on
+    stderr and exit 2, and an interrupt (Ctrl-C, or SIGTERM, which raises as Ctrl-C does) into one
+    line and exit 128 + its signal (130, 143)."""
+    import errno
     import signal
 
     from release import interrupts
@@ -40,6 +42,13 @@ def _guarded(fn: Callable[[], object]) -> object:
     except ReleaseError as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
+        raise Exit(code=2) from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:  # anything else is a bug and keeps its traceback
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: the disk is full{where}; free space and run the same command to resume "
+              "(finished stages are kept)", file=sys.stderr)
         raise Exit(code=2) from None
     except (Interrupted, KeyboardInterrupt) as e:
         stopped = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)

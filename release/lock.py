@@ -115,7 +115,8 @@ def hold(build_dir: Path, *, wait: bool = False, group: str | None = None,
     me = _me(group)
     previous = os.environ.get(ENV)
     try:
-        _write_holder(build_dir, me)
+        with contextlib.suppress(OSError):  # the record only informs others (a full disk must not stop the run here)
+            _write_holder(build_dir, me)
         os.environ[ENV] = str(build_dir.resolve())  # children write under this lock
         yield me
     finally:

@@ -476,8 +476,8 @@ def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress
     key = fingerprint({k: input_digest(v) for k, v in feeds.items()}, measured, tool_versions(*tools))
 
     def build(out: Path) -> dict:
-        figures = rejudged(spec, models, stage_dir(spec.build_dir, STAGE), key)
-        if figures is None:
+        figures = None if force else rejudged(spec, models, stage_dir(spec.build_dir, STAGE), key)
+        if figures is None:  # --force measures again, as it says
             figures = verify(spec, models, progress, workdir=out)  # the reference's logits: deleted before the end
         figures["measured"] = key
         write_json(out / "verification.json", figures)

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -128,14 +129,14 @@ def test_the_holders_children_write_under_its_lock_and_a_training_runs_launchers
             "with lock.hold(Path(sys.argv[1]), group=sys.argv[2] or None) as h: print('held' if h else 'joined')")
 
     def other(group: str = "") -> subprocess.CompletedProcess:
-        return subprocess.run([sys_executable(), "-c", code, str(build), group], capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-c", code, str(build), group], capture_output=True, text=True)
 
     with lock.hold(build, group="cpt@127.0.0.1:29500") as me:
         assert me is not None and os.environ[lock.ENV] == str(build.resolve())
         assert other().stdout.strip() == "joined"  # a child: the env names this folder
         env = {k: v for k, v in os.environ.items() if k != lock.ENV}
         for group, expect in (("cpt@127.0.0.1:29500", "joined"), ("cpt@127.0.0.1:29501", None), ("", None)):
-            r = subprocess.run([sys_executable(), "-c", code, str(build), group], capture_output=True, text=True,
+            r = subprocess.run([sys.executable, "-c", code, str(build), group], capture_output=True, text=True,
                                env=env)
             if expect:
                 assert r.stdout.strip() == expect, r.stderr
@@ -143,19 +144,13 @@ def test_the_holders_children_write_under_its_lock_and_a_training_runs_launchers
                 assert "another run is writing this build folder" in r.stderr and r.returncode != 0
         # a joined launcher's own errors stay its own (not taken for a lock that failed)
         raising = code.replace("print('held' if h else 'joined')", "raise FileNotFoundError('its own')")
-        r = subprocess.run([sys_executable(), "-c", raising, str(build), "cpt@127.0.0.1:29500"], capture_output=True,
+        r = subprocess.run([sys.executable, "-c", raising, str(build), "cpt@127.0.0.1:29500"], capture_output=True,
                            text=True, env=env)
         assert "FileNotFoundError: its own" in r.stderr and "BuildLocked" not in r.stderr, r.stderr
     assert lock.ENV not in os.environ and lock.holder(build) is None
     with pytest.raises(FileNotFoundError, match="its own"), lock.hold(build):
         raise FileNotFoundError("its own")
     assert lock.holder(build) is None
-
-
-def sys_executable() -> str:
-    import sys
-
-    return sys.executable
 
 
 # --- a full disk --------------------------------------------------------------------------------
@@ -221,6 +216,24 @@ def test_a_disk_filled_mid_stage_is_one_line_frees_the_stage_and_the_same_comman
         again = run(spec, "gguf")
         assert again.returncode == 0, again.stderr[-3000:]
         same_as(ref, build, [*kept, "gguf"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_outside_a_stage_is_one_line_too(tmp_path):
+    """A task writing outside the stages' partial folders (here the Modelfiles into --out) on a
+    full disk: one line, exit 2, no half-written file."""
+    with small_disk(tmp_path / "disk", 256 << 10) as disk:
+        with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        out = disk / "modelfiles"
+        done = subprocess.run([*release_cmd(Path("specs/qalb.toml").resolve(), "modelfiles"), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        (line,) = errors(done.stderr)
+        assert line.startswith("error: the disk is full") and line.endswith("run the same command to resume "
+                                                                                     "(finished stages are kept)")
+        assert not [p for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0 or ".tmp-" in p.name]
 
 
 def test_a_full_disk_is_named_whatever_the_writer_says(tmp_path):
