@@ -78,6 +78,33 @@ def _refuse(message: str) -> None:
     _guarded(fail)
 
 
+SIGNING_HELP = ("private EC P-256 key (PEM) to sign every repo with (default: $QALB_SIGNING_KEY; `sigstore` for "
+                "Sigstore keyless signing); ./inv keygen makes one")
+
+
+def _signing_key(path: str | None) -> None:
+    """``--signing-key``: handed to the stages as ``QALB_SIGNING_KEY`` (a path, never the key),
+    where the cards (the public key, its fingerprint) and the publish stage (the signatures) read it."""
+    import os
+
+    from release import signing
+
+    if path:
+        os.environ[signing.ENV_KEY] = path if path in signing.KEYLESS else str(Path(path).expanduser().resolve())
+        _guarded(signing.from_environment)  # a key that cannot be used: one line now, not after the build
+
+
+def _help_asked(name: str, value: str | None) -> bool:
+    """``./inv TASK --help`` for a task with a positional argument, which invoke's parser hands
+    the task as that argument's value: print the task's help (``inv --help TASK``) instead."""
+    if value not in ("--help", "-h"):
+        return False
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "--help", name], check=False)
+    return True
+
+
 def _spec(path: str):
     from release import spec
 
@@ -381,11 +408,12 @@ def modelfiles(c, spec="specs/qalb.toml", out="modelfiles", check=None, runner=N
 
 
 @task(help={"spec": f"release spec (default {DEMO})", "force": "write the cards again even if up to date",
-            "wait": WAIT_HELP})
-def cards(c, spec=DEMO, force=False, wait=False):
+            "wait": WAIT_HELP, "signing-key": SIGNING_HELP})
+def cards(c, spec=DEMO, force=False, wait=False, signing_key=None):
     """Stage cards: the model card of every repo, build/<release>/cards/<variant>/README.md."""
     from release import pipeline
 
+    _signing_key(signing_key)
     s, result = _stage(spec, "cards", force=force, wait=wait)
     pipeline.summary(s, [result])
     if not result.manifest.figures.get("verified"):
@@ -393,9 +421,12 @@ def cards(c, spec=DEMO, force=False, wait=False):
               "run ./inv release --from verify")
 
 
+UNSIGNED_HELP = "push without signatures (refused otherwise when no signing key is given)"
+
+
 @task(help={"spec": f"release spec (default {DEMO})", "push": "upload and tag (default: show the plan only)",
-            "wait": WAIT_HELP})
-def publish(c, spec=DEMO, push=False, wait=False):
+            "wait": WAIT_HELP, "signing-key": SIGNING_HELP, "unsigned": UNSIGNED_HELP})
+def publish(c, spec=DEMO, push=False, wait=False, signing_key=None, unsigned=False):
     """Stage publish: plan the Hub upload of every repo (files to add, change, delete); --push
     uploads and tags.
 
@@ -404,7 +435,8 @@ def publish(c, spec=DEMO, push=False, wait=False):
     from release import pipeline
     from release import publish as stage
 
-    s, result = _stage(spec, stage.STAGE, push=push, wait=wait)
+    _signing_key(signing_key)
+    s, result = _stage(spec, stage.STAGE, push=push, wait=wait, unsigned=unsigned)
     pipeline.summary(s, [result])
     if not push:
         print("plan only: nothing was uploaded; add --push to publish")
@@ -421,24 +453,112 @@ def publish(c, spec=DEMO, push=False, wait=False):
     "wait": WAIT_HELP,
     "check": "hash every built file again and rebuild the stages whose bytes changed (a plain run hashes only "
              "files modified since their stage was built)",
+    "signing-key": SIGNING_HELP,
+    "unsigned": UNSIGNED_HELP,
     **LAUNCH_HELP,
 })
 def release(c, spec=DEMO, force=False, only=None, from_=None, push=False, runner="local", processes=1, nodes=1,
-            rdzv=None, wait=False, check=False):
+            rdzv=None, wait=False, check=False, signing_key=None, unsigned=False):
     """Run the release pipeline: base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, publish."""
     import time
 
     from release import pipeline
     from training import distributed
 
+    _signing_key(signing_key)
     s = _spec(spec)
     how = _guarded(lambda: distributed.launch(processes, nodes, rdzv))
     start = time.perf_counter()
     results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_, push=push, launch=how,
-                                            runner=runner, root=ROOT, wait=wait, check=check))
+                                            runner=runner, root=ROOT, wait=wait, check=check, unsigned=unsigned))
     pipeline.summary(s, results, artifacts=True)
     print(f"{s.release.name} {s.release.version}: {len(results)} stages in {time.perf_counter() - start:.0f} s"
           + ("" if push else "; nothing left this machine (add --push to publish)"))
+
+
+@task(help={"out": "where to write the private key (its public key goes to OUT.pub); never overwritten"})
+def keygen(c, out=None):
+    """Make an EC P-256 signing key pair for the release's signatures (OpenSSF model signing).
+
+    The private key (mode 0600; encrypted when QALB_SIGNING_KEY_PASSWORD is set) stays with the
+    maintainers; OUT.pub is published in every repo, and its fingerprint should also be published
+    somewhere else the maintainers control."""
+    from release import signing
+
+    if not out:
+        _refuse("keygen: --out KEY is needed (where to write the private key; KEY.pub beside it)")
+    pub, fp = _guarded(lambda: signing.keygen(Path(out)))
+    print(f"private key {out} (keep it secret; sign with --signing-key {out} or QALB_SIGNING_KEY)")
+    print(f"public key  {pub}")
+    print(f"fingerprint {fp}  (publish it where users can compare it: `sha256sum {pub.name}`)")
+
+
+@task(positional=["repo"], help={"repo": "the repo: a Hub id (owner/name) or a local folder",
+            "revision": "branch, tag or commit on the Hub (default main)",
+            "file": "check this one file (e.g. a GGUF) with its own <file>.sig",
+            "key": "the maintainers' public key (default: the repo's own signing-key.pub, with a note)",
+            "identity": "Sigstore keyless: the signer's identity (e.g. an e-mail) instead of --key",
+            "issuer": "Sigstore keyless: the identity's OIDC issuer"})
+def check(c, repo=None, revision=None, file=None, key=None, identity=None, issuer=None):
+    """Check a published repo (Hub id or local folder): its signature, every file's sha256, and its
+    provenance (subjects, and the adapters it names against their repos). Exits 1 on any failure."""
+    from rich.table import Table
+
+    from release import check as checking
+    from release.artifacts import summary_console
+
+    if _help_asked("check", repo):
+        return
+    if not repo:
+        _refuse("check: name the repo (a Hub id such as owner/name, or a local folder)")
+    report = _guarded(lambda: checking.check(repo, revision=revision, file=file, key=Path(key) if key else None,
+                                             identity=identity, issuer=issuer, adapters=not Path(repo).is_dir()))
+    table = Table(title=f"{repo}{f'@{revision}' if revision else ''}")
+    for col in ("file", "digest", "signed by", "built from"):
+        table.add_column(col)
+    for r in report.rows:
+        table.add_row(r.file, "ok" if r.ok else "DIFFERS", r.signer, r.built_from)
+    summary_console().print(table)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for line in report.failures:
+        print(f"error: {line}", file=sys.stderr)
+    if not report.passed:
+        raise Exit(code=1)
+    print(f"{repo}: {len(report.rows)} files match their signature and provenance")
+
+
+@task(positional=["repo"], help={"repo": "the repo to rebuild: a Hub id (owner/name)",
+            "revision": "branch, tag or commit on the Hub (default main)",
+            "key": "the maintainers' public key (default: the repo's own signing-key.pub)",
+            "spec": "the release spec (default: the one in specs/ with the recorded sha256)",
+            "build": "fresh folder to build in (default build/reproduce/<repo name>)"})
+def reproduce(c, repo=None, revision=None, key=None, spec=None, build=None):
+    """Rebuild a published variant from its provenance (base, adapters, spec at their recorded
+    digests) and compare every weight file's sha256 with the published one. Exits 1 on a difference."""
+    from rich.table import Table
+
+    from release import reproduce as rebuild
+    from release.artifacts import summary_console
+
+    if _help_asked("reproduce", repo):
+        return
+    if not repo:
+        _refuse("reproduce: name the repo to rebuild (a Hub id such as owner/name)")
+    folder = Path(build) if build else ROOT / "build" / "reproduce" / repo.split("/")[-1]
+    rows, report = _guarded(lambda: rebuild.reproduce(repo, revision=revision, key=Path(key) if key else None,
+                                                      spec_path=Path(spec) if spec else None, build=folder))
+    table = Table(title=f"{repo} rebuilt in {folder}")
+    for col in ("file", "published sha256", "rebuilt sha256", "same"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.file, r.published[:16] + "…", (r.rebuilt or "-")[:16] + "…", "yes" if r.same else "NO")
+    summary_console().print(table)
+    for line in report.failures:
+        print(f"error: {line}", file=sys.stderr)
+    if not report.passed:
+        raise Exit(code=1)
+    print(f"{repo}: {len(rows)} weight files rebuilt byte for byte")
 
 
 def _docker_build(c, image="release", tag=None, base_image=None, wheelhouse=None, ca_bundle=None, build_arg=None):

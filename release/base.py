@@ -45,30 +45,35 @@ def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress
             return scaffold.write_model(
                 out, spec.base.scaffold, spec.chat, max_shard_bytes=spec.max_shard_bytes,
                 tokenizer_cache=spec.resolve(spec.build.dir) / ".cache", progress=progress)
-        source = spec.resolve(spec.base.path) if spec.base.path else _download(spec.base.model)
-        return _record(source, out)
+        if spec.base.path:
+            return _record(spec.resolve(spec.base.path), out)
+        source = _download(spec.base.model, spec.base.revision)
+        return _record(source, out, revision=source.name)  # the snapshot folder is named by its commit
 
     return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name,
                      spec_sections=sections, tools=TOOLS, force=force)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, revision: str | None = None) -> Path:
     import httpx
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
     except (httpx.HTTPError, OSError, HFValidationError) as e:  # network, auth, gated, offline, bad id
         raise StageError(f"base model {repo_id}: download failed ({type(e).__name__}); "
                          "log in with `hf auth login` or set base.path to a local copy") from e
 
 
-def _record(folder: Path, out: Path) -> dict:
+def _record(folder: Path, out: Path, revision: str | None = None) -> dict:
     weights = sorted(folder.glob("*.safetensors"))
     if not (folder / "config.json").is_file() or not weights:
         raise StageError(f"{folder}: not a model folder (needs config.json and *.safetensors); "
                          "fix base.path in the spec")
     files = {p.name: sha256_file(p) for p in weights}
-    write_json(out / SOURCE, {"path": str(folder), "sha256": files})
+    record = {"path": str(folder), "sha256": files}
+    if revision:
+        record["revision"] = revision
+    write_json(out / SOURCE, record)
     return {"bytes": sum(p.stat().st_size for p in weights), "shards": len(weights)}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from release import chart, chat, llama3, shards
+from release import chart, chat, llama3, shards, signing
 from release.artifacts import MANIFEST, Manifest, Traits, read_manifest, run_stage, stage_dir
 from release.spec import Corpus, Spec, Variant
 
@@ -95,7 +95,95 @@ def _body(spec: Spec, name: str, v: Variant, gguf_manifest: Manifest | None,
                       "further down is closer to BF16, further left is smaller.", ""]
     else:
         lines += _variants(spec, gguf_manifest)
-    return "\n".join(lines + _imatrix(spec, v, gguf_manifest) + _usage(spec, v) + _license(spec) + _citation(spec))
+    return "\n".join(lines + _imatrix(spec, v, gguf_manifest) + _usage(spec, v) + _verify(spec, v.repo, v.format)
+                     + _license(spec) + _citation(spec))
+
+
+def signer_of(key: object) -> str:
+    """What the cards say signed the release: a key's fingerprint, ``sigstore``, or ``unsigned``."""
+    if isinstance(key, signing.Key):
+        return key.fingerprint
+    return "sigstore" if isinstance(key, signing.Keyless) else "unsigned"
+
+
+def _verify(spec: Spec, repo: str, fmt: str, signer: str | None = None) -> list[str]:
+    """How a downloader checks the files: this toolchain's ``./inv check`` and plain model_signing."""
+    signer = signer or signer_of(signing.from_environment())
+    tag, name = spec.hub.revision_tag, repo.split("/")[-1]
+    lines = ["## Verify this release", "",
+             f"`{signing.PROVENANCE}` is an [in-toto](https://in-toto.io) statement with "
+             "[SLSA provenance](https://slsa.dev/provenance/v1): the weight files of this repository with their "
+             "sha256, "
+             "and everything they were built from (the base model's files, the LoRA adapters"
+             + (f" (published in {', '.join(spec.adapter_repos().values())})" if spec.adapter_repos() else "")
+             + ", the release spec, the curated data and the calibration text), each by its sha256.", ""]
+    if signer == "unsigned":
+        return lines + ["This release was published without a signature.", ""]
+    if signer == "sigstore":
+        lines += [f"Every file is signed with [OpenSSF model signing](https://github.com/sigstore/model-transparency) "
+                  f"(`{signing.SIGNATURE}`), keylessly through Sigstore: the signature names the maintainers' "
+                  "identity, which `--identity` and `--identity_provider` must match.", ""]
+        return lines
+    single = fmt == "gguf"
+    lines += [f"Every file is signed with [OpenSSF model signing](https://github.com/sigstore/model-transparency): "
+              f"`{signing.SIGNATURE}` covers every file of the repository"
+              + (", and each GGUF file has its own `<file>.sig`, so one quant type can be checked alone" if single
+                 else "") + f". The public key is `{signing.PUBLIC_KEY}`; its fingerprint is", "",
+              f"    {signer}", "",
+              f"(`sha256sum {signing.PUBLIC_KEY}`). Compare it with the fingerprint the maintainers publish outside "
+              "the Hub: a key that comes with the files only shows that they have not changed since whoever holds it "
+              "signed them.", "",
+              "With the release toolchain (the signature, every file's sha256, and the provenance against the "
+              "adapter repositories):", "", "```bash",
+              f"./inv check {repo} --revision {tag} --key {signing.PUBLIC_KEY}", "```", "",
+              "With model_signing alone (`pip install model-signing==1.1.1 pyopenssl`), on a download of the whole "
+              "repository:", "", "```bash",
+              f"hf download {repo} --revision {tag} --local-dir {name}",
+              f"model_signing verify key {name} --signature {name}/{signing.SIGNATURE} "
+              f"--public_key {signing.PUBLIC_KEY}",
+              "```", ""]
+    if single:
+        q = spec.gguf_file_name(default_quant(spec))
+        lines += ["One GGUF file alone:", "", "```bash",
+                  f"hf download {repo} {q} {q}{signing.FILE_SIGNATURE} --revision {tag} --local-dir {name}",
+                  f"model_signing verify key {name}/{q} --signature {name}/{q}{signing.FILE_SIGNATURE} "
+                  f"--public_key {signing.PUBLIC_KEY}", "```", ""]
+    return lines + ["In the Hugging Face cache (`hf download` without `--local-dir`) the files are symlinks: add "
+                    "`--allow_symlinks` to `model_signing verify`.", ""]
+
+
+# --- adapter repos ------------------------------------------------------------------------------
+
+ADAPTER_ABOUT = {"cpt": "continued pre-training on Urdu and English text", "sft": "instruction fine-tuning"}
+
+
+def adapter_card(spec: Spec, stage: str) -> ModelCard:
+    """The card of a published LoRA adapter (``hub.publish_adapters``): an ``adapter`` of the base
+    in the model tree; how to apply it with PEFT; how to check it."""
+    repo = spec.adapter_repos()[stage]
+    r, lora, st = spec.release, spec.lora, getattr(spec.training, stage)
+    data = ModelCardData(language=list(r.languages), license=r.license, license_name=r.license_name,
+                         license_link=r.license_link, library_name="peft", pipeline_tag="text-generation",
+                         tags=[*r.tags, "lora", "peft"], datasets=spec.datasets or None,
+                         base_model=spec.base.model, base_model_relation="adapter")
+    cpt = spec.adapter_repos()["cpt"]
+    chain = ([f'model = PeftModel.from_pretrained(model, "{cpt}").merge_and_unload()  # continued pre-training first']
+             if stage == "sft" else [])
+    body = [f"# {repo.split('/')[-1]}", "",
+            f"The LoRA adapter of {r.name}'s {ADAPTER_ABOUT[stage]} stage, on {spec.base.model}."
+            + (f" It was trained on the base with the continued pre-training adapter ([{cpt}](https://huggingface.co/"
+               f"{cpt})) merged in, and applies on top of it." if stage == "sft" else "")
+            + f" Merged, the adapters make [{spec.flagship.repo}](https://huggingface.co/{spec.flagship.repo}).", "",
+            "| | |", "|---|---|",
+            f"| LoRA | r = {lora.r}, alpha = {lora.alpha}, targets {', '.join(lora.target_modules)} |",
+            f"| trained in full | {', '.join(st.modules_to_save) or '-'} |",
+            f"| data | {st.description} |", f"| learning rate | {st.learning_rate:g}, {st.lr_scheduler} |", "",
+            "## Usage", "", "```python", "import torch",
+            "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+            f'model = AutoModelForCausalLM.from_pretrained("{spec.base.model}", torch_dtype=torch.bfloat16)',
+            *chain, f'model = PeftModel.from_pretrained(model, "{repo}").merge_and_unload()', "```", "",
+            *_verify(spec, repo, "adapter"), *_license(spec)]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 
 def _imatrix(spec: Spec, v: Variant, gguf_manifest: Manifest | None) -> list[str]:
@@ -419,11 +507,20 @@ def write_all(spec: Spec, out_dir: Path, gguf_manifest: Manifest | None = None,
     from release.artifacts import atomic_path, write_text
 
     written = []
-    for name, v in spec.variants.items():
+    key = signing.from_environment()
+    for name in [*spec.variants, *spec.adapter_repos()]:
         folder = Path(out_dir) / name
-        write_text(folder / "README.md", str(render(spec, name, gguf_manifest, verify_manifest, parameters, folders)))
+        card = (render(spec, name, gguf_manifest, verify_manifest, parameters, folders) if name in spec.variants
+                else adapter_card(spec, name))
+        write_text(folder / "README.md", str(card))
         write_text(folder / "NOTICE", spec.license_terms.notice + "\n")
         written += [folder / "README.md", folder / "NOTICE"]
+        if isinstance(key, signing.Key):  # the public key, in every repo
+            write_text(folder / signing.PUBLIC_KEY, key.public_pem.decode())
+            written.append(folder / signing.PUBLIC_KEY)
+        if name not in spec.variants:
+            continue
+        v = spec.variants[name]
         png = chart.chart(spec, verify_manifest) if v.format == "gguf" else None
         if png is not None:
             with atomic_path(folder / chart.FILE) as tmp:
@@ -442,12 +539,14 @@ def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress
     model = inputs["model"]
     folders = {k.removeprefix(VARIANT): Path(p) for k, p in inputs.items() if k.startswith(VARIANT)}
     sections = {k: spec.section_hash(k) for k in ("release", "base", "lora", "training", "data", "chat", "inference",
-                                                   "evaluation", "variants", "ollama", "license_terms", "provenance")}
+                                                   "evaluation", "variants", "ollama", "license_terms", "provenance",
+                                                   "hub")}
+    sections["signing"] = signer_of(signing.from_environment())  # a new key rewrites the cards
 
     def build(out: Path) -> dict:
         manifests = {k: read_manifest(p.parent) for k, p in found.items()}
         write_all(spec, out, manifests.get("gguf"), manifests.get("verify"), shards.count_parameters(model), folders)
-        return {"cards": len(spec.variants), "verified": "verify" in found}
+        return {"cards": len(spec.variants) + len(spec.adapter_repos()), "verified": "verify" in found}
 
     return run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs=found,
                      spec_sections=sections, tools=("huggingface_hub", "matplotlib"), force=force)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from release import chat, children, shards
-from release.artifacts import Manifest, Traits, atomic_path, sha256_file, stage_dir
+from release.artifacts import HashingFile, Manifest, Traits, atomic_path, output_sha256, stage_dir
 from release.errors import GGUFError
 from release.spec import CONVERTED, Spec
 
@@ -233,7 +233,7 @@ class _Streamed:
     def tofile(self, fout) -> None:
         written = 0
         for block in self._blocks():
-            block.tofile(fout)
+            fout.write(np.ascontiguousarray(block).data)  # through fout: hashed on the way (HashingFile)
             written += block.nbytes
         if written != self.nbytes:
             raise GGUFError(f"wrote {written} bytes for a tensor of {self.nbytes}")
@@ -292,7 +292,14 @@ def _write(path: Path, model_dir: Path, hp: dict, spec: Spec, plan: list, reader
 
     n_layers, n_head = hp["num_hidden_layers"], hp["num_attention_heads"]
     n_kv = hp.get("num_key_value_heads", n_head)
-    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    class Writer(gguf.GGUFWriter):
+        """gguf-py's writer, its file hashed as it is written (the stage reads it no more)."""
+
+        def open_output_file(self, path: Path | None = None) -> None:
+            super().open_output_file(path)
+            self.fout = [f if isinstance(f, HashingFile) else HashingFile(f) for f in self.fout or []] or self.fout
+
+    w = Writer(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_type(gguf.GGUFType.MODEL)
     _add_sampling(w, model_dir)
     _add_general(w, general_metadata(spec))
@@ -559,7 +566,7 @@ def build(spec: Spec, model_dir: Path, out: Path, progress: bool = True) -> dict
         files[qtype] = Written(qtype, path, d["bytes"], d["bits_per_weight"], round(time.perf_counter() - start, 2),
                                d["imatrix"])
     figures["files"] = {q: {"file": wr.path.name, "bytes": wr.bytes, "bits_per_weight": wr.bits_per_weight,
-                            "seconds": wr.seconds, "sha256": sha256_file(wr.path), "imatrix": wr.imatrix}
+                            "seconds": wr.seconds, "sha256": output_sha256(wr.path), "imatrix": wr.imatrix}
                         for q, wr in files.items()}
     return figures
 

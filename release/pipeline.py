@@ -33,7 +33,21 @@ from typing import Protocol
 from rich.console import Console
 from rich.table import Table
 
-from release import base, bnb4, cards, docker, gguf, interrupts, lock, merge, modelfiles, preflight, publish, verify
+from release import (
+    base,
+    bnb4,
+    cards,
+    docker,
+    gguf,
+    interrupts,
+    lock,
+    merge,
+    modelfiles,
+    preflight,
+    publish,
+    signing,
+    verify,
+)
 from release.artifacts import (
     Manifest,
     Traits,
@@ -45,7 +59,7 @@ from release.artifacts import (
     stage_dir,
     summary_console,
 )
-from release.errors import Interrupted, StageError
+from release.errors import Interrupted, PublishError, StageError
 from release.spec import Spec
 from training import cpt, data, distributed, sft
 
@@ -109,8 +123,10 @@ def upstream(spec: Spec, name: str) -> dict[str, Path]:
         verify.STAGE: lambda: models(spec),
         cards.STAGE: lambda: {"verify": folder(spec, verify.STAGE), "gguf": folder(spec, gguf.STAGE),
                               "model": flagship, **{cards.VARIANT + k: p for k, p in models(spec).items()}},
+        # and, for the adapter repos and the provenance, the stages the release was built from
         publish.STAGE: lambda: {"verify": folder(spec, verify.STAGE), "cards": folder(spec, cards.STAGE),
-                                "modelfiles": folder(spec, modelfiles.STAGE), **models(spec)},
+                                "modelfiles": folder(spec, modelfiles.STAGE), **models(spec),
+                                **{n: folder(spec, n) for n in (base.STAGE, data.STAGE, cpt.STAGE, sft.STAGE)}},
     }
     return feeds[name]() if name in feeds else {}
 
@@ -156,7 +172,8 @@ ONE_PROCESS = distributed.Launch()
 def run(spec: Spec, *, force: bool | Collection[str] = False, only: str | None = None, start: str | None = None,
         until: str | None = None, push: bool = False, progress: bool = True,
         console: Console | None = None, launch: distributed.Launch = ONE_PROCESS,
-        runner: str = "local", root: Path | None = None, wait: bool = False, check: bool = False) -> list[StageResult]:
+        runner: str = "local", root: Path | None = None, wait: bool = False, check: bool = False,
+        unsigned: bool = False) -> list[StageResult]:
     """Run the stages in order (``start`` to ``until``, or ``only`` one); returns what each did.
     Raises ``StageError`` when verification fails (after recording it), so nothing unverified
     goes on to the cards and the Hub. ``push`` publishes the Hub plan once it is made.
@@ -165,11 +182,15 @@ def run(spec: Spec, *, force: bool | Collection[str] = False, only: str | None =
     or the stages named. ``check``: hash every built file again and rebuild the stages whose
     bytes changed. The build folder is locked for the whole run (release/lock.py; ``wait``:
     wait for another writer instead of refusing); Ctrl-C and SIGTERM become ``Interrupted``
-    naming the stage they stopped."""
+    naming the stage they stopped. ``unsigned``: push without signatures (refused otherwise, before
+    anything is built, when no signing key is given)."""
     if runner not in docker.RUNNERS:
         raise StageError(f"--runner {runner}: expected one of {', '.join(docker.RUNNERS)}")
     console = console or summary_console()
     names = select(spec, only, start, until)
+    if push and not unsigned and publish.STAGE in names and signing.from_environment() is None:
+        raise PublishError(f"{spec.path}: --push without a signing key; sign with --signing-key KEY or "
+                           f"{signing.ENV_KEY} (./inv keygen --out KEY makes one), or publish unsigned with --unsigned")
     forced = set(names) if force is True else set(force or ())
     group = f"{','.join(names)}@{launch.rdzv}" if launch.nodes > 1 and launch.rdzv else None
     current: list[str | None] = [None]
@@ -185,7 +206,7 @@ def run(spec: Spec, *, force: bool | Collection[str] = False, only: str | None =
             preflight.check(spec, names,
                             built={n for n in names if n not in forced and read_manifest(folder(spec, n))})
             return _run_stages(spec, names, forced, current, push=push, progress=progress, console=console,
-                               launch=launch, runner=runner, root=root)
+                               launch=launch, runner=runner, root=root, unsigned=unsigned)
     except KeyboardInterrupt:
         raise Interrupted(signal.SIGINT, current[0]) from None
     except Interrupted as e:
@@ -207,7 +228,7 @@ def changed(spec: Spec, names: list[str], console: Console) -> set[str]:
 
 def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[str | None], *, push: bool,
                 progress: bool, console: Console, launch: distributed.Launch, runner: str,
-                root: Path | None) -> list[StageResult]:
+                root: Path | None, unsigned: bool = False) -> list[StageResult]:
     results = []
     for name in names:
         interrupts.check(current[0])  # one that a library swallowed stops the run here
@@ -231,7 +252,8 @@ def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[st
             raise StageError(f"{name}: release gates failed (recorded in {folder(spec, name) / 'verification.json'}):\n"
                              + "\n".join(verify.failures(manifest.figures)))
         if s.TRAITS.publishes and push:
-            pushed = publish.push(spec, publish.read_plans(spec), console=console, progress=progress)
+            pushed = publish.push(spec, publish.read_plans(spec), console=console, progress=progress,
+                                  unsigned=unsigned)
             console.print(publish.push_table(spec, pushed))
             manifest.figures["pushed"] = len(pushed)
     interrupts.check(current[0])

@@ -10,8 +10,14 @@ again: the LFS batch API (or xet's deduplication, on endpoints that offer xet) d
 objects the remote already holds.
 
 Both refuse a weight file (``.safetensors``, ``.gguf``) that the verification manifest does not
-list as passed with the same sha256. The token comes from ``HF_TOKEN`` or the
-``huggingface_hub`` login; it is never printed, logged or put into an error message.
+list as passed with the same sha256 (an adapter: that its training stage's manifest lists). The
+token comes from ``HF_TOKEN`` or the ``huggingface_hub`` login; it is never printed, logged or put
+into an error message.
+
+Each staged repo gets ``provenance.intoto.json`` (release/provenance.py) and, with a signing key
+(``--signing-key`` or ``QALB_SIGNING_KEY``) or Sigstore, ``model.sig`` over every file and a
+``<file>.sig`` beside each GGUF file (release/signing.py), made from the digests hashed here: a
+push refuses an unsigned repo unless told ``--unsigned``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from release import provenance, signing
 from release.artifacts import (
     MANIFEST,
     FileEntry,
@@ -38,6 +45,7 @@ from release.artifacts import (
     human_bytes,
     input_digest,
     read_manifest,
+    recorded_sha256,
     sha256_file,
     stage_dir,
     summary_console,
@@ -52,6 +60,7 @@ TRAITS = Traits(publishes=True)
 PLAN = "plan.json"  # the stage's record: what a push sends, per repo
 WEIGHTS = (".safetensors", ".gguf")
 KEEP_REMOTE = (".gitattributes",)  # created by the Hub with the repo; never deleted by a push
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a training stage's published files
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class LocalFile:
 @dataclass
 class RepoPlan:
     repo: str
-    variant: str
+    variant: str  # a [variants] key, or the training stage of a published adapter (cpt, sft)
     folder: Path  # the staged file set
     files: dict[str, LocalFile]
     add: list[str] = field(default_factory=list)
@@ -74,6 +83,7 @@ class RepoPlan:
     unchanged: list[str] = field(default_factory=list)
     exists: bool = False
     remote_sha: str | None = None
+    signer: str | None = None  # the signing key's fingerprint, "sigstore", or None: unsigned
 
     @property
     def upload_bytes(self) -> int:
@@ -101,8 +111,16 @@ def endpoint(spec: Spec) -> str | None:
     return spec.hub.endpoint.rstrip("/")
 
 
+def repos(spec: Spec) -> dict[str, str]:
+    """Every repo the release publishes: variant key (or training stage, for an adapter) -> repo id."""
+    return {**{k: v.repo for k, v in spec.variants.items()}, **spec.adapter_repos()}
+
+
 def sources(spec: Spec, feeds: Mapping[str, Path], name: str) -> dict[str, Path]:
-    """Path in repo -> built file, for the repo of variant ``name``; ``feeds``: the stage's inputs."""
+    """Path in repo -> built file, for the repo of variant ``name`` (or adapter ``cpt``/``sft``);
+    ``feeds``: the stage's inputs."""
+    if name not in spec.variants:
+        return _adapter_sources(spec, feeds, name)
     v = spec.variants[name]
     built, modelfiles = feeds[name], feeds["modelfiles"]
     out: dict[str, Path] = {}
@@ -119,7 +137,23 @@ def sources(spec: Spec, feeds: Mapping[str, Path], name: str) -> dict[str, Path]
             raise PublishError(f"{modelfiles}: no modelfiles manifest; run ./inv release (stage modelfiles) first")
         # every repo gets its LICENSE and NOTICE from the same place, below
         out.update({e.path: modelfiles / e.path for e in mf.outputs if e.path not in ("LICENSE", "NOTICE")})
-    # the cards stage's documents of this repo: README.md, the licence's NOTICE, the GGUF chart
+    return _with_documents(spec, feeds, name, v.repo, out)
+
+
+def _adapter_sources(spec: Spec, feeds: Mapping[str, Path], stage: str) -> dict[str, Path]:
+    """An adapter repo: the training stage's adapter files."""
+    built = feeds[stage]
+    out = {f: built / f for f in ADAPTER_FILES}
+    missing = [p for p in out.values() if not p.is_file()]
+    if missing:
+        raise PublishError(f"{missing[0]}: missing (the {stage} adapter, published as {spec.adapter_repos()[stage]}); "
+                           f"run ./inv release (stage {stage}) first, or set hub.publish_adapters = false")
+    return _with_documents(spec, feeds, stage, spec.adapter_repos()[stage], out)
+
+
+def _with_documents(spec: Spec, feeds: Mapping[str, Path], name: str, repo: str,
+                    out: dict[str, Path]) -> dict[str, Path]:
+    # the cards stage's documents of this repo: README.md, the licence's NOTICE, the GGUF chart, the public key
     docs = feeds["cards"] / name
     out.update({p.name: p for p in sorted(docs.iterdir()) if p.is_file() and not p.name.startswith(".")}
                if docs.is_dir() else {})
@@ -129,11 +163,23 @@ def sources(spec: Spec, feeds: Mapping[str, Path], name: str) -> dict[str, Path]
     for path, src in out.items():
         if not src.is_file():
             fix = "run ./inv cards" if src.parent == docs else "build it first (./inv release)"
-            raise PublishError(f"{src}: missing (needed as {path} in {v.repo}); {fix}")
+            raise PublishError(f"{src}: missing (needed as {path} in {repo}); {fix}")
     return out
 
 
 # --- verification gate --------------------------------------------------------------------------
+
+
+def check_adapters(spec: Spec, feeds: Mapping[str, Path], weights: dict[Path, str]) -> None:
+    """Refuse an adapter file (path -> current sha256) whose bytes are not the ones its training
+    stage's manifest records: the adapters are what the provenance names."""
+    for stage in spec.adapter_repos():
+        m = read_manifest(feeds[stage])
+        recorded = {e.path: e.sha256 for e in m.outputs} if m else {}
+        for path, sha in weights.items():
+            if path.parent == feeds[stage] and recorded.get(path.name) != sha:
+                raise PublishError(f"{path}: bytes differ from the {stage} stage's manifest; run ./inv release "
+                                   "--check to rebuild it")
 
 
 def check_verified(spec: Spec, feeds: Mapping[str, Path], weights: dict[Path, str]) -> None:
@@ -184,8 +230,8 @@ def stage(spec: Spec, name: str, files: dict[str, Path]) -> RepoPlan:
     """Link ``files`` into ``publish/.<repo name>.partial/`` and hash them there: what is hashed (and
     checked against the verification) is the very inode that will be uploaded. ``commit_stage``
     swaps the folder in."""
-    v = spec.variants[name]
-    repo_dir = stage_dir(spec.build_dir, STAGE) / v.repo.split("/")[-1]
+    repo = repos(spec)[name]
+    repo_dir = stage_dir(spec.build_dir, STAGE) / repo.split("/")[-1]
     partial = repo_dir.with_name(f".{repo_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -193,7 +239,7 @@ def stage(spec: Spec, name: str, files: dict[str, Path]) -> RepoPlan:
     for path, src in sorted(files.items()):
         _link(src, partial / path)
         local[path] = LocalFile(path, src, (partial / path).stat().st_size, "")
-    return RepoPlan(v.repo, name, partial, local)
+    return RepoPlan(repo, name, partial, local)
 
 
 def commit_stage(p: RepoPlan) -> None:
@@ -357,10 +403,10 @@ def plan(spec: Spec, inputs: Mapping[str, Path], *, console: Console | None = No
     ``inputs``: the ``verify``, ``cards`` and ``modelfiles`` folders and each variant's folder
     by its ``[variants]`` key."""
     console = console or summary_console()
-    found = {n: sources(spec, inputs, n) for n in spec.variants}
+    found = {n: sources(spec, inputs, n) for n in repos(spec)}
     plans = [stage(spec, n, files) for n, files in found.items()]
-    _hash_and_check(spec, inputs, plans, console, progress)
     url = endpoint(spec)
+    _hash_and_check(spec, inputs, plans, console, progress, url)
     secret = token()
     if url is None:
         console.print("hub.endpoint is 'local' and HF_ENDPOINT is not set: compared with an empty remote "
@@ -374,7 +420,7 @@ def plan(spec: Spec, inputs: Mapping[str, Path], *, console: Console | None = No
         "release": spec.release.name, "version": spec.release.version, "endpoint": url,
         "repos": {p.repo: {"variant": p.variant, "folder": p.folder.name, "exists": p.exists,
                            "remote_sha": p.remote_sha, "add": p.add, "change": p.change, "delete": p.delete,
-                           "unchanged": p.unchanged, "upload_bytes": p.upload_bytes,
+                           "unchanged": p.unchanged, "upload_bytes": p.upload_bytes, "signer": p.signer,
                            "files": {f.path: {"size": f.size, "sha256": f.sha256, "source": str(f.source)}
                                      for f in p.files.values()}}
                   for p in plans}})
@@ -390,7 +436,8 @@ def read_plans(spec: Spec) -> list[RepoPlan]:
         repos = json.loads(path.read_text(encoding="utf-8"))["repos"]
         return [RepoPlan(repo, r["variant"], stage_dir(spec.build_dir, STAGE) / r["folder"],
                          {p: LocalFile(p, Path(f["source"]), f["size"], f["sha256"]) for p, f in r["files"].items()},
-                         r["add"], r["change"], r["delete"], r["unchanged"], r["exists"], r["remote_sha"])
+                         r["add"], r["change"], r["delete"], r["unchanged"], r["exists"], r["remote_sha"],
+                         r.get("signer"))
                 for repo, r in repos.items()]
     except (OSError, ValueError, KeyError) as e:
         raise PublishError(f"{path}: no readable Hub plan ({type(e).__name__}); "
@@ -405,32 +452,90 @@ def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress
     found = dict(inputs)
     plans = plan(spec, inputs, progress=progress)
     outputs = [FileEntry(f"{p.folder.name}/{f.path}", f.size, f.sha256) for p in plans for f in p.files.values()]
-    digests = {k: input_digest(v) for k, v in found.items()}
+    digests = {k: input_digest(v) for k, v in found.items() if Path(v).exists()}
     return Manifest(STAGE, spec.release.name, fingerprint(digests, {}, {}), digests, {}, {}, outputs,
                     {"planned": len(plans), "upload_bytes": sum(p.upload_bytes for p in plans)},
                     round(time.perf_counter() - start, 3), built=True)
 
 
 def _hash_and_check(spec: Spec, feeds: Mapping[str, Path], plans: list[RepoPlan], console: Console,
-                    progress: bool) -> None:
-    """Hash the staged files and refuse unverified weights; then swap the staging in."""
+                    progress: bool, url: str | None = None) -> None:
+    """Hash the staged files and refuse unverified weights; add each repo's provenance and sign
+    it when a key is given; then swap the staging in."""
     try:
         with _progress(console, progress) as bar:
             task = bar.add_task("sha256", total=sum(f.size for p in plans for f in p.files.values()))
             for p in plans:
                 for path, f in p.files.items():
                     bar.update(task, description=f"sha256 {path}")
-                    p.files[path] = replace(f, sha256=sha256_file(p.folder / path))
+                    p.files[path] = replace(f, sha256=_digest(spec, f.source, p.folder / path))
                     bar.advance(task, f.size)
             bar.update(task, description=f"sha256 of {sum(len(p.files) for p in plans)} files")
-        check_verified(spec, feeds, {f.source: f.sha256 for p in plans for f in p.files.values()
-                              if f.source.suffix in WEIGHTS})
+        adapters = {p.variant for p in plans if p.variant not in spec.variants}
+        weights = {f.source: f.sha256 for p in plans for f in p.files.values() if f.source.suffix in WEIGHTS}
+        check_verified(spec, feeds, {k: v for k, v in weights.items()
+                                     if not any(k.parent == feeds[a] for a in adapters)})
+        check_adapters(spec, feeds, weights)
+        key = signing.from_environment()
+        deps = provenance.dependencies(spec, feeds, url) if all(k in feeds for k in provenance.FEEDS) else []
+        for p in plans:
+            _provenance(spec, feeds, p, deps)
+            if key is not None:
+                _sign(spec, feeds, p, key)
     except BaseException:
         for p in plans:
             shutil.rmtree(p.folder, ignore_errors=True)
         raise
     for p in plans:
         commit_stage(p)
+
+
+def _digest(spec: Spec, source: Path, staged: Path) -> str:
+    """sha256 of a staged file: its stage's manifest's, when the staged file is a hard link to the
+    built file and that is as its stage wrote it (the rule that skips a built stage; ``./inv
+    release --check`` hashes everything); else hashed here."""
+    try:
+        linked = os.path.samefile(source, staged)
+    except OSError:
+        linked = False
+    return (recorded_sha256(source, spec.build_dir) if linked else None) or sha256_file(staged)
+
+
+def _add(p: RepoPlan, path: str) -> None:
+    """A file written into the staged folder itself (provenance, signatures), hashed."""
+    f = p.folder / path
+    p.files[path] = LocalFile(path, f, f.stat().st_size, sha256_file(f))
+
+
+def _provenance(spec: Spec, feeds: Mapping[str, Path], p: RepoPlan, deps: list[dict]) -> None:
+    """``provenance.intoto.json``: the repo's weight files as subjects, the release's inputs."""
+    from release.artifacts import write_text
+
+    subjects = {path: f.sha256 for path, f in p.files.items() if Path(path).suffix in WEIGHTS}
+    verification = feeds["verify"] / "verification.json" if "verify" in feeds else None
+    write_text(p.folder / signing.PROVENANCE,
+               provenance.dumps(provenance.statement(spec, p.repo, subjects, provenance.for_repo(deps, p.variant),
+                                                     verification)))
+    _add(p, signing.PROVENANCE)
+
+
+def _sign(spec: Spec, feeds: Mapping[str, Path], p: RepoPlan, key) -> None:
+    """``<file>.sig`` for each GGUF file, then ``model.sig`` over every file of the repo."""
+    if isinstance(key, signing.Key):
+        pub = p.folder / signing.PUBLIC_KEY
+        if not pub.is_file() or pub.read_bytes() != key.public_pem:
+            raise PublishError(f"{feeds['cards'] / p.variant / signing.PUBLIC_KEY}: the cards were written for "
+                               f"{'another signing key' if pub.is_file() else 'no signing key'}, "
+                               f"not {key.fingerprint}; "
+                               "run ./inv cards with the same key (--signing-key or QALB_SIGNING_KEY)")
+    for path in sorted(x for x in p.files if x.endswith(".gguf")):
+        sig = path + signing.FILE_SIGNATURE
+        signing.sign(p.folder / sig, Path(path).name, {".": p.files[path].sha256}, key)
+        _add(p, sig)
+    signing.sign(p.folder / signing.SIGNATURE, p.repo.split("/")[-1],
+                 {path: f.sha256 for path, f in p.files.items()}, key)
+    _add(p, signing.SIGNATURE)
+    p.signer = key.fingerprint if isinstance(key, signing.Key) else "sigstore"
 
 
 def plan_table(spec: Spec, plans: list[RepoPlan], url: str | None) -> Table:
@@ -468,7 +573,7 @@ def offers_xet(api, repo: str) -> bool:
 
 
 def push(spec: Spec, plans: list[RepoPlan], *, console: Console | None = None,
-         progress: bool = True) -> list[PushResult]:
+         progress: bool = True, unsigned: bool = False) -> list[PushResult]:
     """Upload each planned repo (``plan``, or ``read_plans`` after the stage ran) as one commit;
     once every repo has its commit, tag them all. The caller prints ``push_table(spec, results)``.
 
@@ -480,6 +585,12 @@ def push(spec: Spec, plans: list[RepoPlan], *, console: Console | None = None,
     the calls it does not retry); the commit names the parent it was planned on, so a commit
     whose answer was lost is not made twice."""
     console = console or summary_console()
+    bare = [p for p in plans if signing.SIGNATURE not in p.files]
+    if bare and not unsigned:
+        raise PublishError(f"{bare[0].folder}: not signed ({len(bare)} of {len(plans)} repos without "
+                           f"{signing.SIGNATURE}); "
+                           f"sign with --signing-key KEY or {signing.ENV_KEY} (./inv keygen --out KEY makes one) and "
+                           "run again, or publish unsigned with --unsigned")
     url = endpoint(spec)
     if url is None:
         raise PublishError(f"{spec.path}: hub.endpoint is 'local' and HF_ENDPOINT is not set; start a local Hub "

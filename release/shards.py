@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from release.artifacts import write_json
+from release.artifacts import HashingFile, write_json
 
 DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
                torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
@@ -224,7 +224,7 @@ class ShardWriter:
         self._done = dict.fromkeys(self.offsets, 0)
         blob = header([*self.fixed, *(self.entries[n] for n in self.variable)], metadata)
         self._start = 8 + len(blob)
-        self._file = open(self.path, "wb")
+        self._file = HashingFile(open(self.path, "wb"))  # hashed as written: the stage need not read it again
         self._file.write(struct.pack("<Q", len(blob)) + blob)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

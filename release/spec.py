@@ -120,6 +120,7 @@ class Base:
     parameters: str
     path: str | None = None
     scaffold: Scaffold | None = None
+    revision: str | None = None  # the Hub commit (or tag) to download; recorded in the provenance
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,9 @@ class Hub:
     endpoint: str
     private: bool
     revision_tag: str
+    # the CPT and SFT LoRA adapters in repos of their own (``adapter_repos``), so that every input
+    # the provenance names can be downloaded and the release rebuilt (`./inv reproduce`)
+    publish_adapters: bool = False
 
 
 @dataclass(frozen=True)
@@ -387,6 +391,14 @@ class Spec:
     def modelfile_name(self, qtype: str) -> str:
         """Modelfiles are named after their Ollama tag, e.g. ``8b-instruct-q4_K_M.Modelfile``."""
         return f"{self.ollama.tags[qtype]}.Modelfile"
+
+    def adapter_repos(self) -> dict[str, str]:
+        """Training stage -> the repo its LoRA adapter is published in (``hub.publish_adapters``):
+        ``<owner>/<release name>-CPT-LoRA`` and ``-SFT-LoRA``, beside the flagship."""
+        if not self.hub.publish_adapters:
+            return {}
+        owner = self.flagship.repo.split("/")[0]
+        return {stage: f"{owner}/{self.release.name}-{stage.upper()}-LoRA" for stage in ("cpt", "sft")}
 
     def not_on_card(self, key: str) -> str | None:
         """Where the value of dotted ``key`` comes from when the model's card does not state it

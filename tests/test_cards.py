@@ -148,10 +148,18 @@ def test_variants_table_uses_the_gguf_manifest(qalb_spec):
 
 
 def test_write_all(demo_spec, tmp_path):
-    paths = cards.write_all(demo_spec, tmp_path)  # no verification: no chart
+    paths = cards.write_all(demo_spec, tmp_path)  # no verification: no chart; no signing key: no public key
     assert sorted(p.relative_to(tmp_path).as_posix() for p in paths) == sorted(
-        f"{v}/{f}" for v in ("bf16", "bnb4", "fp16", "gguf") for f in ("README.md", "NOTICE"))
+        f"{v}/{f}" for v in ("bf16", "bnb4", "fp16", "gguf", "cpt", "sft") for f in ("README.md", "NOTICE"))
     assert ModelCard.load(tmp_path / "bf16" / "README.md").data.base_model == "qalb-demo/tiny-llama-3"
+    # the adapters' repos: adapters of the base in the model tree, applied with PEFT in order
+    for stage in ("cpt", "sft"):
+        card = ModelCard.load(tmp_path / stage / "README.md")
+        assert card.data.base_model == "qalb-demo/tiny-llama-3" and card.data.base_model_relation == "adapter"
+        assert card.data.library_name == "peft" and "This release was published without a signature." in card.text
+    sft = (tmp_path / "sft" / "README.md").read_text(encoding="utf-8")
+    assert sft.index("Qalb-Demo-1.0-Tiny-Instruct-CPT-LoRA\").merge_and_unload()") < sft.index(
+        "Qalb-Demo-1.0-Tiny-Instruct-SFT-LoRA\").merge_and_unload()")
     assert (tmp_path / "gguf" / "NOTICE").read_text(encoding="utf-8") == demo_spec.license_terms.notice + "\n"
     assert chart.FILE not in (tmp_path / "gguf" / "README.md").read_text(encoding="utf-8")
 
@@ -248,7 +256,7 @@ def test_cards_stage_follows_the_verification_manifest(demo_spec, tmp_path):
     s = replace(demo_spec, build=replace(demo_spec.build, dir=str(tmp_path)))
     m = pipeline.run_one(s, "cards", progress=False)
     ran = m.built
-    assert ran and m.figures == {"cards": 4, "verified": False} and "verify" not in m.inputs
+    assert ran and m.figures == {"cards": 6, "verified": False} and "verify" not in m.inputs
     assert "| qalb-demo/Qalb-Demo-1.0-Tiny-Instruct | safetensors bfloat16 |" in (
         pipeline.folder(s, "cards") / "bf16" / "README.md").read_text(encoding="utf-8")
     assert not (pipeline.folder(s, "cards") / "gguf" / chart.FILE).exists()  # nothing measured: no chart, no link

@@ -331,11 +331,12 @@ TOKEN = "hf_local"
 
 
 def push(spec: Path, url: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`./inv publish --push` against the local Hub at ``url``; requests time out after 2 s."""
+    """`./inv publish --push --unsigned` against the local Hub at ``url``; requests time out after 2 s
+    (signed pushes: tests/test_signing.py)."""
     env = dict(os.environ, HF_ENDPOINT=url, HF_TOKEN=TOKEN, HF_HUB_DOWNLOAD_TIMEOUT="2")
     env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([*release_cmd(spec, "publish"), "--push"], cwd=spec.parent, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run([*release_cmd(spec, "publish"), "--push", "--unsigned"], cwd=spec.parent,
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture

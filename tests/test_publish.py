@@ -24,7 +24,7 @@ from huggingface_hub.utils.sha import git_hash
 from test_merge import make_adapter
 
 from conftest import ROOT, SPECS, write_spec
-from release import cards, chart, chat, merge, modelfiles, pipeline, publish
+from release import cards, chart, chat, merge, modelfiles, pipeline, publish, signing
 from release.artifacts import read_manifest, run_stage, sha256_file
 from release.localhub import HubServer
 from release.spec import load
@@ -49,7 +49,8 @@ def _test_spec_text(build: Path) -> str:
     # verification answers: 4 greedy tokens instead of 24 (the stop and purity gates are not
     # enforced on the random demo model; the fidelity figures do not depend on it)
     text = re.sub(r"^max_new_tokens = 24 .*$", "max_new_tokens = 4", text, flags=re.M)
-    return text
+    # one adapter merged by hand, no training stages: no adapter repos (tests/test_signing.py has them)
+    return text.replace("publish_adapters = true", "publish_adapters = false")
 
 
 def write_verify_manifest(spec) -> None:
@@ -66,8 +67,18 @@ def _plan(spec) -> list:
     return publish.plan(spec, _inputs(spec), progress=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def signing_key(tmp_path_factory):
+    """The release's signing key (QALB_SIGNING_KEY) for this module: cards name it, plans are signed."""
+    key = tmp_path_factory.mktemp("key") / "release.key"
+    signing.keygen(key)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(signing.ENV_KEY, str(key))
+        yield key
+
+
 @pytest.fixture(scope="module")
-def release_build(tmp_path_factory, tokenizer_cache):
+def release_build(tmp_path_factory, tokenizer_cache, signing_key):
     """The demo release built once: scaffold base, one LoRA adapter merged to BF16/FP16, GGUF
     F16 + Q4_K_M, Modelfiles, verification manifest, cards. Returns the spec."""
     root = tmp_path_factory.mktemp("release")
@@ -96,6 +107,9 @@ def local_hub(tmp_path, monkeypatch):
         yield server
 
 
+SIGNED = (signing.SIGNATURE, signing.PROVENANCE, signing.PUBLIC_KEY)  # in every repo of a signed release
+
+
 def _repos(spec) -> dict[str, str]:
     return {name: v.repo for name, v in spec.variants.items()}
 
@@ -114,9 +128,10 @@ def test_plan_without_endpoint_stages_the_exact_file_sets(release_build, monkeyp
     assert sorted(gguf_repo.files) == sorted([
         "Qalb-Demo-1.0-Tiny-Instruct-F16.gguf", "Qalb-Demo-1.0-Tiny-Instruct-Q4_K_M.gguf", "README.md", "LICENSE",
         "NOTICE", chart.FILE, "template", "system", "params", "tiny-instruct-fp16.Modelfile",
-        "tiny-instruct-q4_K_M.Modelfile"])
+        "tiny-instruct-q4_K_M.Modelfile", "Qalb-Demo-1.0-Tiny-Instruct-F16.gguf.sig",
+        "Qalb-Demo-1.0-Tiny-Instruct-Q4_K_M.gguf.sig", *SIGNED])
     bf16 = plans["bf16"]
-    assert sorted(bf16.files) == sorted(["LICENSE", "NOTICE", "README.md"]
+    assert sorted(bf16.files) == sorted(["LICENSE", "NOTICE", "README.md", *SIGNED]
                                         + [p.name for p in (b / "merge" / "bf16").iterdir()])
     for p in plans.values():  # the licence's attribution notice (§1.b.iii), in every repo
         assert (p.folder / "NOTICE").read_text(encoding="utf-8") == spec.license_terms.notice + "\n"
