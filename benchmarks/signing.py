@@ -32,20 +32,22 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 TOKEN = "hf_bench_signing"
 
 
-def _inv(*args: str, env: dict, cwd: Path) -> None:
-    subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args], env=env, cwd=cwd, check=True,
+def _inv(*args: str, env: dict, cwd: Path, root: Path = ROOT) -> None:
+    subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(root), *args], env=env, cwd=cwd, check=True,
                    stdout=subprocess.DEVNULL)
 
 
-def reads(work: Path) -> None:
-    """The demo, signed and pushed, with every full hash logged: reads per published byte."""
+def reads(work: Path, checkout: Path = ROOT) -> None:
+    """The demo, signed and pushed, with every full hash logged: reads per published byte.
+    ``checkout``: another checkout of the toolchain to run (an earlier commit, for the figure
+    before; it signs nothing if it cannot), whose ``sha256_file`` logs as this one's does."""
     from release import signing
     from release.localhub import HubServer
     from release.spec import load
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    shutil.copytree(ROOT / "specs", work / "specs")
+    shutil.copytree(checkout / "specs", work / "specs")
     spec_path = work / "specs" / "demo.toml"
     spec_path.write_text(spec_path.read_text(encoding="utf-8").replace('dir = "../build"', f'dir = "{work / "build"}"'),
                          encoding="utf-8")
@@ -56,45 +58,40 @@ def reads(work: Path) -> None:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "QALB_HASH_LOG": str(log)}
         env.pop("HF_HUB_OFFLINE", None)
         start = time.perf_counter()
-        _inv("release", "--spec", str(spec_path), "--push", "--signing-key", str(key), env=env, cwd=work)
+        signed = ["--signing-key", str(key)] if (checkout / "release" / "signing.py").is_file() else []
+        _inv("release", "--spec", str(spec_path), "--push", *signed, env=env, cwd=work, root=checkout)
         print(f"demo release, signed and pushed: {time.perf_counter() - start:.0f} s")
     spec = load(spec_path)
-    published: dict[str, list[Path]] = collections.defaultdict(list)  # inode -> published paths
-    for f in (spec.build_dir / "publish").rglob("*"):
+    # a file by device, inode, size and mtime: inode numbers of deleted files (checkpoints) are reused
+    published: dict[str, Path] = {}
+    for f in sorted((spec.build_dir / "publish").rglob("*")):
         if f.is_file() and f.suffix in (".safetensors", ".gguf"):
             st = f.stat()
-            published[f"{st.st_dev}:{st.st_ino}"].append(f)
-    by: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    size: dict[str, int] = {}
+            published.setdefault(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}", f)
+    reads_of: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for line in log.read_text(encoding="utf-8").splitlines():
-        inode, n, caller, _ = line.split("\t", 3)
-        if inode in published:
-            by[inode][caller] += 1
-            size[inode] = int(n)
+        key, _, caller, _ = line.split("\t", 3)
+        if key in published:
+            reads_of[key][caller] += 1
     kinds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    total = collections.Counter()
-    nbytes = collections.Counter()
-    for inode, paths in published.items():
-        kind = paths[0].parent.name.removeprefix("Qalb-Demo-1.0-Tiny-Instruct").lstrip("-") or "BF16"
-        kind += " (imatrix)" if "imatrix" in paths[0].name else ""
-        for caller, k in by[inode].items():
-            kinds[kind][caller] += k
-            total[caller] += k * size[inode]
-        nbytes[kind] += paths[0].stat().st_size
+    nbytes: collections.Counter = collections.Counter()
+    for key, f in published.items():
+        kind = f.parent.name.removeprefix(spec.release.name).lstrip("-") or "BF16"
+        size = f.stat().st_size
+        nbytes[kind] += size
+        for caller, k in reads_of[key].items():
+            kinds[kind][caller] += k * size
     weight = sum(nbytes.values())
-    print(f"\npublished weight bytes: {weight:,}")
-    print("| repo | files' bytes | hash reads after writing, per byte, by module |")
+    total: collections.Counter = sum(kinds.values(), collections.Counter())
+    print(f"\npublished weight files: {len(published)}, {weight:,} bytes")
+    print("| repo | weight bytes | full hashes after writing, per byte (by module) |")
     print("|---|---|---|")
-    for kind in sorted(kinds):
-        per = {c: k / max(1, sum(1 for p in published.values() if _kind(p) == kind)) for c, k in kinds[kind].items()}
-        print(f"| {kind} | {nbytes[kind]:,} | {', '.join(f'{c} {v:g}' for c, v in sorted(per.items())) or 'none'} |")
+    for kind in sorted(nbytes):
+        per = {c: b / nbytes[kind] for c, b in kinds[kind].items()}
+        print(f"| {kind} | {nbytes[kind]:,} | {sum(per.values()):.2f} "
+              f"({', '.join(f'{c} {v:.2f}' for c, v in sorted(per.items())) or 'none'}) |")
     print(f"| all | {weight:,} | {sum(total.values()) / weight:.2f} "
           f"({', '.join(f'{c} {v / weight:.2f}' for c, v in sorted(total.items()))}) |")
-
-
-def _kind(paths: list[Path]) -> str:
-    kind = paths[0].parent.name.removeprefix("Qalb-Demo-1.0-Tiny-Instruct").lstrip("-") or "BF16"
-    return kind + (" (imatrix)" if "imatrix" in paths[0].name else "")
 
 
 def _read(files: list[Path], chunk: int = 1 << 22) -> None:
@@ -125,6 +122,7 @@ def cost(work: Path, layers: int) -> None:
 
     loader = importlib.util.spec_from_file_location("bench_release", ROOT / "benchmarks" / "release.py")
     bench = importlib.util.module_from_spec(loader)
+    sys.modules["bench_release"] = bench  # its data classes look their module up
     loader.loader.exec_module(bench)
     spec_path, build = bench.prepare(work, layers)
     env = {**os.environ}
@@ -174,9 +172,10 @@ def main() -> None:
     p.add_argument("--reads", action="store_true", help="count reads per published byte on the demo release")
     p.add_argument("--layers", type=int, default=0, help="time signing on an 8B-shaped model of N layers")
     p.add_argument("--work", default=str(ROOT / "build" / "bench-signing"))
+    p.add_argument("--checkout", default=str(ROOT), help="with --reads: the toolchain checkout to run")
     args = p.parse_args()
     if args.reads:
-        reads(Path(args.work) / "demo")
+        reads(Path(args.work) / "demo", Path(args.checkout).resolve())
     if args.layers:
         cost(Path(args.work) / "8b", args.layers)
 

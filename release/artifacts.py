@@ -102,7 +102,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         caller = Path(sys._getframe(1).f_code.co_filename).name
         with open(log, "a", encoding="utf-8") as fh:
             st = os.stat(path)
-            fh.write(f"{st.st_dev}:{st.st_ino}\t{st.st_size}\t{caller}\t{path}\n")
+            fh.write(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}\t{st.st_size}\t{caller}\t{path}\n")
     return h.hexdigest()
 
 

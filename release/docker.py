@@ -33,7 +33,7 @@ IMAGES = ("release", "train")
 RUNNERS = ("docker", "local")
 # Variables passed into containers by name only. The first are secrets; the rest are settings
 # that the stages read and that should mean the same inside.
-SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "QALB_SIGNING_KEY_PASSWORD", "SIGSTORE_ID_TOKEN")
 PASSED = SECRETS + ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER", "CUDA_VISIBLE_DEVICES")
 # (image, uses a GPU): what a task runs in. The stages declare theirs (``TRAITS.image``,
 # ``TRAITS.gpu``) and the callers pass them; everything else runs in the release image.
@@ -185,6 +185,14 @@ def plan(task: str, options: Mapping[str, object], root: Path, *, image: Image =
     env = {k: str(v) for k, v in hf.items()}
     if os.environ.get(lock.ENV):  # the container writes under this process's lock (release/lock.py)
         env[lock.ENV] = os.environ[lock.ENV]
+    key = os.environ.get("QALB_SIGNING_KEY")  # release/signing.py: a path (or "sigstore"), visible inside too
+    if key:
+        if Path(key).is_absolute() or os.sep in key:
+            path = Path(key).expanduser().resolve()
+            if not _inside(path.parent, mounts):
+                mounts.append(path.parent)
+            key = str(path)
+        env["QALB_SIGNING_KEY"] = key
     return run_command(task_argv(task, options), tag or image_tag(image),
                        workdir=cwd if _inside(cwd, [root]) else root, mounts=mounts,
                        user=(os.getuid(), os.getgid()), gpus=gpus and gpu_present(),

@@ -238,7 +238,7 @@ def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[st
             console.print(f"[bold]{name}[/bold] …")
         if runner == "docker":
             manifest = _in_container(spec, s, root or Path.cwd(), force=name in forced, launch=launch,
-                                     push=push and s.TRAITS.publishes)
+                                     push=push and s.TRAITS.publishes, unsigned=unsigned)
             results.append(StageResult(name, folder(spec, name), manifest))
             continue  # the container ran the gate and the push
         inputs = upstream(spec, name)
@@ -261,11 +261,11 @@ def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[st
 
 
 def _in_container(spec: Spec, s: Stage, root: Path, *, force: bool, launch: distributed.Launch,
-                  push: bool) -> Manifest:
+                  push: bool, unsigned: bool = False) -> Manifest:
     """Stage ``s`` as ``release --only STAGE`` in its image (``TRAITS.image``); its manifest."""
     name = s.STAGE
     before = read_manifest(folder(spec, name))
-    options = {"spec": spec.path, "only": name, "force": force, "push": push}
+    options = {"spec": spec.path, "only": name, "force": force, "push": push, "unsigned": unsigned and push}
     if s.TRAITS.distributed:
         options.update(processes=launch.processes, nodes=launch.nodes, rdzv=launch.rdzv)
     docker.dispatch("release", "docker", options, root, build_dir=spec.build_dir,
