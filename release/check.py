@@ -5,7 +5,8 @@ For a repo on the Hub (downloaded into the Hugging Face cache) or a local folder
 - every file's sha256 is the one signed, and no file was added or removed;
 - the provenance (``provenance.intoto.json``, itself signed) names exactly the weight files as
   its subjects, with their sha256;
-- the adapters it names are the bytes the adapter repos hold (when those are on the same Hub).
+- the adapters it names (and a base downloaded from the Hub) are the bytes their repos hold at
+  the recorded revision.
 
 Each failure is one line; the table shows file, digest, signer and what it was built from.
 """
@@ -168,8 +169,9 @@ def _provenance(report: Report, folder: Path, digests: dict[str, str], file: str
 
 
 def _adapters(report: Report, deps: list[dict]) -> None:
-    """Each adapter file the provenance names must be what its repo holds at that revision: the
-    sha256 the Hub records for an LFS file, or the bytes of a small one."""
+    """Each adapter file (and each file of a base downloaded from the Hub) the provenance names
+    must be what its repo holds at that revision: the sha256 the Hub records for an LFS file, or
+    the bytes of a small one."""
     import httpx
     from huggingface_hub import HfApi, RepoFile, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
@@ -177,7 +179,8 @@ def _adapters(report: Report, deps: list[dict]) -> None:
     api = HfApi()
     trees: dict[tuple[str, str], dict[str, RepoFile]] = {}
     for d in deps:
-        repo = d.get("annotations", {}).get("repo")
+        ann = d.get("annotations", {})
+        repo = ann.get("repo") or (ann.get("model") if ann.get("revision") else None)  # an adapter, or a Hub base
         uri = d.get("uri", "")
         if not repo or "/resolve/" not in uri:
             continue
