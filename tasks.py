@@ -546,7 +546,10 @@ def reproduce(c, repo=None, revision=None, key=None, spec=None, build=None):
     if not repo:
         _refuse("reproduce: name the repo to rebuild (a Hub id such as owner/name)")
     folder = Path(build) if build else ROOT / "build" / "reproduce" / repo.split("/")[-1]
-    rows, report = _guarded(lambda: rebuild.reproduce(repo, revision=revision, key=Path(key) if key else None,
+    from release import pipeline
+
+    rows, report = _guarded(lambda: rebuild.reproduce(repo, pipeline.rebuild, revision=revision,
+                                                      key=Path(key) if key else None,
                                                       spec_path=Path(spec) if spec else None, build=folder))
     table = Table(title=f"{repo} rebuilt in {folder}")
     for col in ("file", "published sha256", "rebuilt sha256", "same"):

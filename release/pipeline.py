@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -137,6 +137,22 @@ def applicable(spec: Spec) -> list[str]:
     skip = {bnb4.STAGE} if "bnb-4bit" not in formats else set()
     skip |= {gguf.STAGE, modelfiles.STAGE} if "gguf" not in formats else set()
     return [n for n in NAMES if n not in skip]
+
+
+def rebuild(spec: Spec, name: str, adapters: Mapping[str, Path], check_base: Callable[[Path], None], *,
+            progress: bool = True) -> Path:
+    """Variant ``name`` built again from the base and the given adapter folders (training stage
+    -> folder, in merge order) into ``spec``'s build folder: ``./inv reproduce``. The base is
+    built (or downloaded) and handed to ``check_base`` before anything is made from it. Returns
+    the folder the variant was built in."""
+    run_one(spec, base.STAGE, progress=progress)
+    check_base(base_model_dir(spec))
+    inputs = {"base": base_model_dir(spec), **{f"adapter{i}": p for i, p in enumerate(adapters.values())}}
+    merge.run(spec, inputs, progress=progress)
+    fmt = spec.variants[name].format
+    if fmt in ("bnb-4bit", "gguf"):
+        run_one(spec, (bnb4 if fmt == "bnb-4bit" else gguf).STAGE, progress=progress)
+    return variant_dir(spec, name)
 
 
 def run_one(spec: Spec, name: str, *, force: bool = False, progress: bool = True) -> Manifest:

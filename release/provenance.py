@@ -11,7 +11,8 @@ and covered by its ``model.sig``.
 - byproducts: the verification record (``verify/verification.json``) by its digest.
 
 Everything comes from the stages' manifests and the spec: nothing is hashed again. The
-statement holds no time or host, so the same build gives the same bytes.
+statement holds no time or host, so the same build gives the same bytes, except for the
+verification record's digest: that record keeps how long each measurement took.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ LIBRARIES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "gg
              "huggingface_hub", "model-signing")
 ADAPTERS = ("cpt", "sft")  # the training stages whose adapters are published, in merge order
 FEEDS = ("base", "data", *ADAPTERS)  # the stage folders ``dependencies`` reads
+DATA_RECORDS = ("report.json",)  # the data stage's record of the curation (with its timings), not data
 
 
 def git_commit(root: Path | None = None) -> dict[str, object] | None:
@@ -121,7 +123,8 @@ def dependencies(spec: Spec, feeds: Mapping[str, Path], endpoint: str | None) ->
     deps.append(_file(f"spec/{spec.path.name}", sha256_file(spec.path)))
     m = read_manifest(feeds["data"])
     for e in m.outputs if m else []:
-        deps.append(_file(f"data/{e.path}", e.sha256))
+        if e.path not in DATA_RECORDS:
+            deps.append(_file(f"data/{e.path}", e.sha256))
     im = spec.gguf_imatrix()
     if im is not None:
         deps.append(_file(f"spec/{im.calibration}", sha256_file(spec.resolve(im.calibration)), calibration=True))

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from release import check, pipeline, provenance, signing
+from release import check, provenance, signing
 from release.artifacts import sha256_file
 from release.errors import ReleaseError
 from release.spec import Spec, load
@@ -75,11 +76,15 @@ def _fetch_adapter(dep: dict, dest: Path) -> None:
     shutil.copyfile(got, dest / path)
 
 
-def reproduce(repo: str, *, revision: str | None = None, key: Path | None = None, spec_path: Path | None = None,
-              build: Path, progress: bool = True) -> tuple[list[Row], check.Report]:
-    """Rebuild ``repo``'s weight files in ``build`` and compare them with the published ones."""
-    from release import bnb4, gguf, merge
+# (spec, variant key, adapter folders by training stage, the base's check) -> the variant's folder:
+# the pipeline's ``rebuild``, which the task hands in (only tasks and the pipeline wire stages)
+Rebuild = Callable[[Spec, str, Mapping[str, Path], Callable[[Path], None]], Path]
 
+
+def reproduce(repo: str, rebuild: Rebuild, *, revision: str | None = None, key: Path | None = None,
+              spec_path: Path | None = None, build: Path) -> tuple[list[Row], check.Report]:
+    """Rebuild ``repo``'s weight files in ``build`` (with ``rebuild``) and compare them with the
+    published ones."""
     # the signature, the provenance and the key only: the published digests are the signed subjects
     folder = check.fetch(repo, revision, file=signing.PROVENANCE)
     report = check.Report(repo, folder)
@@ -113,25 +118,19 @@ def reproduce(repo: str, *, revision: str | None = None, key: Path | None = None
     spec = _in(spec, build)
     if revision_of_base:
         spec = dataclasses.replace(spec, base=dataclasses.replace(spec.base, revision=revision_of_base, path=None))
-    pipeline.run_one(spec, "base", progress=progress)
-    base_dir = pipeline.base_model_dir(spec)
-    for path, d in sorted(base_deps.items()):
-        if not (base_dir / path).is_file() or sha256_file(base_dir / path) != d["digest"]["sha256"]:
-            raise ReproduceError(f"{base_dir / path}: the base model's file differs from the provenance's {d['name']}")
+
+    def check_base(base_dir: Path) -> None:
+        for path, d in sorted(base_deps.items()):
+            if not (base_dir / path).is_file() or sha256_file(base_dir / path) != d["digest"]["sha256"]:
+                raise ReproduceError(f"{base_dir / path}: the base model's file differs from the provenance's "
+                                     f"{d['name']}")
+
     adapters = {}
     for stage in provenance.ADAPTERS:
         for d in (d for d in deps if d["name"].startswith(f"{stage}/")):
             _fetch_adapter(d, build / "adapters" / stage)
             adapters[stage] = build / "adapters" / stage
-    inputs = {"base": base_dir, **{f"adapter{i}": adapters[s] for i, s in enumerate(provenance.ADAPTERS)
-                                   if s in adapters}}
-    merge.run(spec, inputs, progress=progress)
-    fmt = spec.variants[name].format
-    if fmt == "bnb-4bit":
-        bnb4.run(spec, pipeline.upstream(spec, bnb4.STAGE), progress=progress)
-    elif fmt == "gguf":
-        gguf.run(spec, pipeline.upstream(spec, gguf.STAGE), progress=progress)
-    built = pipeline.variant_dir(spec, name)
+    built = rebuild(spec, name, adapters, check_base)
     rows = []
     for path, sha in sorted(subjects.items()):
         f = built / path

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import linked_copy, release_cmd
-from release import lock, pipeline
+from release import lock, pipeline, publish
 from release.artifacts import MANIFEST, check_outputs, read_manifest, sha256_file
 from release.spec import load
 
@@ -349,7 +349,7 @@ def online(monkeypatch):
 
 def repos(spec) -> list[str]:
     """The release's repos, in the order a push sends them."""
-    return [v.repo for v in spec.variants.values()]
+    return list(publish.repos(spec).values())  # the variants', then the adapters' (hub.publish_adapters)
 
 
 def weight_oid(spec, key: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SPECS, demo_copy, linked_copy, release_cmd
-from release import pipeline, publish
+from release import pipeline, publish, signing
 from release.artifacts import MANIFEST, check_outputs, read_manifest, sha256_file
 from release.spec import load
 
@@ -51,7 +51,11 @@ def artifacts(build: Path) -> dict[str, str]:
             path = manifest.parent / e.path
             out[f"{manifest.parent.name}/{e.path}"] = sha256_file(path)
     for f in sorted((build / "publish").rglob("*")):
-        if f.is_file() and f.name != "plan.json":
+        if f.is_file() and f.name == signing.PROVENANCE:  # all but the digest of the (TIMED) verification record
+            st = json.loads(f.read_text(encoding="utf-8"))
+            st["predicate"]["runDetails"].pop("byproducts")
+            out[f.relative_to(build).as_posix()] = json.dumps(st, sort_keys=True)
+        elif f.is_file() and f.name != "plan.json":
             out[f.relative_to(build).as_posix()] = sha256_file(f)
     return out
 
@@ -73,7 +77,8 @@ def test_demo_release_runs_end_to_end(uninterrupted):
     assert vm["passed"] and set(vm["variants"]) == {"bf16", "fp16", "bnb4", *(f"gguf:{q}" for q in spec.gguf_types())}
     # the publishing plan staged every repo (nothing was contacted: no HF_ENDPOINT)
     plan = json.loads((spec.build_dir / "publish" / "plan.json").read_text())
-    assert set(plan["repos"]) == {v.repo for v in spec.variants.values()} and plan["endpoint"] is None
+    assert set(plan["repos"]) == set(publish.repos(spec).values()) and plan["endpoint"] is None
+    assert {*spec.adapter_repos().values()} < set(plan["repos"])  # the adapters too (hub.publish_adapters)
     # stderr holds progress bars only: none of the libraries' notices (release/quiet.py)
     assert notices(done.stderr) == [], notices(done.stderr)
     out = done.stdout
