@@ -447,6 +447,17 @@ def run_stage(
 NEARLY_FULL = 16 << 20  # bytes: below this, a failed write is taken for a full disk
 
 
+def full_disk_cause(folder: Path) -> OSError | None:
+    """For a child process that failed writing into ``folder`` (llama.cpp's tools report a full
+    disk only as an exit status): an ``ENOSPC`` error to chain when the disk is nearly full now,
+    checked before the caller removes its unfinished file and so frees the space it took."""
+    try:
+        full = shutil.disk_usage(folder).free < NEARLY_FULL
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) if full else None
+
+
 def disk_full(error: BaseException, folder: Path) -> bool:
     """Whether ``error`` (or what caused it) is a full disk: ``ENOSPC`` anywhere in its chain, or
     any failure while ``folder``'s filesystem is nearly full. The second covers the writers that

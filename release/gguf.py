@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from release import chat, children, shards
-from release.artifacts import HashingFile, Manifest, Traits, atomic_path, output_sha256, stage_dir
+from release.artifacts import HashingFile, Manifest, Traits, atomic_path, full_disk_cause, output_sha256, stage_dir
 from release.errors import GGUFError
 from release.spec import CONVERTED, Spec
 
@@ -392,7 +392,8 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 0, imatrix: Path |
         out = children.run(cmd, cwd=cwd, capture_output=True, text=True)
         if out.returncode != 0:
             last = ((out.stderr or out.stdout).strip().splitlines() or ["no output"])[-1]
-            raise GGUFError(f"{dst}: llama.cpp's quantizer failed for {qtype} (exit {out.returncode}: {last})")
+            raise GGUFError(f"{dst}: llama.cpp's quantizer failed for {qtype} (exit {out.returncode}: {last})") \
+                from full_disk_cause(tmp.parent)  # before the unfinished file goes and frees its space
 
 
 def compute_imatrix(spec: Spec, source: Path, out: Path, progress: bool = True) -> dict:
@@ -441,8 +442,9 @@ def _run_tool(cmd: list[str], cwd: Path, what: str, progress: bool) -> None:
             if shown is not None and "ETA" in line:  # "compute_imatrix: 41.2 seconds per pass - ETA 25.4 minutes"
                 shown.update(f"{what}: {line.split('compute_imatrix:')[-1].strip()}")
     if proc.returncode != 0:
+        written = Path(cmd[cmd.index("-o") + 1]).parent if "-o" in cmd else cwd
         raise GGUFError(f"{Path(cmd[0]).name} failed for the {what} (exit {proc.returncode}: "
-                        f"{tail[-1] if tail else 'no output'})")
+                        f"{tail[-1] if tail else 'no output'})") from full_disk_cause(written)
 
 
 def check_quantizable(model_dir: Path, qtypes: list[str]) -> None:

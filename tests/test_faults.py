@@ -219,6 +219,24 @@ def test_a_disk_filled_mid_stage_is_one_line_frees_the_stage_and_the_same_comman
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_quantizer_that_fills_the_disk_is_a_full_disk_after_its_file_is_removed(demo_built, tmp_path):
+    """llama.cpp's quantizer reports a full disk only by its exit status, and its unfinished file
+    is removed at once, freeing the space it took: the failure still counts as a full disk (an
+    ENOSPC cause, taken while the disk was full), so the stage says so in its one line."""
+    from release import gguf
+    from release.artifacts import disk_full
+    from release.errors import GGUFError
+
+    src = demo_built.build_dir / "gguf" / demo_built.gguf_file_name("F16")
+    with small_disk(tmp_path / "disk", 40 << 20) as disk:  # the demo's Q4_K_M is 54 MB
+        with pytest.raises(GGUFError) as e:
+            gguf.quantize(src, disk / "out.gguf", "Q4_K_M")
+        assert not [p for p in disk.iterdir()], "the unfinished file stays"
+        assert shutil.disk_usage(disk).free > 16 << 20  # its space came back ...
+        assert disk_full(e.value, disk)  # ... and the failure is still a full disk
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_full_disk_outside_a_stage_is_one_line_too(tmp_path):
     """A task writing outside the stages' partial folders (here the Modelfiles into --out) on a
     full disk: one line, exit 2, no half-written file."""
