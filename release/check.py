@@ -89,7 +89,7 @@ def check(repo: str, *, revision: str | None = None, file: str | None = None, ke
         if not key.is_file():
             raise CheckError(f"{repo}: no {signing.PUBLIC_KEY} and no --key; pass the maintainers' public key "
                              "with --key PUB (or --identity/--issuer for a Sigstore signature)")
-        report.notes.append(f"checked with the repo's own key {signing.fingerprint(key.read_bytes())}: compare it "
+        report.notes.append(f"checked with the repo's own key {signing.key_fingerprint(key)}: compare it "
                             "with the fingerprint the maintainers publish, or pass --key")
     sig = folder / signing.SIGNATURE
     if not sig.is_file():

@@ -68,6 +68,19 @@ def fingerprint(public_pem: bytes) -> str:
     return "sha256:" + hashlib.sha256(public_pem).hexdigest()
 
 
+def key_fingerprint(public_key: Path) -> str:
+    """The fingerprint of a public key file as model_signing computes its key hint: of the key
+    re-encoded as PEM, so a copy with other line endings has the same fingerprint."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = Path(public_key).read_bytes()
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        return fingerprint(data)  # not a key: model_signing's verifier says so
+    return fingerprint(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
 def keygen(path: Path) -> tuple[Path, str]:
     """Write a new EC P-256 private key to ``path`` (PKCS#8 PEM, mode 0600, never overwriting) and
     its public key to ``<path>.pub``; return the public key's path and fingerprint."""
@@ -262,7 +275,7 @@ def verify(path: Path, *, public_key: Path | None = None, identity: str | None =
         if public_key is not None:
             signature = sign_sigstore_pb.Signature.read(Path(path))
             signed = sign_ec_key.Verifier(Path(public_key)).verify(signature)
-            signer = fingerprint(Path(public_key).read_bytes())
+            signer = key_fingerprint(Path(public_key))
         else:
             signature = sign_sigstore.Signature.read(Path(path))
             signed = sign_sigstore.Verifier(identity=identity, oidc_issuer=issuer).verify(signature)
@@ -274,7 +287,7 @@ def verify(path: Path, *, public_key: Path | None = None, identity: str | None =
         why = " ".join(str(e).split()) or type(e).__name__
         if "Key mismatch" in why or type(e).__name__ == "InvalidSignature":
             why = (f"signed by key {key_hint(path) or '(none named)'}, not by "
-                   f"{fingerprint(Path(public_key).read_bytes()) if public_key else identity}")
+                   f"{key_fingerprint(Path(public_key)) if public_key else identity}")
         raise SigningError(f"{path}: signature does not verify: {why[:300]}") from None
     digests = {d.identifier: d.digest.digest_hex for d in signed.resource_descriptors()}
     kind = signed.serialization_type

@@ -104,6 +104,9 @@ def test_signatures_are_model_signings_own_deterministic_and_bound_to_the_key(tm
     (repo / ".cache" / "huggingface" / "model.gguf.metadata").write_text("x\n")
     assert ms_verify(repo, repo / "model.sig", tmp_path / "a.key.pub").returncode == 0
     assert signing.verify(repo / "model.sig", public_key=tmp_path / "a.key.pub").digests == digests
+    crlf = tmp_path / "a-crlf.pub"  # a copy with other line endings is the same key, with the same fingerprint
+    crlf.write_bytes((tmp_path / "a.key.pub").read_bytes().replace(b"\n", b"\r\n"))
+    assert signing.verify(repo / "model.sig", public_key=crlf).signer == a.fingerprint
     wrong = ms_verify(repo, repo / "model.sig", tmp_path / "b.key.pub")
     assert wrong.returncode == 1 and "Key mismatch" in wrong.stderr
     with pytest.raises(signing.SigningError) as e:
