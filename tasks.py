@@ -21,6 +21,7 @@ LAUNCH_HELP = {
     "processes": "training processes per host (DDP through torchrun: one per GPU; default 1)",
     "nodes": "hosts taking part (each runs the same command; default 1)",
     "rdzv": "HOST:PORT where the hosts meet (torchrun's c10d rendezvous; needed with --nodes > 1)",
+    "join-timeout": "seconds the hosts have to meet at the rendezvous (default 600)",
 }
 
 
@@ -250,7 +251,8 @@ def data(c, spec=DEMO, force=False, runner=None, wait=False):
 @task(help={"stage": "cpt (continued pre-training) or sft (instruction fine-tuning)",
             "spec": f"release spec (default {DEMO})", "force": "train again even if up to date",
             "runner": RUNNER_HELP, "wait": WAIT_HELP, **LAUNCH_HELP})
-def train(c, stage=None, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None, wait=False):
+def train(c, stage=None, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None, wait=False,
+          join_timeout=600):
     """Stages cpt and sft: train a LoRA with Unsloth (build/<release>/<stage>); an interrupted run resumes."""
     from release.errors import UsageError
     from training import cpt, distributed, sft, stages
@@ -260,12 +262,12 @@ def train(c, stage=None, spec=DEMO, force=False, runner=None, processes=1, nodes
             given = "give --stage" if stage is None else f"--stage {stage}: expected"
             raise UsageError(f"train: {given} {cpt.STAGE} (continued pre-training) or {sft.STAGE} "
                              "(instruction fine-tuning)")
-        return distributed.launch(processes, nodes, rdzv)
+        return distributed.launch(processes, nodes, rdzv, join_timeout)
 
     how = _guarded(launch)
     traits = {cpt.STAGE: cpt, sft.STAGE: sft}[stage].TRAITS
     if _runner("train", runner, image=(traits.image, traits.gpu), stage=stage, spec=spec, force=force,
-               processes=how.processes, nodes=how.nodes, rdzv=how.rdzv):
+               processes=how.processes, nodes=how.nodes, rdzv=how.rdzv, join_timeout=how.join_timeout):
         return
     s, result = _stage(spec, stage, force=force, launch=how, wait=wait)
     stages.summary(s, stage, result.manifest)
@@ -276,15 +278,15 @@ TRAIN_HELP = {"spec": f"release spec (default {DEMO})", "force": "train again ev
 
 
 @task(help=TRAIN_HELP)
-def cpt(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None, wait=False):
+def cpt(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None, wait=False, join_timeout=600):
     """Stage cpt: continued pre-training, a LoRA on the base (as train --stage cpt)."""
-    train(c, "cpt", spec, force, runner, processes, nodes, rdzv, wait)
+    train(c, "cpt", spec, force, runner, processes, nodes, rdzv, wait, join_timeout)
 
 
 @task(help=TRAIN_HELP)
-def sft(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None, wait=False):
+def sft(c, spec=DEMO, force=False, runner=None, processes=1, nodes=1, rdzv=None, wait=False, join_timeout=600):
     """Stage sft: instruction fine-tuning, a LoRA on base + CPT (as train --stage sft)."""
-    train(c, "sft", spec, force, runner, processes, nodes, rdzv, wait)
+    train(c, "sft", spec, force, runner, processes, nodes, rdzv, wait, join_timeout)
 
 
 @task(iterable=["adapter"], help={
@@ -458,7 +460,7 @@ def publish(c, spec=DEMO, push=False, wait=False, signing_key=None, unsigned=Fal
     **LAUNCH_HELP,
 })
 def release(c, spec=DEMO, force=False, only=None, from_=None, push=False, runner="local", processes=1, nodes=1,
-            rdzv=None, wait=False, check=False, signing_key=None, unsigned=False):
+            rdzv=None, wait=False, check=False, signing_key=None, unsigned=False, join_timeout=600):
     """Run the release pipeline: base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, publish."""
     import time
 
@@ -467,7 +469,7 @@ def release(c, spec=DEMO, force=False, only=None, from_=None, push=False, runner
 
     _signing_key(signing_key)
     s = _spec(spec)
-    how = _guarded(lambda: distributed.launch(processes, nodes, rdzv))
+    how = _guarded(lambda: distributed.launch(processes, nodes, rdzv, join_timeout))
     start = time.perf_counter()
     results = _guarded(lambda: pipeline.run(s, force=force, only=only, start=from_, push=push, launch=how,
                                             runner=runner, root=ROOT, wait=wait, check=check, unsigned=unsigned))

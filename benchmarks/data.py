@@ -205,6 +205,36 @@ def generate(out: Path, gb: float, seed: int = 0) -> dict:
     return stats
 
 
+def generate_single(out: Path, mb: float, seed: int = 0) -> dict:
+    """The same kind of corpus as one plain JSONL file of ``mb`` MB of Urdu-like text (how large
+    corpora are often shipped), with its English replay (7%) beside it as one zstd shard."""
+    import zstandard
+
+    rng = np.random.default_rng(seed)
+    samples = ROOT / "specs" / "demo"
+    stats = {}
+    for name, urdu in (("urdu", True), ("english", False)):
+        vocab = Vocabulary(samples / f"{name}.jsonl", 60_000 if urdu else 20_000, rng,
+                           _URDU_LETTERS if urdu else None)
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        stream = documents(vocab, rng, urdu=urdu)
+        target = mb * 1e6 * (URDU_SHARE if urdu else 1 - URDU_SHARE)
+        lines, size = [], 0
+        while size < target:
+            text = next(stream)
+            lines.append(json.dumps({"text": text}, ensure_ascii=False))
+            size += len(text.encode("utf-8"))
+        raw = ("\n".join(lines) + "\n").encode("utf-8")
+        if urdu:
+            (folder / "corpus.jsonl").write_bytes(raw)
+        else:
+            (folder / "part-00000.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
+        stats[name] = {"documents": len(lines), "text_bytes": size, "file_bytes": len(raw)}
+    shutil.copyfile(samples / "instruct.jsonl", out / "instruct.jsonl")
+    return stats
+
+
 def plain_copy(corpus: Path, out: Path) -> None:
     """The corpus decompressed (the implementation before this one reads only plain files)."""
     import zstandard
@@ -329,7 +359,7 @@ if __name__ == "__main__":
             raw = f.read_bytes()
             if f.name.endswith(".gz"):
                 raw = gzip.decompress(raw)
-            else:
+            elif f.name.endswith(".zst"):
                 raw = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
             for line in raw.splitlines():
                 t = json.loads(line)["text"]
@@ -443,6 +473,10 @@ def main() -> None:
     p.add_argument("--sizes", type=float, nargs="+", default=[0.25, 1.0], help="corpus sizes, GB of raw text")
     p.add_argument("--old-size", type=float, default=0.03, help="corpus size for the side-by-side with the old code")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--single", type=float, default=150, help="MB of one plain JSONL file: curation vs encode_batch "
+                   "over it (0: skip)")
+    p.add_argument("--small", type=float, nargs="*", default=[8, 32, 64, 128],
+                   help="MB of single-file corpora curated by 1 and by --workers processes (where SMALL_INPUT sits)")
     p.add_argument("--length", type=int, default=2048, help="block length for packing (Qalb's sequence length)")
     p.add_argument("--work", default=str(ROOT / "build" / "bench-data"))
     p.add_argument("--keep", action="store_true", help="keep the generated corpora and outputs")
@@ -474,6 +508,10 @@ def main() -> None:
                               "old_tokens": old["cpt_tokens"], "new_tokens": new["cpt_tokens"]}
             shutil.rmtree(plain)
             shutil.rmtree(corpus)
+        if args.single:
+            rows += single_file(work, tok, args.single, args.workers, summary)
+        for mb in args.small:
+            rows += small_input(work, tok, mb, args.workers, summary)
         for gb in args.sizes:
             corpus = work / f"corpus-{gb:g}"
             t = time.perf_counter()
@@ -510,6 +548,46 @@ def main() -> None:
     print_table(head, rows, summary, args)
 
 
+def single_file(work: Path, tok: Path, mb: float, workers: int, summary: dict) -> list[list[str]]:
+    """One big plain JSONL file: encode_batch over all of it, then the curation (ranges of it on
+    ``workers`` processes), in the same run; the ratio of their MB/s is the goal's measure."""
+    from training import data
+
+    corpus = work / f"single-{mb:g}"
+    generate_single(corpus, mb, seed=2)
+    size, docs = corpus_stats(corpus)
+    size /= 1e6
+    spec = bench_spec(work, corpus)
+    ref = measured(REFERENCE, str(corpus), str(tok), str(mb * 2), str(URDU_SHARE))
+    cur = measured(CURATE, str(spec), str(work / "out-single"), str(work / "work-single"), str(tok), str(workers))
+    r = row(f"reference: encode_batch, the same {ref['mb']:.0f} MB", ref, ref["mb"], 0)
+    r[2:8] = [f"{ref['seconds']:.1f}", "", f"{ref['mb'] / ref['seconds']:.2f}", "", "",
+              f"{ref['tokens'] / ref['seconds']:,.0f}"]
+    ranges = len(data.ranges(next((corpus / "urdu").iterdir()), "jsonl", data.RANGE_BYTES))
+    summary["single"] = {"mb": size, "reference": ref, "curate": cur, "ranges": ranges}
+    for d in (corpus, work / "out-single", work / "work-single"):
+        shutil.rmtree(d, ignore_errors=True)
+    return [r, row(f"curate one {mb:g} MB file ({ranges} ranges, {workers} workers)", cur, size, docs)]
+
+
+def small_input(work: Path, tok: Path, mb: float, workers: int, summary: dict) -> list[list[str]]:
+    """One file of ``mb`` MB curated in one process and by ``workers`` processes."""
+    corpus = work / f"small-{mb:g}"
+    generate_single(corpus, mb, seed=3)
+    size, docs = corpus_stats(corpus)
+    size /= 1e6
+    spec = bench_spec(work, corpus)
+    out = []
+    for n in (1, workers):
+        r = measured(CURATE, str(spec), str(work / "out-small"), str(work / "work-small"), str(tok), str(n))
+        summary.setdefault("small", {}).setdefault(mb, {})[n] = r["wall"]
+        out.append(row(f"curate one {mb:g} MB file, {n} process{'es' if n > 1 else ''}", r, size, docs))
+        for d in (work / "out-small", work / "work-small"):
+            shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(corpus, ignore_errors=True)
+    return out
+
+
 def print_table(head: list[str], rows: list[list[str]], summary: dict, args) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
@@ -521,7 +599,16 @@ def print_table(head: list[str], rows: list[list[str]], summary: dict, args) -> 
         print(f"\nbefore vs datatrove on the same corpus: {o['old_docs']:,} vs {o['new_docs']:,} documents, "
               f"{o['old_tokens']:,} vs {o['new_tokens']:,} tokens kept; cpt.jsonl bytes "
               f"{'identical' if o['same_cpt_bytes'] else 'differ (which copy of a near-duplicate cluster is kept)'}")
-    sizes = [k for k in summary if k != "old"]
+    if "single" in summary:
+        one = summary["single"]
+        ref = one["reference"]["mb"] / one["reference"]["seconds"]
+        cur = one["mb"] / one["curate"]["wall"]
+        print(f"\none {args.single:g} MB file: curation {cur:.2f} MB/s ({one['ranges']} ranges) vs encode_batch "
+              f"{ref:.2f} MB/s over the same text: {cur / ref:.2f}x (goal: at least 0.5x)")
+    if "small" in summary:
+        cells = [f"{mb:g} MB: {t[1]:.1f} s vs {t[args.workers]:.1f} s" for mb, t in summary["small"].items()]
+        print(f"one process vs {args.workers} (wall): " + "; ".join(cells))
+    sizes = [k for k in summary if k not in ("old", "single", "small")]
     if sizes:
         big = summary[max(sizes)]
         c, pk = big["curate"], big["pack"]

@@ -283,7 +283,8 @@ def _in_container(spec: Spec, s: Stage, root: Path, *, force: bool, launch: dist
     before = read_manifest(folder(spec, name))
     options = {"spec": spec.path, "only": name, "force": force, "push": push, "unsigned": unsigned and push}
     if s.TRAITS.distributed:
-        options.update(processes=launch.processes, nodes=launch.nodes, rdzv=launch.rdzv)
+        options.update(processes=launch.processes, nodes=launch.nodes, rdzv=launch.rdzv,
+                       join_timeout=launch.join_timeout)
     docker.dispatch("release", "docker", options, root, build_dir=spec.build_dir,
                     image=(s.TRAITS.image, s.TRAITS.gpu))
     after = read_manifest(folder(spec, name))

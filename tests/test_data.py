@@ -318,6 +318,61 @@ def test_two_workers_on_compressed_shards_give_the_same_bytes(demo_data, tmp_pat
     assert ra == rb
 
 
+def test_ranges_of_a_large_file_read_the_same_records_under_the_same_names(tmp_path):
+    """A large uncompressed file is read as ranges of whole lines (JSONL: any line; text: after a
+    blank line): read range by range, the records, their ``file:line`` names and the bad input
+    are the whole file's, in order; compressed files and Parquet stay whole."""
+    rng = __import__("random").Random(7)
+    words = (ROOT / "specs/demo/urdu.jsonl").read_text(encoding="utf-8").split()
+    lines = [json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(1, 60)))}, ensure_ascii=False).encode()
+             for _ in range(400)]
+    lines[17], lines[230], lines[231] = b'{"text": ', b"", b'{"text": "\xff"}'
+    (tmp_path / "big.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    paras = [" ".join(rng.choices(words, k=rng.randint(1, 30))) for _ in range(300)]
+    text = "\n\n".join(p.replace(" ", "\n", rng.randint(0, 2)) for p in paras).encode()
+    text = text.replace("\n\n".encode(), "\n \n\n".encode(), 5).replace(words[3].encode(), b"\xff", 1)
+    (tmp_path / "big.txt").write_bytes(text)
+    for name, fmt in (("big.jsonl", "jsonl"), ("big.txt", "text")):
+        path = tmp_path / name
+        parts = data.ranges(path, fmt, 1000)
+        assert len(parts) > 10 and parts[0][:1] == (0,) and parts[-1][1] is None
+        raw = path.read_bytes()
+        for (start, end, first), (nxt, _, _) in zip(parts, [*parts[1:], (len(raw), None, 0)]):
+            assert end in (nxt, None) and raw[start - 1:start] in (b"", b"\n")  # whole lines, end to end
+            assert first == raw[:start].count(b"\n") + 1
+            if fmt == "text" and start:
+                assert not raw[:start - 1].rsplit(b"\n", 1)[-1].strip()  # just after a blank line
+        whole_problems, part_problems = steps.Problems("skip"), steps.Problems("skip")
+        whole = list(steps.reader(steps.Source("c", "ur", fmt, str(path), ("text",)), whole_problems)
+                     .records(path.name))
+        pieces = [r for a, b, n in parts
+                  for r in steps.reader(steps.Source("c", "ur", fmt, str(path), ("text",), a, b, n), part_problems)
+                  .records(path.name)]
+        assert pieces == whole and len(whole) > 250
+        assert part_problems.lines == whole_problems.lines and whole_problems.lines
+    assert data.ranges(tmp_path / "big.jsonl", "jsonl", 10**9) == [(0, None, 1)]
+    (tmp_path / "big.jsonl.gz").write_bytes(gzip.compress((tmp_path / "big.jsonl").read_bytes()))
+    assert data.ranges(tmp_path / "big.jsonl.gz", "jsonl", 1000) == [(0, None, 1)]
+
+
+def test_a_file_read_as_ranges_curates_to_the_same_bytes(demo_data, tmp_path, tiny_model, monkeypatch):
+    """The demo corpora read as ranges of ~2 KB by 2 worker processes (a task each, in every job
+    that has one per input): the same cpt.jsonl, sft.jsonl and report.json bytes as one process
+    reading each file whole. The exact and near duplicates are still told apart across ranges:
+    the first copy in the file is the one kept."""
+    from release import spec
+
+    s0, m0 = demo_data
+    monkeypatch.setattr(data, "RANGE_BYTES", 2048)
+    s = spec.load(demo_release(tmp_path, tiny_model))
+    m = data.run_with(s, pipeline.upstream(s, "data"), progress=False, workers=2)
+    assert m.figures["input_files"] == 2 and m.figures["tasks"] >= 8 and m.figures["workers"] == 2
+    assert _outputs(pipeline.folder(s, "data")) == _outputs(pipeline.folder(s0, "data"))
+    report = json.loads((pipeline.folder(s, "data") / "report.json").read_text(encoding="utf-8"))
+    dropped = {f["filter"]: f["docs_in"] - f["docs_out"] for f in report["corpora"]["urdu"]["filters"]}
+    assert dropped["exact_dup"] and dropped["near_dup"]  # the comparison covers both kinds of copy
+
+
 def test_interrupted_curation_resumes_to_the_same_bytes(demo_data, tmp_path, tiny_model):
     """A run stopped after its first jobs, with one more task cut short mid-write (its output
     truncated, no completion mark), then run again: the finished tasks are not redone (their

@@ -378,32 +378,147 @@ def _workers(spec_path: Path) -> list:
     return out
 
 
-def test_sigkilled_launcher_takes_its_workers_and_the_rerun_resumes(ddp, tmp_path_factory, tiny_model):
-    """torchrun SIGKILLed after the second checkpoint: its workers die with it (no orphan keeps
-    training or holding a device), and `./inv train --processes 2` resumes from checkpoint-2 and
-    writes the same adapter and trainer state bytes as the uninterrupted 2-process run."""
-    from training import distributed
+# --- two hosts: two launchers on this machine, meeting at a rendezvous on 127.0.0.1 -------------
 
-    killed = _release(tmp_path_factory.mktemp("train-ddp-killed"), tiny_model)
-    launcher = subprocess.Popen(distributed.command(killed.path, "cpt", pipeline.upstream(killed, "cpt"),
-                                                    distributed.Launch(2)), cwd=ROOT,
-                                env=dict(os.environ, QALB_PROGRESS="0"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-    _kill_after_second_checkpoint(launcher, killed, timeout=600)
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_hosts_cmd(spec_path: Path, port: int, *extra: str) -> list[str]:
+    """`./inv train` as each of two hosts runs it (README, "Many GPUs, many hosts")."""
+    return [INVOKE, "train", "--stage", "cpt", "--spec", str(spec_path), "--nodes", "2", "--processes", "1",
+            "--rdzv", f"127.0.0.1:{port}", *extra]
+
+
+def _launch(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, QALB_PROGRESS="0"))
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory, tiny_model):
+    """CPT trained by two launchers at once, as two hosts of one process each would run it; while
+    they train, a third writer of the same build folder is refused."""
+    s = _release(tmp_path_factory.mktemp("train-2hosts"), tiny_model)
+    port, logs = _free_port(), tmp_path_factory.mktemp("train-2hosts-logs")
+    hosts = [_launch(_two_hosts_cmd(s.path, port), logs / f"host{i}.log") for i in (0, 1)]
+    try:
+        from release import lock
+
+        deadline = time.time() + 300
+        while time.time() < deadline and "train" not in getattr(lock.holder(s.build_dir), "command", ""):
+            time.sleep(0.2)
+        other = subprocess.run([INVOKE, "data", "--spec", str(s.path), "--force"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+        for h in hosts:
+            h.wait(timeout=900)
+    finally:
+        for h in hosts:
+            if h.poll() is None:
+                h.kill()
+                h.wait()
+    out = [(logs / f"host{i}.log").read_text(encoding="utf-8") for i in (0, 1)]
+    assert [h.returncode for h in hosts] == [0, 0], out[0][-3000:] + out[1][-3000:]
+    return s, out, other
+
+
+def test_two_launchers_train_as_two_hosts_like_one_host_of_two_processes(ddp, two_hosts):
+    """Two `./inv train --nodes 2 --processes 1 --rdzv 127.0.0.1:PORT` launchers meet (torchrun's
+    c10d rendezvous, gloo) and train as one world of 2: the per-step losses equal the one-host
+    2-process run's within the tolerance above; rank 0 alone writes one adapter and one manifest;
+    the launchers share the build folder's lock, and any other writer is refused."""
+    s, out, other = two_hosts
+    for text in out:
+        assert "--nnodes 2 --max-restarts 0 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:" in text
+    m = read_manifest_of(s, "cpt")
+    assert m.figures["processes"] == 2 and m.figures["steps"] == read_manifest_of(ddp, "cpt").figures["steps"]
+    assert "batch 1 x 1 accumulation x 2 processes = 2" in (pipeline.folder(s, "cpt") / "train.log").read_text()
+    a, b = _losses(ddp, "cpt"), _losses(s, "cpt")
+    assert len(a) == len(b) == m.figures["steps"] and len(set(a)) > 1
+    assert b == pytest.approx(a, rel=5e-4), (a, b)
+    assert sorted(p.name for p in pipeline.folder(s, "cpt").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "manifest.json", "train.log", "trainer_state.json"]
+    assert not list((s.build_dir / ".checkpoints").glob("cpt-*"))  # removed once the adapter was written
+    assert other.returncode == 2, other.stderr
+    assert other.stderr.startswith(f"error: {s.build_dir}: another run is writing this build folder (pid "), other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+
+
+def test_a_sigkilled_host_stops_both_and_both_resume_to_the_same_bytes(two_hosts, tmp_path_factory, tiny_model):
+    """One of two launchers SIGKILLed after the second checkpoint: its torchrun and worker die with
+    it, the other host's worker loses its peer and its launcher ends in one line; no worker is left
+    anywhere. Both commands run again resume from checkpoint-2 and write the same adapter, adapter
+    config and trainer state bytes as the uninterrupted two-host run."""
+    done, _, _ = two_hosts
+    killed = _release(tmp_path_factory.mktemp("train-2hosts-killed"), tiny_model)
+    port, logs = _free_port(), tmp_path_factory.mktemp("train-2hosts-killed-logs")
+    survivor = _launch(_two_hosts_cmd(killed.path, port), logs / "survivor.log")
+    victim = _launch(_two_hosts_cmd(killed.path, port), logs / "victim.log")
+    try:
+        _kill_after_second_checkpoint(victim, killed, timeout=600)
+        survivor.wait(timeout=120)
+    finally:
+        if survivor.poll() is None:
+            survivor.kill()
+            survivor.wait()
+    tail = (logs / "survivor.log").read_text(encoding="utf-8").strip().splitlines()[-1]
+    assert survivor.returncode == 2 and tail.startswith("error: cpt: a training process on another host stopped"), tail
     for _ in range(100):
         if not _workers(killed.path):
             break
         time.sleep(0.1)
-    assert not _workers(killed.path), "workers outlived their launcher"
+    assert not _workers(killed.path), "workers outlived their launchers"
     assert not (pipeline.folder(killed, "cpt") / "manifest.json").exists()
-    rerun = subprocess.run([INVOKE, "train", "--stage", "cpt", "--spec", str(killed.path), "--processes", "2"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    port = _free_port()
+    again = [_launch(_two_hosts_cmd(killed.path, port), logs / f"again{i}.log") for i in (0, 1)]
+    for h in again:
+        h.wait(timeout=900)
+    assert [h.returncode for h in again] == [0, 0], (logs / "again0.log").read_text()[-3000:]
     m = read_manifest_of(killed, "cpt")
     assert m.figures["resumed_from"] == "checkpoint-2" and m.figures["processes"] == 2
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
-        ours, theirs = pipeline.folder(killed, "cpt") / name, pipeline.folder(ddp, "cpt") / name
+        ours, theirs = pipeline.folder(killed, "cpt") / name, pipeline.folder(done, "cpt") / name
         assert sha256_file(ours) == sha256_file(theirs), name
+
+
+def test_a_rendezvous_that_never_completes_and_a_host_with_another_spec_are_one_line_each(two_hosts, tmp_path):
+    """A second host that never comes: the first stops after --join-timeout in one line. A host
+    whose spec file differs from rank 0's (here: another learning rate): both stop in one line
+    naming it, before a step is trained."""
+    import re
+    import shutil
+
+    s, _, _ = two_hosts
+    built = (pipeline.folder(s, "cpt") / "manifest.json").read_bytes()
+    alone = subprocess.run(_two_hosts_cmd(s.path, _free_port(), "--join-timeout", "3", "--force"), cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    last = alone.stderr.strip().splitlines()[-1]
+    assert alone.returncode == 2 and re.fullmatch(
+        r"error: cpt: the 2 hosts did not all join the rendezvous at 127\.0\.0\.1:\d+ within 3 s \(--join-timeout\); "
+        r"start the same command on every host, each reaching 127\.0\.0\.1:\d+", last), last
+    other = s.path.parent.parent / "specs-other"
+    shutil.copytree(s.path.parent, other, symlinks=True)
+    text = s.path.read_text(encoding="utf-8")
+    changed = re.sub(r"(\[training\.cpt\]\n(?:.*\n)*?learning_rate = )\S+", r"\g<1>1e-5", text, count=1)
+    assert changed != text
+    (other / s.path.name).write_text(changed, encoding="utf-8")
+    port = _free_port()
+    hosts = [_launch(_two_hosts_cmd(p, port, "--force"), tmp_path / f"h{i}.log")
+             for i, p in enumerate((s.path, other / s.path.name))]
+    for h in hosts:
+        h.wait(timeout=300)
+    for i, h in enumerate(hosts):
+        last = (tmp_path / f"h{i}.log").read_text(encoding="utf-8").strip().splitlines()[-1]
+        assert h.returncode == 2 and re.fullmatch(
+            r"error: cpt: rank \d on \S+ differs from rank 0 on \S+ in its spec file, inputs; every host must run "
+            r"the same checkout, environment and spec file \(and see the same build folder\), then the same command",
+            last), last
+    assert (pipeline.folder(s, "cpt") / "manifest.json").read_bytes() == built  # what was built is kept
 
 
 def test_launch_options_and_the_derived_batch():

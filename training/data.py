@@ -87,7 +87,11 @@ CLEAN_FILTERS = TEXT_FILTERS[:5]
 INSTRUCT_FILTERS = ("normalize", "empty", "exact_dup")
 SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".jsonl.zst"), "parquet": (".parquet",),
             "text": (".txt", ".txt.gz", ".txt.zst")}
-MAX_FILES = 65534  # exact dedup ranks copies by file (a 16-bit priority): the first file wins
+MAX_FILES = 65534  # exact dedup ranks copies by input (a 16-bit priority): the first file (range) wins
+# A large uncompressed file is read as ranges of about this size, one task each, so one big
+# corpus file keeps every worker busy (local, Ray or Slurm); small enough for 8 or more tasks
+# per 150 MB file, large enough that a task's start (ms) is nothing next to its work (~8 s).
+RANGE_BYTES = 16 * 2**20
 # Below this much raw input a pool of worker processes costs more to start than it saves.
 SMALL_INPUT = 64 * 2**20
 
@@ -114,17 +118,56 @@ def cpt_order(spec: Spec) -> list:
     return [c for c in spec.data.corpora if c.language != "en"] + [c for c in spec.data.corpora if c.language == "en"]
 
 
-def sources(spec: Spec) -> list[Source]:
-    """Every input file of the text corpora, in CPT order: the Urdu corpora, then the English
-    replay corpora, each in spec order, files sorted. Task ``rank`` of a per-file job reads
-    ``sources[rank]``."""
+def sources(spec: Spec, range_bytes: int | None = None) -> list[Source]:
+    """Every input of the text corpora, in CPT order: the Urdu corpora, then the English replay
+    corpora, each in spec order, files sorted, and a large uncompressed JSONL or text file as
+    ranges of whole lines (``ranges``) so that every worker takes a share of it. Task ``rank``
+    of a per-input job reads ``sources[rank]``."""
     from training.steps import Source  # datatrove: in the train image, not the release image
 
-    out = [Source(c.name, c.language, c.format, str(f), (c.text_field,))
-           for c in cpt_order(spec) for f in corpus_files(spec.resolve(c.path), c.format)]
+    size = range_bytes or RANGE_BYTES
+    out = [Source(c.name, c.language, c.format, str(f), (c.text_field,), start, end, line)
+           for c in cpt_order(spec) for f in corpus_files(spec.resolve(c.path), c.format)
+           for start, end, line in ranges(f, c.format, size)]
     if len(out) > MAX_FILES:
-        raise CurationError(f"{len(out)} input files: at most {MAX_FILES}; merge shards into bigger files")
+        raise CurationError(f"{len(out)} inputs (files and ranges of {size // 2**20} MiB): at most {MAX_FILES}; "
+                            "merge shards into bigger files")
     return out
+
+
+def ranges(path: Path, fmt: str, size: int) -> list[tuple[int, int | None, int]]:
+    """``(start, end, first line number)`` of the ranges of ``path``, about ``size`` bytes each,
+    each starting at a line that begins a record: any line of JSONL, the line after a blank line
+    of text (where a document ends anyway). The whole file (``(0, None, 1)``) when it is smaller,
+    compressed or Parquet: those cannot be entered in the middle. The records each range yields
+    are the file's, in order, under the same ``file:line`` names, so the output does not change."""
+    if fmt not in ("jsonl", "text") or not path.name.endswith((".jsonl", ".txt")):
+        return [(0, None, 1)]
+    total = path.stat().st_size
+    if total <= size:
+        return [(0, None, 1)]
+    starts = [0]
+    with open(path, "rb") as fh:
+        for target in range(size, total, size):
+            if target <= starts[-1]:
+                continue
+            fh.seek(target - 1)
+            fh.readline()  # to the start of the next line (target itself when a line ends before it)
+            while fmt == "text" and (line := fh.readline()) and line.strip():
+                pass  # text: past the next blank line
+            at = fh.tell()
+            if at >= total:
+                break
+            starts.append(at)
+        numbers, at, seen = [], 0, 0
+        fh.seek(0)
+        for start in starts:  # line numbers: the newlines before each start, counted in one pass
+            while at < start:
+                block = fh.read(min(start - at, 1 << 24))
+                seen += block.count(b"\n")
+                at += len(block)
+            numbers.append(seen + 1)
+    return [(a, b, n) for a, b, n in zip(starts, [*starts[1:], None], numbers, strict=True)]
 
 
 def read_records(path: Path, fmt: str, fields: tuple[str, ...], problems: Problems | None = None
@@ -186,15 +229,16 @@ def exact_config():
                             hash_config=HashConfig(precision=64, hash_fc="xxhash"))
 
 
-def plan(spec: Spec, out: Path, work: Work, count: Counter) -> list[Job]:
-    """The curation as datatrove jobs, in order; the last one writes ``out``."""
+def plan(spec: Spec, out: Path, work: Work, count: Counter, srcs: list[Source] | None = None) -> list[Job]:
+    """The curation as datatrove jobs, in order; the last one writes ``out``. The per-input jobs
+    run a task per file, or per range of a large file (``sources``)."""
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
     from datatrove.pipeline.writers.jsonl import JsonlWriter
 
     from training import steps
 
-    srcs, f = sources(spec), spec.data.filters
+    srcs, f = sources(spec) if srcs is None else srcs, spec.data.filters
     mh, ex = minhash_config(spec), exact_config()
     files = len(srcs)
     at = work.at
@@ -219,7 +263,7 @@ def plan(spec: Spec, out: Path, work: Work, count: Counter) -> list[Job]:
         Job("verify", [verify], 1),
         Job("cluster", [MinhashDedupCluster(at("minhash/verified"), at("minhash/remove"), config=mh)], 1),
         Job("keep", [Keep(str(work.root))], files),
-        Job("assemble", [Assemble(spec, str(out), str(work.root), count)], 1),
+        Job("assemble", [Assemble(spec, str(out), str(work.root), count, srcs)], 1),
     ]
 
 
@@ -382,21 +426,21 @@ class Assemble:
     English replay budget -> ``cpt.jsonl``; the instruct set -> ``sft.jsonl``; the report. A
     datatrove pipeline step in the form of a callable ``(data, rank, world_size)``."""
 
-    def __init__(self, spec: Spec, out: str, work: str, count: Counter):
-        self.spec, self.out, self.work, self.count = spec, out, work, count
+    def __init__(self, spec: Spec, out: str, work: str, count: Counter, srcs: list[Source]):
+        self.spec, self.out, self.work, self.count, self.srcs = spec, out, work, count, srcs
 
     def __call__(self, data=None, rank: int = 0, world_size: int = 1):
-        assemble(self.spec, Path(self.out), Work(Path(self.work)), self.count)
+        assemble(self.spec, Path(self.out), Work(Path(self.work)), self.count, self.srcs)
         return data
 
 
-def assemble(spec: Spec, out: Path, work: Work, count: Counter) -> dict:
+def assemble(spec: Spec, out: Path, work: Work, count: Counter, srcs: list[Source] | None = None) -> dict:
     """Write cpt.jsonl, sft.jsonl, report.json (and bad_data.txt) into ``out``; return the report.
     A file without a replay budget is copied as the ``keep`` job wrote it; only the English
     replay files are read line by line, to spend the budget."""
     import numpy as np
 
-    srcs = sources(spec)
+    srcs = sources(spec) if srcs is None else srcs
     share = spec.data.replay_share
     report: dict = {"corpora": {}, "replay": {}, "instruct": {}}
     tallies = {c.name: Tally() for c in spec.data.corpora}
@@ -528,15 +572,16 @@ def _write_sft(spec: Spec, out: Path, count: Counter, problems: list[str]) -> di
 
 
 def curate(spec: Spec, out: Path, *, work: Path, count: Counter, workers: int | None = None,
-           progress: bool = True) -> dict:
+           progress: bool = True, range_bytes: int | None = None) -> dict:
     """Run the curation plan with datatrove's local executor (``workers`` processes, default
     every core; one, in this process, for inputs under ``SMALL_INPUT``) and return the
     manifest's figures."""
     start = time.perf_counter()
     w = Work(work)
-    jobs = plan(spec, out, w, count)
+    srcs = sources(spec, range_bytes)
+    jobs = plan(spec, out, w, count, srcs)
     if workers is None:
-        small = sum(Path(s.path).stat().st_size for s in sources(spec)) < SMALL_INPUT
+        small = sum(Path(p).stat().st_size for p in {s.path for s in srcs}) < SMALL_INPUT
         workers = 1 if small else (os.cpu_count() or 1)
     chain = executors(jobs, w, "local", workers)
     seconds: dict[str, float] = {}
@@ -552,7 +597,8 @@ def curate(spec: Spec, out: Path, *, work: Path, count: Counter, workers: int | 
         "cpt_documents": t["docs_out"], "cpt_tokens": t["tokens_out"], "urdu_tokens": r["urdu_tokens"],
         "english_tokens": r["english_tokens"], "replay_share": r["share"], "kept_tokens": t["kept_tokens"],
         "tokens_in": t["tokens_in"], "sft_examples": sft["docs_out"], "sft_tokens": sft["tokens_out"],
-        "bad_data": report["bad_data"]["count"], "input_files": len(sources(spec)), "workers": workers,
+        "bad_data": report["bad_data"]["count"], "input_files": len({s.path for s in srcs}), "tasks": len(srcs),
+        "workers": workers,
         "seconds": round(time.perf_counter() - start, 2), "job_seconds": seconds,
     }
 

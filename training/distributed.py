@@ -18,15 +18,21 @@ process does (training/worker.py, training/stages.py), with these differences, a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
+import subprocess
 import sys
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from release import children
 from release.errors import StageError
+
+JOIN_TIMEOUT = 600  # torchrun's own default: hosts that start minutes apart (a queue, a slow pull) still meet
 
 
 @dataclass(frozen=True)
@@ -36,26 +42,29 @@ class Launch:
     processes: int = 1  # per host
     nodes: int = 1
     rdzv: str | None = None  # HOST:PORT of the c10d rendezvous (required with nodes > 1)
+    join_timeout: int = JOIN_TIMEOUT  # seconds the hosts have to meet at the rendezvous
 
     @property
     def world(self) -> int:
         return self.processes * self.nodes
 
 
-def launch(processes: int | str = 1, nodes: int | str = 1, rdzv: str | None = None) -> Launch:
+def launch(processes: int | str = 1, nodes: int | str = 1, rdzv: str | None = None,
+           join_timeout: int | str = JOIN_TIMEOUT) -> Launch:
     """The launch options as given on the command line, checked."""
     try:
-        p, n = int(processes), int(nodes)
+        p, n, t = int(processes), int(nodes), int(join_timeout)
     except ValueError:
-        raise StageError(f"--processes {processes} --nodes {nodes}: expected whole numbers") from None
-    if p < 1 or n < 1:
-        raise StageError(f"--processes {p} --nodes {n}: both must be at least 1")
+        raise StageError(f"--processes {processes} --nodes {nodes} --join-timeout {join_timeout}: expected whole "
+                         "numbers") from None
+    if p < 1 or n < 1 or t < 1:
+        raise StageError(f"--processes {p} --nodes {n} --join-timeout {t}: each must be at least 1")
     if n > 1 and not rdzv:
         raise StageError(f"--nodes {n}: give the rendezvous with --rdzv HOST:PORT (a host every node reaches; "
                          "the same on every node)")
     if rdzv and (":" not in rdzv or not rdzv.rpartition(":")[2].isdigit()):
         raise StageError(f"--rdzv {rdzv}: expected HOST:PORT, e.g. node0.example:29500")
-    return Launch(p, n, rdzv or None)
+    return Launch(p, n, rdzv or None, t)
 
 
 def world() -> tuple[int, int, int]:
@@ -133,7 +142,8 @@ def command(spec: Path, stage: str, inputs: Mapping[str, Path], how: Launch, *, 
     if how.nodes == 1 and not how.rdzv:
         cmd.append("--standalone")
     else:
-        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(how.rdzv), "--rdzv-id", f"qalb-{stage}"]
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(how.rdzv), "--rdzv-id", f"qalb-{stage}",
+                "--rdzv-conf", f"join_timeout={how.join_timeout}"]
     cmd += ["-m", "training.worker", "--spec", str(spec), "--stage", stage,
             "--inputs", json.dumps({k: str(v) for k, v in inputs.items()}, sort_keys=True)]
     return cmd + (["--force"] if force else [])
@@ -150,12 +160,69 @@ def run(spec, stage: str, inputs: Mapping[str, Path], how: Launch, *, force: boo
     cmd = command(spec.path, stage, inputs, how, force=force)
     if progress:
         print(f"torchrun: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    rc = children.run(cmd, env=env).returncode  # torchrun; its workers die with it
+    tail: deque[str] = deque(maxlen=400)
+    with children.popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        for line in proc.stderr:  # passed on as it comes; the tail names the cause of a failure
+            sys.stderr.write(line)
+            tail.append(line)
+        rc = proc.wait()
     if rc != 0:
-        raise StageError(f"{stage}: torchrun ended with exit status {rc} (the workers' errors are above); "
-                         "run the same command again to resume from the last checkpoint")
+        raise StageError(failure(stage, rc, list(tail), how))
     after = read_manifest(folder)
     if after is None:
         raise StageError(f"{folder}: no manifest after training; on several hosts the build folder must be one "
                          "shared filesystem (rank 0 writes it)")
     return built_elsewhere(before, after)
+
+
+def failure(stage: str, rc: int, lines: list[str], how: Launch) -> str:
+    """The one line that says why torchrun ended with ``rc``, from the end of its output: a
+    worker's own error, a rendezvous that did not complete, or another host that went away."""
+    ours = [line.split("] ", 1)[-1].strip() for line in lines if line.startswith("error: [rank ")]
+    if ours:
+        return f"{stage}: {ours[0]}"
+    text = "".join(lines)
+    if "RendezvousTimeoutError" in text:
+        return (f"{stage}: the {how.nodes} hosts did not all join the rendezvous at {how.rdzv} within "
+                f"{how.join_timeout} s (--join-timeout); start the same command on every host, each reaching "
+                f"{how.rdzv}")
+    if "Connection closed by peer" in text or "Connection reset by peer" in text:
+        return (f"{stage}: a training process on another host stopped (its launcher's output says why); run the "
+                "same command again on every host to resume from the last checkpoint")
+    if "RendezvousConnectionError" in text:
+        return (f"{stage}: cannot reach the rendezvous at {how.rdzv}; start the first host's command there, "
+                "and open the port to every host")
+    return (f"{stage}: torchrun ended with exit status {rc} (the workers' errors are above); run the same command "
+            "again to resume from the last checkpoint")
+
+
+def checkout() -> str:
+    """sha256 of this checkout's code (the Python of ``release/``, ``training/``, ``tasks.py``) and
+    ``pyproject.toml``: what every host of one training run must share."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    files = sorted([*root.glob("release/*.py"), *root.glob("training/*.py"), root / "tasks.py", root / "pyproject.toml"])
+    for f in files:
+        if f.is_file():
+            h.update(f"{f.relative_to(root)}\0".encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def agree(facts: Mapping[str, str]) -> None:
+    """Stop every rank, with the same one line, when a rank's ``facts`` (its checkout, spec,
+    environment, inputs) differ from rank 0's: hosts that run different code or settings would
+    average the gradients of different trainings, or wait for each other forever."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (socket.gethostname(), dict(facts)))
+    host0, first = every[0]
+    for rank, (host, theirs) in enumerate(every):
+        differ = [k for k in first if theirs.get(k) != first[k]]
+        if differ:
+            raise StageError(f"rank {rank} on {host} differs from rank 0 on {host0} in its {', '.join(differ)}; "
+                             "every host must run the same checkout, environment and spec "
+                             "file (and see the same build folder), then the same command")

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -517,6 +518,8 @@ def run(spec: Spec, stage: str, inputs: Mapping[str, Path], *, force: bool = Fal
     key = fingerprint({k: input_digest(v) for k, v in inputs.items()}, sections, tool_versions(*TOOLS))
     work = checkpoints_root(spec) / f"{stage}-{key[:16]}"
     distributed.init()
+    distributed.agree({"checkout": distributed.checkout(), "spec file": sha256_file(spec.path),
+                       "environment": fingerprint({}, {"python": sys.version}, tool_versions(*TOOLS)), "inputs": key})
     if distributed.world()[0] != 0:  # another rank: train if rank 0 builds, write nothing
         if distributed.share(False):
             train(spec, stage, inputs, None, work, progress=False)

@@ -55,13 +55,17 @@ STEP_TYPE = "QALB"
 
 @dataclass(frozen=True)
 class Source:
-    """One input file of a corpus; the curation's task ``rank`` reads ``sources[rank]``."""
+    """One input file of a corpus, or one range of its lines; the curation's task ``rank`` reads
+    ``sources[rank]``."""
 
     corpus: str
     language: str | None
     format: str  # jsonl | parquet | text
     path: str  # the file
     fields: tuple[str, ...]  # fields[0] is required; the others are read when present
+    start: int = 0  # a range: the byte offset of its first line
+    end: int | None = None  # the offset just past its last line (None: the end of the file)
+    first_line: int = 1  # the number of its first line in the file (records are named file:line)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -113,6 +117,23 @@ class _Records:
     fields: tuple[str, ...] = ("text",)
     problems: Problems
     line: int = 0
+    span: tuple[int, int | None, int] = (0, None, 1)  # the lines read: start offset, end offset, first number
+
+    def _spanned(self, fh) -> Iterator[tuple[int, bytes]]:
+        """``(number, line)`` of the lines of ``self.span`` (an uncompressed file's range, or all)."""
+        start, end, first = self.span
+        if start:
+            fh.seek(start)
+        lines = enumerate(_lines(fh), first)
+        if end is None:
+            yield from lines
+            return
+        at = start
+        for number, raw in lines:
+            if at >= end:
+                return
+            at += len(raw)
+            yield number, raw
 
     def records(self, filepath: str) -> Iterator[tuple[str, dict]]:
         path = self.data_folder.resolve_paths(filepath)
@@ -146,7 +167,7 @@ class JsonlRecords(_Records, JsonlReader):
         import orjson
 
         with self.data_folder.open(filepath, "rb", compression=self.compression) as fh:
-            for number, raw in enumerate(_lines(fh), 1):
+            for number, raw in self._spanned(fh):
                 self.line = number
                 if not raw.strip():
                     continue
@@ -198,7 +219,7 @@ class TextRecords(_Records, BaseDiskReader):
         lines: list[str] = []
         start, bad = 1, False
         with self.data_folder.open(filepath, "rb", compression="infer") as fh:
-            for number, raw in enumerate(_lines(fh), 1):
+            for number, raw in self._spanned(fh):
                 self.line = number
                 try:
                     line = raw.decode("utf-8").rstrip("\r\n")
@@ -223,7 +244,9 @@ READERS = {"jsonl": JsonlRecords, "parquet": ParquetRecords, "text": TextRecords
 
 def reader(source: Source, problems: Problems) -> _Records:
     path = Path(source.path)
-    return READERS[source.format](str(path.parent), source.fields, problems)
+    out = READERS[source.format](str(path.parent), source.fields, problems)
+    out.span = (source.start, source.end, source.first_line)
+    return out
 
 
 class SourceReader(PipelineStep):
@@ -352,7 +375,8 @@ def exact_text(doc: Document) -> bytes:
 
 def first_source_wins(doc: Document) -> int:
     """datatrove keeps the highest-priority copy of a text, then the first in its file: a lower
-    source index is a higher priority, so the copy kept is the first in corpus order."""
+    source index (file, or range of a file, in order) is a higher priority, so the copy kept is
+    the first in corpus order."""
     return 65535 - doc.metadata["source"]
 
 
