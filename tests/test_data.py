@@ -337,7 +337,7 @@ def test_ranges_of_a_large_file_read_the_same_records_under_the_same_names(tmp_p
         parts = data.ranges(path, fmt, 1000)
         assert len(parts) > 10 and parts[0][:1] == (0,) and parts[-1][1] is None
         raw = path.read_bytes()
-        for (start, end, first), (nxt, _, _) in zip(parts, [*parts[1:], (len(raw), None, 0)]):
+        for (start, end, first), (nxt, _, _) in zip(parts, [*parts[1:], (len(raw), None, 0)], strict=True):
             assert end in (nxt, None) and raw[start - 1:start] in (b"", b"\n")  # whole lines, end to end
             assert first == raw[:start].count(b"\n") + 1
             if fmt == "text" and start:

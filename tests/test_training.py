@@ -445,7 +445,8 @@ def test_two_launchers_train_as_two_hosts_like_one_host_of_two_processes(ddp, tw
         "adapter_config.json", "adapter_model.safetensors", "manifest.json", "train.log", "trainer_state.json"]
     assert not list((s.build_dir / ".checkpoints").glob("cpt-*"))  # removed once the adapter was written
     assert other.returncode == 2, other.stderr
-    assert other.stderr.startswith(f"error: {s.build_dir}: another run is writing this build folder (pid "), other.stderr
+    refused = f"error: {s.build_dir}: another run is writing this build folder (pid "
+    assert other.stderr.startswith(refused), other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
 
 

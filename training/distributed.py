@@ -201,7 +201,8 @@ def checkout() -> str:
     ``pyproject.toml``: what every host of one training run must share."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    files = sorted([*root.glob("release/*.py"), *root.glob("training/*.py"), root / "tasks.py", root / "pyproject.toml"])
+    files = sorted([*root.glob("release/*.py"), *root.glob("training/*.py"), root / "tasks.py",
+                    root / "pyproject.toml"])
     for f in files:
         if f.is_file():
             h.update(f"{f.relative_to(root)}\0".encode())
