@@ -470,7 +470,7 @@ def row(name: str, r: dict, mb: float, docs: int) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=float, nargs="+", default=[0.25, 1.0], help="corpus sizes, GB of raw text")
+    p.add_argument("--sizes", type=float, nargs="*", default=[0.25, 1.0], help="corpus sizes, GB of raw text")
     p.add_argument("--old-size", type=float, default=0.03, help="corpus size for the side-by-side with the old code")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--single", type=float, default=150, help="MB of one plain JSONL file: curation vs encode_batch "

@@ -92,8 +92,10 @@ MAX_FILES = 65534  # exact dedup ranks copies by input (a 16-bit priority): the 
 # corpus file keeps every worker busy (local, Ray or Slurm); small enough for 8 or more tasks
 # per 150 MB file, large enough that a task's start (ms) is nothing next to its work (~8 s).
 RANGE_BYTES = 16 * 2**20
-# Below this much raw input a pool of worker processes costs more to start than it saves.
-SMALL_INPUT = 64 * 2**20
+# Below this much raw input a pool of worker processes costs more to start than it saves
+# (benchmarks/data.py --small, one file on 2 cores, one process vs two: 24 MB 8.0 s vs 8.9 s,
+# 32 MB 10.0 s vs 8.9 s, 64 MB 18.0 s vs 13.4 s).
+SMALL_INPUT = 32 * 2**20
 
 
 # --- the corpora ------------------------------------------------------------------------------
