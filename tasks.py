@@ -237,14 +237,21 @@ def base(c, spec=DEMO, force=False, runner=None, wait=False):
 
 
 @task(help={"spec": f"release spec (default {DEMO})", "force": "curate again even if up to date",
-            "runner": RUNNER_HELP, "wait": WAIT_HELP})
-def data(c, spec=DEMO, force=False, runner=None, wait=False):
+            "runner": RUNNER_HELP, "wait": WAIT_HELP,
+            "executor": "where datatrove's jobs run: local (every core here; default), ray or slurm",
+            "address": "with --executor ray: HOST:PORT of the Ray cluster's head",
+            "partition": "with --executor slurm: the Slurm partition"})
+def data(c, spec=DEMO, force=False, runner=None, wait=False, executor="local", address=None, partition=None):
     """Stage data: curate the corpora into the CPT and SFT sets with a retention report."""
+    from training import cluster
     from training import data as stage
 
-    if _runner("data", runner, image=(stage.TRAITS.image, stage.TRAITS.gpu), spec=spec, force=force):
+    where = _guarded(lambda: cluster.executor(executor, address, partition))
+    if where == cluster.LOCAL and _runner("data", runner, image=(stage.TRAITS.image, stage.TRAITS.gpu), spec=spec,
+                                          force=force):
         return
-    s, result = _stage(spec, stage.STAGE, force=force, wait=wait)
+    s, result = _stage(spec, stage.STAGE, force=force, wait=wait, executor=where,
+                       runner="docker" if runner == "docker" else "local")
     stage.summary(s, result.manifest)
 
 

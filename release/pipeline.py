@@ -61,7 +61,7 @@ from release.artifacts import (
 )
 from release.errors import Interrupted, PublishError, StageError
 from release.spec import Spec
-from training import cpt, data, distributed, sft
+from training import cluster, cpt, data, distributed, sft
 
 
 class Stage(Protocol):
@@ -188,12 +188,14 @@ ONE_PROCESS = distributed.Launch()
 def run(spec: Spec, *, force: bool | Collection[str] = False, only: str | None = None, start: str | None = None,
         until: str | None = None, push: bool = False, progress: bool = True,
         console: Console | None = None, launch: distributed.Launch = ONE_PROCESS,
+        executor: cluster.Executor = cluster.LOCAL,
         runner: str = "local", root: Path | None = None, wait: bool = False, check: bool = False,
         unsigned: bool = False) -> list[StageResult]:
     """Run the stages in order (``start`` to ``until``, or ``only`` one); returns what each did.
     Raises ``StageError`` when verification fails (after recording it), so nothing unverified
     goes on to the cards and the Hub. ``push`` publishes the Hub plan once it is made.
-    ``launch``: the training stages' processes and hosts; ``runner`` ``docker``: each stage in
+    ``launch``: the training stages' processes and hosts; ``executor``: where the curation's
+    datatrove jobs run (this machine, a Ray or Slurm cluster); ``runner`` ``docker``: each stage in
     its container image, from the checkout ``root``. ``force``: rebuild every stage run (True)
     or the stages named. ``check``: hash every built file again and rebuild the stages whose
     bytes changed. The build folder is locked for the whole run (release/lock.py; ``wait``:
@@ -202,6 +204,9 @@ def run(spec: Spec, *, force: bool | Collection[str] = False, only: str | None =
     anything is built, when no signing key is given)."""
     if runner not in docker.RUNNERS:
         raise StageError(f"--runner {runner}: expected one of {', '.join(docker.RUNNERS)}")
+    if runner == "docker" and executor != cluster.LOCAL:
+        raise StageError(f"--executor {executor.kind} with --runner docker: run it with --runner local on a node of "
+                         "the cluster (its workers run this environment, not the image)")
     console = console or summary_console()
     names = select(spec, only, start, until)
     if push and not unsigned and publish.STAGE in names and signing.from_environment() is None:
@@ -222,7 +227,7 @@ def run(spec: Spec, *, force: bool | Collection[str] = False, only: str | None =
             preflight.check(spec, names,
                             built={n for n in names if n not in forced and read_manifest(folder(spec, n))})
             return _run_stages(spec, names, forced, current, push=push, progress=progress, console=console,
-                               launch=launch, runner=runner, root=root, unsigned=unsigned)
+                               launch=launch, runner=runner, root=root, unsigned=unsigned, executor=executor)
     except KeyboardInterrupt:
         raise Interrupted(signal.SIGINT, current[0]) from None
     except Interrupted as e:
@@ -244,7 +249,8 @@ def changed(spec: Spec, names: list[str], console: Console) -> set[str]:
 
 def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[str | None], *, push: bool,
                 progress: bool, console: Console, launch: distributed.Launch, runner: str,
-                root: Path | None, unsigned: bool = False) -> list[StageResult]:
+                root: Path | None, unsigned: bool = False,
+                executor: cluster.Executor = cluster.LOCAL) -> list[StageResult]:
     results = []
     for name in names:
         interrupts.check(current[0])  # one that a library swallowed stops the run here
@@ -260,6 +266,8 @@ def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[st
         inputs = upstream(spec, name)
         if s.TRAITS.distributed and launch.world > 1:
             manifest = distributed.run(spec, name, inputs, launch, force=name in forced, progress=progress)
+        elif s.TRAITS.clustered and executor != cluster.LOCAL:
+            manifest = s.run(spec, inputs, force=name in forced, progress=progress, executor=executor)
         else:
             manifest = s.run(spec, inputs, force=name in forced, progress=progress)
         results.append(StageResult(name, folder(spec, name), manifest))

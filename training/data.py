@@ -67,14 +67,16 @@ from release.artifacts import (
 )
 from release.errors import CurationError
 from release.spec import Spec
+from training import cluster
 from training.clean import normalize, repetition, script_ratio  # noqa: F401  (the stage's measures, by name)
+from training.cluster import LOCAL, Executor
 from training.tokens import Counter, counter
 
 if TYPE_CHECKING:
     from training.steps import Problems, Source
 
 STAGE = "data"
-TRAITS = Traits(image="train")  # datatrove and the tokenizers live in the train image
+TRAITS = Traits(image="train", clustered=True)  # datatrove and the tokenizers live in the train image
 CPT_FILE = "cpt.jsonl"
 SFT_FILE = "sft.jsonl"
 REPORT_FILE = "report.json"
@@ -292,9 +294,9 @@ def executors(jobs: list[Job], work: Work, kind: str = "local", workers: int | N
             n = min(workers or os.cpu_count() or 1, job.tasks)
             out.append(LocalPipelineExecutor(workers=n, **common))
         elif kind == "slurm":
-            from datatrove.executor import SlurmPipelineExecutor
+            from training.steps import SlurmJobs
 
-            out.append(SlurmPipelineExecutor(job_name=f"curate-{job.name}", **common))
+            out.append(SlurmJobs(job_name=f"curate-{job.name}", **common))
         elif kind == "ray":
             from datatrove.executor import RayPipelineExecutor
 
@@ -574,25 +576,37 @@ def _write_sft(spec: Spec, out: Path, count: Counter, problems: list[str]) -> di
 
 
 def curate(spec: Spec, out: Path, *, work: Path, count: Counter, workers: int | None = None,
-           progress: bool = True, range_bytes: int | None = None) -> dict:
-    """Run the curation plan with datatrove's local executor (``workers`` processes, default
-    every core; one, in this process, for inputs under ``SMALL_INPUT``) and return the
-    manifest's figures."""
+           progress: bool = True, range_bytes: int | None = None, executor: Executor = LOCAL) -> dict:
+    """Run the curation plan and return the manifest's figures: with datatrove's local executor
+    (``workers`` processes, default every core; one, in this process, for inputs under
+    ``SMALL_INPUT``), or on the Ray or Slurm cluster ``executor`` names (training/cluster.py)."""
     start = time.perf_counter()
     w = Work(work)
     srcs = sources(spec, range_bytes)
     jobs = plan(spec, out, w, count, srcs)
-    if workers is None:
+    if executor.kind != "local":
+        workers = None
+    elif workers is None:
         small = sum(Path(p).stat().st_size for p in {s.path for s in srcs}) < SMALL_INPUT
         workers = 1 if small else (os.cpu_count() or 1)
-    chain = executors(jobs, w, "local", workers)
     seconds: dict[str, float] = {}
     with _quiet(work / "console.log"), _Progress(progress) as bar:
-        for job, ex in zip(jobs, chain, strict=True):
+
+        @contextmanager
+        def timed(job: Job):
             t = time.perf_counter()
             with bar.job(job, Path(w.logs(job.name))):
-                ex.run()
+                yield
             seconds[job.name] = round(time.perf_counter() - t, 2)
+
+        if executor.kind == "ray":
+            cluster.ray_jobs(jobs, w, executor, timed)
+        elif executor.kind == "slurm":
+            cluster.slurm_jobs(jobs, w, executor, timed, executors)
+        else:
+            for job, ex in zip(jobs, executors(jobs, w, "local", workers), strict=True):
+                with timed(job):
+                    ex.run()
     report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
     r, t, sft = report["replay"], report["total"], report["instruct"]
     return {
@@ -600,7 +614,7 @@ def curate(spec: Spec, out: Path, *, work: Path, count: Counter, workers: int | 
         "english_tokens": r["english_tokens"], "replay_share": r["share"], "kept_tokens": t["kept_tokens"],
         "tokens_in": t["tokens_in"], "sft_examples": sft["docs_out"], "sft_tokens": sft["tokens_out"],
         "bad_data": report["bad_data"]["count"], "input_files": len({s.path for s in srcs}), "tasks": len(srcs),
-        "workers": workers,
+        "workers": workers, "executor": executor.kind,
         "seconds": round(time.perf_counter() - start, 2), "job_seconds": seconds,
     }
 
@@ -699,16 +713,18 @@ def work_folder(spec: Spec, found: dict[str, Path]) -> Path:
     return spec.build_dir / ".checkpoints" / f"{STAGE}-{key[:16]}"
 
 
-def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
-    """Stage ``data`` with a worker per core; ``inputs["tokenizer"]``: the base's tokenizer.json."""
-    return run_with(spec, inputs, force=force, progress=progress)
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True,
+        executor: Executor = LOCAL) -> Manifest:
+    """Stage ``data`` with a worker per core, or on the cluster ``executor`` names;
+    ``inputs["tokenizer"]``: the base's tokenizer.json."""
+    return run_with(spec, inputs, force=force, progress=progress, executor=executor)
 
 
 def run_with(spec: Spec, inputs: Mapping[str, Path], *, workers: int | None = None, force: bool = False,
-             progress: bool = True) -> Manifest:
+             progress: bool = True, executor: Executor = LOCAL) -> Manifest:
     """Stage ``data``: skipped when the corpora, the tokenizer and the spec's data/chat facts are
     unchanged; an interrupted run resumes from its finished datatrove tasks. ``workers``: processes
-    on this machine (default: one per core)."""
+    on this machine (default: one per core); ``executor``: a Ray or Slurm cluster instead."""
     found = corpora(spec, inputs)
     work = work_folder(spec, found)
 
@@ -716,7 +732,8 @@ def run_with(spec: Spec, inputs: Mapping[str, Path], *, workers: int | None = No
         for stale in work.parent.glob(f"{STAGE}-*"):
             if stale != work or force:
                 shutil.rmtree(stale, ignore_errors=True)
-        return curate(spec, out, work=work, count=counter(found["tokenizer"]), workers=workers, progress=progress)
+        return curate(spec, out, work=work, count=counter(found["tokenizer"]), workers=workers, progress=progress,
+                      executor=executor)
 
     manifest = run_stage(STAGE, stage_dir(spec.build_dir, STAGE), build, release=spec.release.name, inputs=found,
                          spec_sections=_sections(spec), tools=TOOLS, force=force)

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow
 import zstandard
 from datatrove.data import Document, DocumentsPipeline
+from datatrove.executor import SlurmPipelineExecutor
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
@@ -557,3 +558,15 @@ class Intermediate(JsonlReader):
         name = f"{rank:05d}.jsonl"
         if self.data_folder.exists(name):
             yield from self.read_files_shard([name])
+
+
+# --- executors --------------------------------------------------------------------------------
+
+
+class SlurmJobs(SlurmPipelineExecutor):
+    """datatrove's ``SlurmPipelineExecutor`` without its stats-merging job per job: the stage reads
+    each task's stats itself, and an extra job that depends on a failed one would wait in the
+    queue forever on a cluster that keeps such jobs (training/cluster.py)."""
+
+    def launch_merge_stats(self) -> None:
+        return None
