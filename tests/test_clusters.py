@@ -123,3 +123,57 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --- Ray --------------------------------------------------------------------------------------
+
+
+def _on_ray(tmp_path: Path, commands: list[list[str]]) -> dict:
+    """``commands`` run beside a two-node Ray cluster in a network namespace of their own
+    (tests/raycluster.py); what each did, and on which nodes datatrove's tasks ran."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs root, unshare and ip: the Ray cluster runs in a network namespace of its own")
+    pytest.importorskip("ray")
+    out, cmds = tmp_path / "ray.json", tmp_path / "commands.json"
+    cmds.write_text(json.dumps(commands), encoding="utf-8")
+    subprocess.run(["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable,
+                    str(ROOT / "tests" / "raycluster.py"), str(out), str(cmds)], check=True, timeout=900)
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_curation_on_a_two_node_ray_cluster_gives_the_local_bytes(local_data, tmp_path, tiny_model):
+    """`./inv data --executor ray --address HOST:PORT` on a Ray cluster of two nodes (one CPU
+    each): datatrove's tasks run on both nodes, the outputs are the local executor's bytes, and
+    the cluster stops with nothing left. A task that fails (bad input, refused) stops the stage in
+    one line naming the task and its log, instead of datatrove's logged warning."""
+    s = _release(tmp_path / "ok", tiny_model)
+    bad = _release(tmp_path / "bad", tiny_model)
+    corpus = tmp_path / "bad" / "specs" / "demo" / "urdu.jsonl"
+    corpus.write_bytes(corpus.read_bytes() + b'{"text": \n')
+    ran = _on_ray(tmp_path, [[INVOKE, "data", "--spec", str(x.path), "--executor", "ray", "--address", "{address}"]
+                             for x in (s, bad)])
+    ok, failed = ran["runs"]
+    assert ok["rc"] == 0, ok["stdout"][-3000:] + ok["stderr"][-3000:]
+    assert _digests(s) == _digests(local_data)
+    assert sorted(ok["task_nodes"]) == sorted(ran["nodes"])  # tasks ran on the head and on the worker
+    m = json.loads((pipeline.folder(s, "data") / "manifest.json").read_text())
+    assert m["figures"]["executor"] == "ray"
+    line = failed["stderr"].strip().splitlines()
+    assert failed["rc"] == 2 and len(line) == 1, failed["stderr"]
+    assert re.fullmatch(rf"error: data: task 0 of job 'clean' did not complete on the Ray cluster at "
+                        rf"{re.escape(ran['address'])}; its log: \S+/logs/clean/logs/task_00000\.log; fix what it "
+                        r"says and run the same command again \(finished tasks are kept\)", line[0]), line[0]
+    assert "not valid JSON" in Path(line[0].split("its log: ")[1].split(";")[0]).read_text(encoding="utf-8")
+    assert ran["left"] == []
+
+
+def test_an_unreachable_ray_cluster_is_one_line(tmp_path, tiny_model):
+    s = _release(tmp_path, tiny_model)
+    port = _closed_port()
+    done = _data(s, "--executor", "ray", "--address", f"127.0.0.1:{port}")
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"error: --address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused); start one with "
+        "`ray start --head`, or give the address it printed"), done.stderr
+    missing = _data(s, "--executor", "ray")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --executor ray: give the cluster's head with "
+                                                                 "--address HOST:PORT"), missing.stderr

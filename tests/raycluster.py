@@ -1,0 +1,187 @@
+"""A Ray cluster of two nodes on this machine (head and worker, one CPU each), for the tests:
+
+    unshare --net -- sh -c 'ip link set lo up && exec "$0" "$@"' python tests/raycluster.py OUT.json CMDS.json
+
+starts the cluster, runs each command of CMDS.json (argv lists; ``{address}`` becomes the head's
+HOST:PORT) while sampling which node's session runs datatrove's tasks (``ray::RankWorker``
+processes), stops the cluster by the pids it started, and writes what happened to OUT.json.
+
+Ray advertises the host's routable address even when told 127.0.0.1, and its servers listen on
+every interface; run in a network namespace of its own (``unshare --net``, root), the only
+interface is the loopback, so nothing the test starts can be reached from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _node_flags(ports: list[int]) -> list[str]:
+    nm, om, agent_http, agent_grpc, renv, metrics = ports
+    return ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--memory=2000000000",
+            "--object-store-memory=100000000", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
+            "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats", "--block"]
+
+
+def start(temp_dir: str, timeout: float = 120.0) -> tuple[list[subprocess.Popen], str]:
+    """Head and one worker node, each ``ray start --block`` in its own session (its pid is the
+    session's id, which holds the node's daemons and workers); returns once both are alive."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": os.path.join(temp_dir, "tmp")}
+    os.makedirs(env["TMPDIR"], exist_ok=True)
+    gcs, *head = free_ports(7)
+    address = f"127.0.0.1:{gcs}"
+    procs = []
+
+    def node(args: list[str], log: str) -> None:
+        procs.append(subprocess.Popen([RAY, "start", *args], env=env, start_new_session=True,
+                                      stdin=subprocess.DEVNULL, stdout=open(os.path.join(temp_dir, log), "wb"),
+                                      stderr=subprocess.STDOUT))
+
+    node(["--head", f"--port={gcs}", "--include-dashboard=false", f"--temp-dir={temp_dir}", *_node_flags(head)],
+         "head.out")
+    deadline = time.monotonic() + timeout
+    try:
+        while not _open(gcs):
+            if procs[0].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the head did not start: {Path(temp_dir, 'head.out').read_text()[-2000:]}")
+            time.sleep(0.2)
+        node([f"--address={address}", f"--temp-dir={temp_dir}", *_node_flags(free_ports(6))], "worker.out")
+        probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        while True:
+            out = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, env=env)
+            if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == ["2"]:
+                return procs, address
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"the cluster did not come up: {out.stderr[-2000:]}")
+            time.sleep(0.5)
+    except BaseException:
+        stop(procs)
+        raise
+
+
+def _group(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (a node's ``ray start`` and everything under it: Ray
+    puts its workers in process groups of their own, not sessions)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> list[int]:
+    """SIGTERM each node's ``ray start`` (worker first), which stops its own daemons; SIGKILL its
+    session's leftovers. Returns the processes still alive afterwards (none)."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and any(_group(p.pid) for p in procs):
+        time.sleep(0.05)
+    for p in procs:
+        for pid in _group(p.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    time.sleep(0.2)
+    return [pid for p in procs for pid in _group(p.pid)]
+
+
+def _task_nodes(procs: list[subprocess.Popen], seen: set[int], done: threading.Event) -> None:
+    """Which nodes (by the session of their ``ray start``) run a datatrove task."""
+    groups = {p.pid for p in procs}
+    while not done.is_set():
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::RankWorker"):
+                sid = int(stat[stat.rindex(")") + 2:].split()[3])
+                if sid in groups:
+                    seen.add(sid)
+        done.wait(0.05)
+
+
+def main(out: str, commands: str) -> None:
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 108 bytes
+    t = time.monotonic()
+    procs, address = start(temp_dir)
+    result: dict = {"start_s": round(time.monotonic() - t, 1), "runs": [], "address": address,
+                    "nodes": [p.pid for p in procs]}
+    try:
+        for argv in json.loads(Path(commands).read_text()):
+            seen: set[int] = set()
+            done = threading.Event()
+            watch = threading.Thread(target=_task_nodes, args=(procs, seen, done), daemon=True)
+            watch.start()
+            t = time.monotonic()
+            run = subprocess.run([a.replace("{address}", address) for a in argv], capture_output=True, text=True)
+            done.set()
+            watch.join()
+            result["runs"].append({"rc": run.returncode, "stdout": run.stdout[-4000:], "stderr": run.stderr[-4000:],
+                                   "seconds": round(time.monotonic() - t, 1), "task_nodes": sorted(seen)})
+    finally:
+        t = time.monotonic()
+        result["left"] = stop(procs)
+        result["stop_s"] = round(time.monotonic() - t, 1)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        Path(out).write_text(json.dumps(result), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
