@@ -203,7 +203,10 @@ def _weighted_errors(f16: Path, quant: Path, imatrix: Path) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K_M", "IQ4_XS", "Q3_K_M"])
+# Q4_K_M (the release's default file) in every run; the I-quant and the 3-bit K-quant, the same
+# code path with other types, with --slow
+@pytest.mark.parametrize("qtype", ["Q4_K_M", pytest.param("IQ4_XS", marks=pytest.mark.slow),
+                                   pytest.param("Q3_K_M", marks=pytest.mark.slow)])
 def test_the_importance_matrix_lowers_the_error_where_the_text_is_active_and_llama_cpp_runs_it(stage, qtype, tmp_path):
     manifest, folder = stage
     f16, im = folder / manifest.figures["files"]["F16"]["file"], folder / manifest.figures["imatrix"]["file"]
