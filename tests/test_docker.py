@@ -408,7 +408,9 @@ def test_train_image_trains_as_the_local_runner_does(tiny_model):
     adapters are the same bytes as `--runner local` writes here (the CUDA build of torch runs the
     same CPU kernels as the CPU build: no GPU, so Unsloth's CPU path in both). Then 2 processes
     (torchrun, gloo) in the container keep the 1-process losses, as they do locally, and a
-    SIGKILLed torchrun in the container is resumed to the same bytes."""
+    SIGKILLed torchrun in the container is resumed to the same bytes. Last, two launchers as two
+    hosts (`--nodes 2 --processes 1 --rdzv 127.0.0.1:PORT --runner docker`, each a container on the
+    host's network) train as the 2-process container does."""
     import time
 
     from test_training import _losses, _spec_text
@@ -507,6 +509,26 @@ def test_train_image_trains_as_the_local_runner_does(tiny_model):
     for f in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
         ours, theirs = pipeline.folder(killed, "cpt") / f, pipeline.folder(runs["ddp"], "cpt") / f
         assert sha256_file(ours) == sha256_file(theirs), f
+    # two hosts as two launchers on this machine, each running the stage in its own container with the
+    # host's network (the docker runner's choice with --nodes > 1): they meet at the rendezvous and
+    # train as the 2-process run in one container does
+    from test_training import _free_port
+
+    hosts = spec_mod.load(demo_release(work / "hosts", tiny_model, _spec_text()))
+    assert subprocess.run(inv + ["data", "--spec", str(hosts.path.relative_to(ROOT))], cwd=ROOT, env=env,
+                          capture_output=True).returncode == 0
+    port = _free_port()
+    two = [subprocess.Popen(inv + ["train", "--stage", "cpt", "--spec", str(hosts.path.relative_to(ROOT)), "--nodes",
+                                   "2", "--processes", "1", "--rdzv", f"127.0.0.1:{port}", "--runner", "docker"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for _ in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in two]
+    assert [p.returncode for p in two] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert all("--network host" in o and "--nnodes 2" in o for o in outs)
+    assert read_manifest(pipeline.folder(hosts, "cpt")).figures["processes"] == 2
+    assert _losses(hosts, "cpt") == pytest.approx(_losses(runs["ddp"], "cpt"), rel=5e-4)
+    assert sorted(p.name for p in pipeline.folder(hosts, "cpt").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "manifest.json", "train.log", "trainer_state.json"]
     print(f"\nbuild: release {figures['release']:.0f} s, train {figures['train']:.0f} s; data+cpt+sft: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     shutil.rmtree(work, ignore_errors=True)

@@ -522,6 +522,32 @@ def test_a_rendezvous_that_never_completes_and_a_host_with_another_spec_are_one_
     assert (pipeline.folder(s, "cpt") / "manifest.json").read_bytes() == built  # what was built is kept
 
 
+def test_the_checkout_digest_covers_the_code_and_nothing_else(tmp_path):
+    """What the hosts compare (besides the spec file, environment and inputs): a copy of the
+    checkout has the same digest; a changed line of code, or of pyproject.toml, another one; a
+    build folder or a test does not count."""
+    import shutil
+
+    from training import distributed
+
+    copy = tmp_path / "checkout"
+    for name in ("release", "training"):
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("tasks.py", "pyproject.toml"):
+        shutil.copy2(ROOT / name, copy / name)
+    same = distributed.checkout(copy)
+    assert same == distributed.checkout() and len(same) == 64
+    (copy / "build").mkdir()
+    (copy / "build" / "x.py").write_text("x = 1\n")
+    assert distributed.checkout(copy) == same
+    stages_py = copy / "training" / "stages.py"
+    stages_py.write_text(stages_py.read_text() + "# another line\n")
+    changed = distributed.checkout(copy)
+    assert changed != same
+    (copy / "pyproject.toml").write_text((copy / "pyproject.toml").read_text() + "\n")
+    assert distributed.checkout(copy) not in (same, changed)
+
+
 def test_launch_options_and_the_derived_batch():
     from release.errors import StageError
     from training import distributed
@@ -533,7 +559,10 @@ def test_launch_options_and_the_derived_batch():
     assert distributed.batch(24, 5, 2) == (4, 3)  # the largest per-device batch up to 5 that divides 12
     with pytest.raises(StageError, match="effective_batch_size 4 is not a multiple of the 3 training processes"):
         distributed.batch(4, 2, 3)
-    assert distributed.launch("8", "1", None) == distributed.Launch(8, 1, None)
+    assert distributed.launch("8", "1", None) == distributed.Launch(8, 1, None, 600)
+    assert distributed.launch(8, 2, "node0:29500", "30").join_timeout == 30
+    with pytest.raises(StageError, match="--join-timeout 0: each must be at least 1"):
+        distributed.launch(8, 2, "node0:29500", 0)
     with pytest.raises(StageError, match=r"--nodes 2: give the rendezvous with --rdzv HOST:PORT"):
         distributed.launch(8, 2, None)
     with pytest.raises(StageError, match="--rdzv node0: expected HOST:PORT"):
@@ -545,7 +574,8 @@ def test_launch_options_and_the_derived_batch():
                                     force=True)
     assert two_hosts[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2",
                              "--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29500",
-                             "--rdzv-id", "qalb-cpt", "-m", "training.worker", "--spec", "specs/qalb.toml",
+                             "--rdzv-id", "qalb-cpt", "--rdzv-conf", "join_timeout=600", "-m", "training.worker",
+                             "--spec", "specs/qalb.toml",
                              "--stage", "cpt", "--inputs", '{"base": "b", "data": "d"}', "--force"]
     bad = subprocess.run([INVOKE, "train", "--stage", "cpt", "--nodes", "2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --nodes 2: give the rendezvous"), bad.stderr

@@ -196,10 +196,10 @@ def failure(stage: str, rc: int, lines: list[str], how: Launch) -> str:
             "again to resume from the last checkpoint")
 
 
-def checkout() -> str:
+def checkout(root: Path | None = None) -> str:
     """sha256 of this checkout's code (the Python of ``release/``, ``training/``, ``tasks.py``) and
     ``pyproject.toml``: what every host of one training run must share."""
-    root = Path(__file__).resolve().parents[1]
+    root = root or Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     files = sorted([*root.glob("release/*.py"), *root.glob("training/*.py"), root / "tasks.py",
                     root / "pyproject.toml"])
