@@ -1,28 +1,30 @@
 """Stage ``data``: raw corpora -> cleaned, deduplicated training sets and a retention report.
 
 The curation is a chain of datatrove pipelines (``plan``), run by datatrove's local executor on
-every core by default, or handed unchanged to its Slurm or Ray executor (``executors``):
+every core by default, or handed unchanged to its Slurm or Ray executor (``executors``,
+training/cluster.py). An input is a file, or a range of whole lines of a large plain one
+(``ranges``):
 
-  clean     (one task per input file)  read -> normalize -> boilerplate -> length -> script
+  clean     (one task per input)       read -> normalize -> boilerplate -> length -> script
                                        -> repetition -> write the survivors (JSONL)
                                        -> exact-duplicate signature (64-bit xxhash of the text)
   exact     (1 task)                   datatrove's ExactFindDedups: every copy but the first
-  minhash   (one task per input file)  exact filter -> MinHash signature (character 5-grams)
+  minhash   (one task per input)       exact filter -> MinHash signature (character 5-grams)
   buckets   (one task per LSH band)    datatrove's MinhashDedupBuckets: candidate pairs
   verify    (1 task)                   candidate pairs kept when their estimated Jaccard
                                        similarity reaches the threshold
   cluster   (1 task)                   datatrove's MinhashDedupCluster: one document per cluster
-  keep      (one task per input file)  exact and near-duplicate filters -> the file's cpt.jsonl
+  keep      (one task per input)       exact and near-duplicate filters -> the input's cpt.jsonl
                                        lines, their token counts, its filter counts
   assemble  (1 task)                   the files' lines in order (English: within the replay
                                        budget) -> cpt.jsonl; the instruct set -> sft.jsonl; report.json
 
 Memory does not grow with the corpus: documents stream through each task, the dedup stages
 work from sorted files on disk, and the only in-memory indexes are per task (about 0.2 KB per
-document of its input file) or per duplicate (the clusters). Datatrove's intermediate files live
+document of its input) or per duplicate (the clusters). Datatrove's intermediate files live
 in ``build/<release>/.checkpoints/data-<fingerprint>/``: a run that is interrupted starts again
 from the tasks that had not finished (datatrove's completion marks), and every task's output
-depends only on its input file, so the result has the same bytes as an uninterrupted run's, on
+depends only on its input, so the result has the same bytes as an uninterrupted run's, on
 any number of workers. The folder is removed after success.
 
 Outputs (``build/<release>/data/``):
@@ -398,7 +400,7 @@ def cpt_line(text: str) -> bytes:
 
 
 class Keep:
-    """The ``keep`` job (one task per input file): the documents of file ``rank`` that both
+    """The ``keep`` job (one task per input): the documents of input ``rank`` that both
     duplicate filters keep, as cpt.jsonl lines (``kept/<rank>.jsonl``), their token counts
     (``kept/<rank>.tokens``, uint32 per line) and the file's filter counts (``kept/<rank>.json``).
     Each is written under a temporary name and renamed, so ``assemble`` never reads half a file;
