@@ -37,7 +37,7 @@ class Traits:
     image: str = "release"  # the container image it runs in: ``release`` (CPU) or ``train``
     gpu: bool = False  # asks for the GPUs in a container
     distributed: bool = False  # may run as many processes and hosts (torchrun)
-    clustered: bool = False  # may hand its work to a Ray or Slurm cluster (``run(..., executor=)``)
+    clustered: bool = False  # may hand its work to a Ray or Slurm cluster (``run_with(..., executor=)``)
     publishes: bool = False  # has a ``push`` that uploads what ``run`` planned
 
 

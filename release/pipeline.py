@@ -267,7 +267,7 @@ def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[st
         if s.TRAITS.distributed and launch.world > 1:
             manifest = distributed.run(spec, name, inputs, launch, force=name in forced, progress=progress)
         elif s.TRAITS.clustered and executor != cluster.LOCAL:
-            manifest = s.run(spec, inputs, force=name in forced, progress=progress, executor=executor)
+            manifest = s.run_with(spec, inputs, force=name in forced, progress=progress, executor=executor)
         else:
             manifest = s.run(spec, inputs, force=name in forced, progress=progress)
         results.append(StageResult(name, folder(spec, name), manifest))

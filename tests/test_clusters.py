@@ -69,6 +69,7 @@ def slurm(tmp_path_factory):
     assert not cluster._cluster_orphans(c["conf"])
 
 
+@pytest.mark.slow  # about a minute with its cluster: the default suite keeps within its 20 minutes
 def test_curation_on_slurm_gives_the_local_bytes(local_data, slurm, tmp_path, tiny_model):
     """`./inv data --executor slurm --partition debug`: every job of the plan is a Slurm job
     array, each after the one before; the stage waits for them and writes the local executor's
@@ -86,6 +87,7 @@ def test_curation_on_slurm_gives_the_local_bytes(local_data, slurm, tmp_path, ti
     assert m["figures"]["executor"] == "slurm"
 
 
+@pytest.mark.slow
 def test_slurm_failures_are_one_line_each(slurm, tmp_path, tiny_model):
     """A task that fails (bad input, refused) stops the stage naming the task and its log, and
     cancels the jobs after it; a controller that does not answer and a partition that does not

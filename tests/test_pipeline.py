@@ -304,6 +304,10 @@ def test_every_stage_has_the_same_face():
     # traits, not names, decide how a stage runs
     assert [s.STAGE for s in pipeline.STAGES if s.TRAITS.distributed] == ["cpt", "sft"]
     assert [s.STAGE for s in pipeline.STAGES if s.TRAITS.publishes] == ["publish"]
+    for s in pipeline.STAGES:  # a clustered stage also runs on a Ray or Slurm cluster, the pipeline's choice
+        if s.TRAITS.clustered:
+            assert {"spec", "inputs", "force", "progress", "executor"} <= set(inspect.signature(s.run_with).parameters)
+    assert [s.STAGE for s in pipeline.STAGES if s.TRAITS.clustered] == ["data"]
 
 
 def test_every_stage_has_a_task_of_its_name():

@@ -715,11 +715,10 @@ def work_folder(spec: Spec, found: dict[str, Path]) -> Path:
     return spec.build_dir / ".checkpoints" / f"{STAGE}-{key[:16]}"
 
 
-def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True,
-        executor: Executor = LOCAL) -> Manifest:
-    """Stage ``data`` with a worker per core, or on the cluster ``executor`` names;
-    ``inputs["tokenizer"]``: the base's tokenizer.json."""
-    return run_with(spec, inputs, force=force, progress=progress, executor=executor)
+def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress: bool = True) -> Manifest:
+    """Stage ``data`` with a worker per core; ``inputs["tokenizer"]``: the base's tokenizer.json.
+    On a Ray or Slurm cluster: ``run_with(..., executor=)`` (the pipeline's choice, by ``TRAITS``)."""
+    return run_with(spec, inputs, force=force, progress=progress)
 
 
 def run_with(spec: Spec, inputs: Mapping[str, Path], *, workers: int | None = None, force: bool = False,
