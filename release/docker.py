@@ -83,12 +83,14 @@ def run_command(task_argv: Sequence[str], tag: str, *, workdir: str | Path,
     ``mounts`` are host folders mounted read-write at the same path; ``env_names`` are passed by
     name (the value stays in docker's environment); ``env`` holds non-secret values such as
     paths and refuses secret names. ``host_network``: training across hosts (torchrun's
-    rendezvous and the collectives use the host's addresses)."""
+    rendezvous and the collectives use the host's addresses), with the host's process ids too:
+    torchrun tells the nodes apart by host name and pid, which two containers of one machine
+    would otherwise share (their torchruns can have the same pid in their own namespaces)."""
     cmd = [docker, "run"] + (["--name", name] if name else ["--rm"])
     if gpus:
         cmd += ["--gpus", "all", "--ipc", "host"]
     if host_network:
-        cmd += ["--network", "host"]
+        cmd += ["--network", "host", "--pid", "host"]
     cmd += ["--user", f"{user[0]}:{user[1]}"]
     for folder in mounts:
         cmd += ["-v", f"{folder}:{folder}"]

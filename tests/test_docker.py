@@ -154,10 +154,11 @@ def test_plan_mounts_user_gpu_and_secrets(hf_home, tmp_path, monkeypatch):
     assert "--gpus" not in cpu and docker.image_tag("release") in cpu
     assert [cpu[i + 1] for i, a in enumerate(cpu) if a == "-v"] == [f"{ROOT}:{ROOT}", f"{hf_home}:{hf_home}"]
     # `release --only STAGE` runs in that stage's image; training across hosts uses the host's network
+    # and process ids (torchrun names a node by host name and pid)
     two_hosts = docker.plan("release", {"spec": "specs/demo.toml", "only": "cpt", "processes": 8, "nodes": 2,
                                         "rdzv": "node0:29500"}, ROOT, image=train)
     assert docker.image_tag("train") in two_hosts and "--gpus" in two_hosts
-    assert two_hosts[two_hosts.index("--network") + 1] == "host"
+    assert two_hosts[two_hosts.index("--network") + 1] == "host" and two_hosts[two_hosts.index("--pid") + 1] == "host"
     assert two_hosts[-14:] == [docker.image_tag("train"), "release", "--spec", "specs/demo.toml", "--only", "cpt",
                                "--processes", "8", "--nodes", "2", "--rdzv", "node0:29500", "--runner", "local"]
     # each stage declares its image; the pipeline's docker runner passes it (pipeline._in_container)
@@ -408,9 +409,7 @@ def test_train_image_trains_as_the_local_runner_does(tiny_model):
     adapters are the same bytes as `--runner local` writes here (the CUDA build of torch runs the
     same CPU kernels as the CPU build: no GPU, so Unsloth's CPU path in both). Then 2 processes
     (torchrun, gloo) in the container keep the 1-process losses, as they do locally, and a
-    SIGKILLed torchrun in the container is resumed to the same bytes. Last, two launchers as two
-    hosts (`--nodes 2 --processes 1 --rdzv 127.0.0.1:PORT --runner docker`, each a container on the
-    host's network) train as the 2-process container does."""
+    SIGKILLed torchrun in the container is resumed to the same bytes."""
     import time
 
     from test_training import _losses, _spec_text
@@ -509,26 +508,52 @@ def test_train_image_trains_as_the_local_runner_does(tiny_model):
     for f in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
         ours, theirs = pipeline.folder(killed, "cpt") / f, pipeline.folder(runs["ddp"], "cpt") / f
         assert sha256_file(ours) == sha256_file(theirs), f
-    # two hosts as two launchers on this machine, each running the stage in its own container with the
-    # host's network (the docker runner's choice with --nodes > 1): they meet at the rendezvous and
-    # train as the 2-process run in one container does
-    from test_training import _free_port
+    print(f"\nbuild: release {figures['release']:.0f} s, train {figures['train']:.0f} s; data+cpt+sft: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    shutil.rmtree(work, ignore_errors=True)
 
-    hosts = spec_mod.load(demo_release(work / "hosts", tiny_model, _spec_text()))
-    assert subprocess.run(inv + ["data", "--spec", str(hosts.path.relative_to(ROOT))], cwd=ROOT, env=env,
-                          capture_output=True).returncode == 0
-    port = _free_port()
-    two = [subprocess.Popen(inv + ["train", "--stage", "cpt", "--spec", str(hosts.path.relative_to(ROOT)), "--nodes",
-                                   "2", "--processes", "1", "--rdzv", f"127.0.0.1:{port}", "--runner", "docker"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None,
+                    reason="installs podman with apt-get and runs rootful podman")
+def test_two_launchers_in_containers_train_as_two_hosts(tiny_model):
+    """Two hosts as two launchers on this machine, each running CPT in its own train-image
+    container (`--nodes 2 --processes 1 --rdzv 127.0.0.1:PORT --runner docker`: the host's network
+    and process ids): they meet at the rendezvous and train as one host of 2 processes does here,
+    and rank 0 writes one adapter and one manifest."""
+    import time
+
+    from test_training import _free_port, _losses, _spec_text
+
+    from conftest import demo_release
+    from release import spec as spec_mod
+
+    env = _podman_env()
+    inv = [str(Path(sys.executable).with_name("invoke"))]
+    build = subprocess.run(inv + ["docker.build", "--image", "train"], cwd=ROOT, env=env, capture_output=True,
+                           text=True)  # the layers of an earlier build are reused
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    work = ROOT / "build" / ".cache" / "docker-hosts-test"
+    shutil.rmtree(work, ignore_errors=True)
+    runs = {name: spec_mod.load(demo_release(work / name, tiny_model, _spec_text())) for name in ("hosts", "local")}
+    for s in runs.values():
+        assert subprocess.run(inv + ["data", "--spec", str(s.path.relative_to(ROOT))], cwd=ROOT, env=env,
+                              capture_output=True).returncode == 0
+    local = subprocess.run(inv + ["train", "--stage", "cpt", "--spec", str(runs["local"].path.relative_to(ROOT)),
+                                  "--processes", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert local.returncode == 0, local.stderr[-3000:]
+    port, t0 = _free_port(), time.monotonic()
+    argv = inv + ["train", "--stage", "cpt", "--spec", str(runs["hosts"].path.relative_to(ROOT)), "--nodes", "2",
+                  "--processes", "1", "--rdzv", f"127.0.0.1:{port}", "--join-timeout", "300", "--runner", "docker"]
+    two = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for _ in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in two]
     assert [p.returncode for p in two] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    assert all("--network host" in o and "--nnodes 2" in o for o in outs)
+    assert all("--network host --pid host" in o and "--nnodes 2" in o for o in outs)
+    hosts = runs["hosts"]
     assert read_manifest(pipeline.folder(hosts, "cpt")).figures["processes"] == 2
-    assert _losses(hosts, "cpt") == pytest.approx(_losses(runs["ddp"], "cpt"), rel=5e-4)
+    assert _losses(hosts, "cpt") == pytest.approx(_losses(runs["local"], "cpt"), rel=5e-4)
     assert sorted(p.name for p in pipeline.folder(hosts, "cpt").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "manifest.json", "train.log", "trainer_state.json"]
-    print(f"\nbuild: release {figures['release']:.0f} s, train {figures['train']:.0f} s; data+cpt+sft: "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    print(f"\ntwo launchers in containers: {time.monotonic() - t0:.0f} s")
     shutil.rmtree(work, ignore_errors=True)
