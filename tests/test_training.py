@@ -396,8 +396,12 @@ def _two_hosts_cmd(spec_path: Path, port: int, *extra: str) -> list[str]:
 
 
 def _launch(cmd: list[str], log: Path) -> subprocess.Popen:
+    """One "host": a launcher with one core's worth of threads, as torchrun gives each process of a
+    one-host run (OMP_NUM_THREADS=1). Two hosts on one 2-core machine each have a core; with two
+    threads each they oversubscribe it, and a resumed step's float sums then differed in their last
+    bits in one run of three."""
     return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=dict(os.environ, QALB_PROGRESS="0"))
+                            env=dict(os.environ, QALB_PROGRESS="0", OMP_NUM_THREADS="1"))
 
 
 @pytest.fixture(scope="module")
