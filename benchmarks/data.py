@@ -173,6 +173,15 @@ def documents(vocab: Vocabulary, rng: np.random.Generator, *, urdu: bool):
         yield _dirty(doc, rng)
 
 
+def _corpus(out: Path, name: str, urdu: bool, rng: np.random.Generator):
+    """``out/name`` (made) and an endless stream of that corpus's documents."""
+    samples = ROOT / "specs" / "demo"
+    vocab = Vocabulary(samples / f"{name}.jsonl", 60_000 if urdu else 20_000, rng, _URDU_LETTERS if urdu else None)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, documents(vocab, rng, urdu=urdu)
+
+
 def generate(out: Path, gb: float, seed: int = 0) -> dict:
     """Write ``gb`` GB of Urdu-like text (93%) and English replay (7%) as compressed shards."""
     import zstandard
@@ -182,11 +191,7 @@ def generate(out: Path, gb: float, seed: int = 0) -> dict:
     target = {"urdu": gb * 1e9 * URDU_SHARE, "english": gb * 1e9 * (1 - URDU_SHARE)}
     stats = {}
     for name, urdu in (("urdu", True), ("english", False)):
-        vocab = Vocabulary(samples / f"{name}.jsonl", 60_000 if urdu else 20_000, rng,
-                           _URDU_LETTERS if urdu else None)
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        stream = documents(vocab, rng, urdu=urdu)
+        folder, stream = _corpus(out, name, urdu, rng)
         written = docs = shard = 0
         while written < target[name]:
             suffix = ".jsonl.gz" if urdu else ".jsonl.zst"
@@ -214,11 +219,7 @@ def generate_single(out: Path, mb: float, seed: int = 0) -> dict:
     samples = ROOT / "specs" / "demo"
     stats = {}
     for name, urdu in (("urdu", True), ("english", False)):
-        vocab = Vocabulary(samples / f"{name}.jsonl", 60_000 if urdu else 20_000, rng,
-                           _URDU_LETTERS if urdu else None)
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        stream = documents(vocab, rng, urdu=urdu)
+        folder, stream = _corpus(out, name, urdu, rng)
         target = mb * 1e6 * (URDU_SHARE if urdu else 1 - URDU_SHARE)
         lines, size = [], 0
         while size < target:

@@ -30,6 +30,7 @@ from release.errors import CurationError
 KINDS = ("local", "ray", "slurm")
 SLURM_TIME = "24:00:00"  # each job's time limit: a 10 GB corpus's slowest job takes well under an hour
 POLL = 1.0  # seconds between looks at Slurm's queue
+RAY_TASK_GB = 0.5  # Ray's memory resource a task asks for: a curation task peaks at ~0.2 GB (benchmarks/data.py)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def ray_jobs(jobs: list, work, ex: Executor, run_job) -> None:
             with run_job(job):
                 if incomplete(logs, job.tasks):
                     RayPipelineExecutor(pipeline=job.pipeline, tasks=job.tasks, logging_dir=str(logs),
-                                        cpus_per_task=1, mem_per_cpu_gb=0.5, workers=-1).run()
+                                        cpus_per_task=1, mem_per_cpu_gb=RAY_TASK_GB, workers=-1).run()
             check_done(job, logs, ex)
     finally:
         ray.shutdown()

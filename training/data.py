@@ -94,7 +94,7 @@ SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".jsonl.zst"), "parquet": (".parque
 MAX_FILES = 65534  # exact dedup ranks copies by input (a 16-bit priority): the first file (range) wins
 # A large uncompressed file is read as ranges of about this size, one task each, so one big
 # corpus file keeps every worker busy (local, Ray or Slurm); small enough for 8 or more tasks
-# per 150 MB file, large enough that a task's start (ms) is nothing next to its work (~8 s).
+# per 150 MB file, large enough that a task's start (ms) is nothing next to its work (~5 s).
 RANGE_BYTES = 16 * 2**20
 # Below this much raw input a pool of worker processes costs more to start than it saves
 # (benchmarks/data.py --small, one file on 2 cores, one process vs two: 24 MB 8.0 s vs 8.9 s,
