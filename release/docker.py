@@ -32,9 +32,11 @@ from release.errors import DockerError
 IMAGES = ("release", "train")
 RUNNERS = ("docker", "local")
 # Variables passed into containers by name only. The first are secrets; the rest are settings
-# that the stages read and that should mean the same inside.
+# that the stages read and that should mean the same inside (OMP_NUM_THREADS: a host's share of
+# the cores for a multi-host launch, which torchrun leaves as it finds it).
 SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "QALB_SIGNING_KEY_PASSWORD", "SIGSTORE_ID_TOKEN")
-PASSED = SECRETS + ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER", "CUDA_VISIBLE_DEVICES")
+PASSED = SECRETS + ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER", "CUDA_VISIBLE_DEVICES",
+                    "OMP_NUM_THREADS")
 # (image, uses a GPU): what a task runs in. The stages declare theirs (``TRAITS.image``,
 # ``TRAITS.gpu``) and the callers pass them; everything else runs in the release image.
 Image = tuple[str, bool]

@@ -543,6 +543,7 @@ def test_two_launchers_in_containers_train_as_two_hosts(tiny_model):
                                   "--processes", "2"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert local.returncode == 0, local.stderr[-3000:]
     port, t0 = _free_port(), time.monotonic()
+    env["OMP_NUM_THREADS"] = "1"  # one core per "host", as tests/test_training.py's two-host runs (passed by name)
     argv = inv + ["train", "--stage", "cpt", "--spec", str(runs["hosts"].path.relative_to(ROOT)), "--nodes", "2",
                   "--processes", "1", "--rdzv", f"127.0.0.1:{port}", "--join-timeout", "300", "--runner", "docker"]
     two = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -555,5 +556,54 @@ def test_two_launchers_in_containers_train_as_two_hosts(tiny_model):
     assert _losses(hosts, "cpt") == pytest.approx(_losses(runs["local"], "cpt"), rel=5e-4)
     assert sorted(p.name for p in pipeline.folder(hosts, "cpt").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "manifest.json", "train.log", "trainer_state.json"]
-    print(f"\ntwo launchers in containers: {time.monotonic() - t0:.0f} s")
+    uninterrupted = time.monotonic() - t0
+
+    # one "host" dies: its container's torchrun SIGKILLed from the host (which sees the containers'
+    # processes) after the second checkpoint. Both launchers end, their containers are removed and
+    # no worker is left; both commands again resume and write the uninterrupted run's bytes.
+    import psutil
+
+    from training import stages
+
+    killed = spec_mod.load(demo_release(work / "killed", tiny_model, _spec_text()))
+    assert subprocess.run(inv + ["data", "--spec", str(killed.path.relative_to(ROOT))], cwd=ROOT, env=env,
+                          capture_output=True).returncode == 0
+    argv = [str(killed.path.relative_to(ROOT)) if a == str(hosts.path.relative_to(ROOT)) else a for a in argv]
+
+    def processes(module: str) -> list:
+        return [q for q in psutil.process_iter(["cmdline"]) if module in (q.info["cmdline"] or [])
+                and str(killed.path.relative_to(ROOT)) in " ".join(q.info["cmdline"])]
+
+    def launch(port: int) -> list[subprocess.Popen]:
+        cmd = [a if not a.startswith("127.0.0.1:") else f"127.0.0.1:{port}" for a in argv]
+        return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for _ in range(2)]
+
+    two, deadline, victim = launch(_free_port()), time.time() + 900, None
+    while time.time() < deadline and victim is None and all(p.poll() is None for p in two):
+        if [c for c in (killed.build_dir / ".checkpoints").glob("cpt-*/trainer/checkpoint-2")
+                if stages._last_checkpoint(c.parent) == c] and processes("torch.distributed.run"):
+            victim = processes("torch.distributed.run")[0]
+            victim.kill()
+        time.sleep(0.05)
+    outs = [p.communicate(timeout=300)[0] for p in two]
+    assert victim is not None, "the run ended before its second checkpoint"
+    assert all(p.returncode != 0 for p in two), outs
+    # the survivor's line: its peer's worker went away, or (when the killed host served the
+    # rendezvous store, as rank 0's host does) the store did
+    assert any(re.search(r"error: cpt: (a training process on another host|the host serving the rendezvous at "
+                         r"127\.0\.0\.1:\d+) stopped", o) for o in outs), outs[0][-2000:] + outs[1][-2000:]
+    assert not processes("training.worker") and not processes("torch.distributed.run")
+    left = subprocess.run(["docker", "ps", "-a", "--format", "{{.Names}}"], env=env, capture_output=True, text=True)
+    assert not [n for n in left.stdout.split() if n.startswith("qalb-train-")], left.stdout
+    assert not (pipeline.folder(killed, "cpt") / "manifest.json").exists()
+    again = launch(_free_port())
+    outs = [p.communicate(timeout=900)[0] for p in again]
+    assert [p.returncode for p in again] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    m = read_manifest(pipeline.folder(killed, "cpt"))
+    assert m.figures["resumed_from"] == "checkpoint-2" and m.figures["processes"] == 2
+    for f in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json"):
+        ours, theirs = pipeline.folder(killed, "cpt") / f, pipeline.folder(hosts, "cpt") / f
+        assert sha256_file(ours) == sha256_file(theirs), f
+    print(f"\ntwo launchers in containers: {uninterrupted:.0f} s; killed, resumed: {time.monotonic() - t0:.0f} s")
     shutil.rmtree(work, ignore_errors=True)

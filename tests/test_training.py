@@ -583,3 +583,26 @@ def test_launch_options_and_the_derived_batch():
                              "--stage", "cpt", "--inputs", '{"base": "b", "data": "d"}', "--force"]
     bad = subprocess.run([INVOKE, "train", "--stage", "cpt", "--nodes", "2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --nodes 2: give the rendezvous"), bad.stderr
+
+
+def test_torchruns_endings_are_told_apart_in_one_line():
+    """What the launcher says when torchrun ends, read from its output (the texts as torchrun 2.13
+    writes them): a worker's own error, a rendezvous never completed, a peer that went away, the
+    store's host that went away while training (seen in containers when rank 0's host was
+    killed), a store never reached."""
+    from training import distributed
+
+    how = distributed.Launch(processes=1, nodes=2, rdzv="127.0.0.1:29500", join_timeout=3)
+    conn = ("torch.distributed.elastic.rendezvous.api.RendezvousConnectionError: The connection to the C10d "
+            "store has failed. See inner exception for details.\n")
+    cases = {
+        "cpt: bad input": ["[train] step 1: loss 13.0\n", "error: [rank 1] bad input\n"],
+        "cpt: the 2 hosts did not all join": ["torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError\n"],
+        "cpt: a training process on another host stopped": ["RuntimeError: Connection closed by peer\n"],
+        "cpt: the host serving the rendezvous at 127.0.0.1:29500 stopped": [
+            "[train] step 2: loss 13.1\n", "    num_nodes_waiting = rdzv_handler.num_nodes_waiting()\n", conn],
+        "cpt: cannot reach the rendezvous at 127.0.0.1:29500": ["    self._state_holder.sync()\n", conn],
+        "cpt: torchrun ended with exit status -9": ["[train] step 1: loss 13.0\n"],
+    }
+    for start, lines in cases.items():
+        assert distributed.failure("cpt", -9, lines, how).startswith(start), (start, lines)

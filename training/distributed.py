@@ -189,6 +189,10 @@ def failure(stage: str, rc: int, lines: list[str], how: Launch) -> str:
     if "Connection closed by peer" in text or "Connection reset by peer" in text:
         return (f"{stage}: a training process on another host stopped (its launcher's output says why); run the "
                 "same command again on every host to resume from the last checkpoint")
+    if "RendezvousConnectionError" in text and ("num_nodes_waiting" in text or "[train] step " in text):
+        # the store was lost while the workers ran: the host that served it went away
+        return (f"{stage}: the host serving the rendezvous at {how.rdzv} stopped (its launcher's output says why); "
+                "run the same command again on every host to resume from the last checkpoint")
     if "RendezvousConnectionError" in text:
         return (f"{stage}: cannot reach the rendezvous at {how.rdzv}; start the first host's command there, "
                 "and open the port to every host")
