@@ -13,6 +13,9 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
+from release.quiet import bars_only_on_a_terminal
+
+bars_only_on_a_terminal()  # before the libraries are imported: they read their switches then
 ROOT = Path(__file__).parent
 DEMO = "specs/demo.toml"
 WAIT_HELP = "if another run is writing the build folder, wait for it instead of refusing"
@@ -468,7 +471,7 @@ def publish(c, spec=DEMO, push=False, wait=False, signing_key=None, unsigned=Fal
 })
 def release(c, spec=DEMO, force=False, only=None, from_=None, push=False, runner="local", processes=1, nodes=1,
             rdzv=None, wait=False, check=False, signing_key=None, unsigned=False, join_timeout=600):
-    """Run the release pipeline: base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, publish."""
+    """Run the release pipeline: base, data, cpt, sft, merge, bnb4, gguf, modelfiles, verify, cards, publish."""
     import time
 
     from release import pipeline

@@ -6,7 +6,7 @@ Builds (once) an 8B-shaped BF16 base with N layers and two adapters shaped like 
 r=128, alpha=32, the seven projections, embed_tokens and lm_head in full, as Unsloth saves them;
 SFT: r=128, alpha=32, the seven projections), then runs the release of ``specs/qalb.toml`` with
 only the base and the adapters swapped in: merge (BF16 + FP16), bnb4, gguf (F16 and the spec's
-quant types), verify, modelfiles, cards, and the Hub step with ``--push`` to a local Hub
+quant types), modelfiles, verify, cards, and the Hub step with ``--push`` to a local Hub
 (release/localhub.py, which checks every pushed byte's sha256 but, unless ``--hub-copy``, keeps
 no second copy on the disk). Each stage runs as ``invoke release --only STAGE`` in its own process, so
 its memory is its own. Per stage it prints: wall seconds; peak anonymous memory (RssAnon, sampled
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # not this folder on the path: its gguf.py would shadow the gguf package that spec checks import
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 
-STAGES = ("merge", "bnb4", "gguf", "verify", "modelfiles", "cards", "publish")
+STAGES = ("merge", "bnb4", "gguf", "modelfiles", "verify", "cards", "publish")
 IO_ONLY = ("merge", "publish")  # the GGUF F16 conversion is timed from the gguf manifest
 TOKEN = "hf_bench_local"
 

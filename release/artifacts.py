@@ -386,6 +386,17 @@ def input_digest(path: Path) -> str:
     raise StageError(f"{path}: input not found; build the stage that makes it first")
 
 
+def current(stage_dir: Path, *, inputs: dict[str, Path] | None = None, spec_sections: dict[str, str] | None = None,
+            tools: tuple[str, ...] = ()) -> Manifest | None:
+    """The manifest of ``stage_dir`` when ``run_stage`` with these arguments would keep it (same
+    fingerprint, outputs intact), else None: a caller can skip starting a process for nothing."""
+    digests = {k: input_digest(v) for k, v in (inputs or {}).items()}
+    # the toolchain's own version too: bump it when a stage's output changes, and releases rebuild
+    fp = fingerprint(digests, dict(spec_sections or {}), tool_versions(toolchain(), *tools))
+    old = read_manifest(stage_dir)
+    return old if old is not None and old.fingerprint == fp and not check_outputs(stage_dir, old) else None
+
+
 def run_stage(
     name: str,
     stage_dir: Path,
@@ -406,12 +417,11 @@ def run_stage(
     stage_dir = Path(stage_dir)
     digests = {k: input_digest(v) for k, v in (inputs or {}).items()}
     sections = dict(spec_sections or {})
-    # the toolchain's own version too: bump it when a stage's output changes, and releases rebuild
     versions = tool_versions(toolchain(), *tools)
     fp = fingerprint(digests, sections, versions)
 
-    old = None if force else read_manifest(stage_dir)
-    if old is not None and old.fingerprint == fp and not check_outputs(stage_dir, old):
+    old = None if force else current(stage_dir, inputs=inputs, spec_sections=spec_sections, tools=tools)
+    if old is not None:
         return old
 
     partial = stage_dir.with_name(f".{stage_dir.name}.partial")

@@ -386,7 +386,7 @@ def _verified_variants(spec: Spec, vm: Manifest, gguf_manifest: Manifest | None,
         if f.get("kld_mean") is None:
             kl, top1 = ("reference", "reference") if v is spec.flagship else ("", "")
         else:
-            kl, top1 = f"{f['kld_mean']:.4f}", f"{100 * f['top1']:.1f}%"
+            kl, top1 = f"{f['kld_mean']:z.4f}", f"{100 * f['top1']:.1f}%"
         quant = q or {"bfloat16": "BF16", "float16": "FP16"}.get(v.dtype, f"bitsandbytes {v.dtype.upper()}")
         out.append(f"| {v.repo} | `{_repo_path(spec, rel, folders.get(a['variant']))}` | {quant} | {_size(a['size'])} "
                    f"| {bpw} | `{a['sha256'][:16]}…` | {kl} | {top1} |")

@@ -41,18 +41,24 @@ def points(spec: Spec, vm: Manifest) -> list[Point]:
     return sorted(out, key=lambda p: (p.size, p.quant))
 
 
-def render(title: str, pts: list[Point]) -> bytes:
-    """The chart as PNG bytes (matplotlib's Agg renderer, no display needed)."""
+# Where a label may sit relative to its point (offset in points, horizontal alignment), in the
+# order tried: up-right first, then below, left, and further out. Quant types of close sizes and
+# fidelities (IQ4_XS beside Q4_K_M) would otherwise print over each other.
+PLACES = ((6, 6, "left"), (6, -16, "left"), (-6, 6, "right"), (-6, -16, "right"), (6, 20, "left"),
+          (6, -30, "left"), (-6, 20, "right"), (-6, -30, "right"), (6, 34, "left"), (6, -44, "left"))
+
+
+def figure(title: str, pts: list[Point]):
+    """The chart as a matplotlib Figure (Agg canvas), each label placed where it overlaps no
+    other label and no point."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(WIDTH, HEIGHT), dpi=DPI)
-    FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs, ys = [p.size / 1e9 for p in pts], [p.kld for p in pts]
     ax.plot(xs, ys, "o", color="#1f77b4", markersize=8)
-    for p, x, y in zip(pts, xs, ys, strict=True):
-        ax.annotate(p.quant, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=10)
     if all(y > 0 for y in ys):
         ax.set_yscale("log")  # the quant types span orders of magnitude
     ax.set_xlabel("file size (GB)")
@@ -60,10 +66,34 @@ def render(title: str, pts: list[Point]) -> bytes:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.margins(x=0.12, y=0.15)
-    fig.tight_layout()
+    fig.tight_layout()  # before the labels: their places are measured on the final layout
+    renderer = canvas.get_renderer()
+    half = 4 * DPI / 72  # a marker's half width in pixels (markersize 8 points)
+    taken = [_box(ax, x, y, half) for x, y in zip(xs, ys, strict=True)]
+    for p, x, y in zip(pts, xs, ys, strict=True):
+        for dx, dy, align in PLACES:
+            label = ax.annotate(p.quant, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=10,
+                                ha=align)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in taken) or (dx, dy, align) == PLACES[-1]:
+                taken.append(box)
+                break
+            label.remove()
+    return fig
+
+
+def _box(ax, x: float, y: float, half: float):
+    from matplotlib.transforms import Bbox
+
+    cx, cy = ax.transData.transform((x, y))
+    return Bbox([[cx - half, cy - half], [cx + half, cy + half]])
+
+
+def render(title: str, pts: list[Point]) -> bytes:
+    """The chart as PNG bytes (matplotlib's Agg renderer, no display needed)."""
     buf = io.BytesIO()
     # no Software tag (it names the library version) and no date: the bytes follow the figures
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    figure(title, pts).savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     return buf.getvalue()
 
 

@@ -1,7 +1,7 @@
 """The release pipeline: stage order, which stage feeds which, skip/resume, the summary tables.
 
-    base -> data -> cpt -> sft -> merge (BF16 + FP16) -> bnb4 -> gguf (+ quants) -> verify
-         -> modelfiles -> cards -> publish (plan; push with --push)
+    base -> data -> cpt -> sft -> merge (BF16 + FP16) -> bnb4 -> gguf (+ quants) -> modelfiles
+         -> verify -> cards -> publish (plan; push with --push)
 
 Every stage module has the same face: ``STAGE`` (its name: also its module's, its folder's and its
 task's), ``TRAITS`` (how it runs: container image, GPU, many processes, publishing) and
@@ -75,7 +75,7 @@ class Stage(Protocol):
 
 
 # The stages, in data-flow order.
-STAGES: tuple[Stage, ...] = (base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, cards, publish)
+STAGES: tuple[Stage, ...] = (base, data, cpt, sft, merge, bnb4, gguf, modelfiles, verify, cards, publish)
 NAMES = [s.STAGE for s in STAGES]
 
 
@@ -120,7 +120,9 @@ def upstream(spec: Spec, name: str) -> dict[str, Path]:
                               "adapter1": folder(spec, sft.STAGE)},
         bnb4.STAGE: lambda: {"model": flagship},
         gguf.STAGE: lambda: {"model": flagship},
-        verify.STAGE: lambda: models(spec),
+        # the variants, and the Modelfiles that ship beside the GGUF files (verify checks them too)
+        verify.STAGE: lambda: {**models(spec), **({verify.MODELFILES: folder(spec, modelfiles.STAGE)}
+                                                  if modelfiles.STAGE in applicable(spec) else {})},
         cards.STAGE: lambda: {"verify": folder(spec, verify.STAGE), "gguf": folder(spec, gguf.STAGE),
                               "model": flagship, **{cards.VARIANT + k: p for k, p in models(spec).items()}},
         # and, for the adapter repos and the provenance, the stages the release was built from
@@ -264,7 +266,7 @@ def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[st
             results.append(StageResult(name, folder(spec, name), manifest))
             continue  # the container ran the gate and the push
         inputs = upstream(spec, name)
-        if s.TRAITS.distributed and launch.world > 1:
+        if s.TRAITS.distributed:  # in child processes, one or many (training/distributed.py says why)
             manifest = distributed.run(spec, name, inputs, launch, force=name in forced, progress=progress)
         elif s.TRAITS.clustered and executor != cluster.LOCAL:
             manifest = s.run_with(spec, inputs, force=name in forced, progress=progress, executor=executor)
@@ -340,10 +342,10 @@ def artifact_table(spec: Spec, figures: dict) -> Table:
     for rel, a in figures.get("artifacts", {}).items():
         r = rows[a["variant"] if a["quant"] is None else f"gguf:{a['quant']}"]
         t.add_row(rel, human_bytes(a["size"]), a["sha256"][:16],
-                  "-" if r.get("kld_mean") is None else f"{r['kld_mean']:.5f}",
+                  "-" if r.get("kld_mean") is None else f"{r['kld_mean']:z.5f}",
                   "-" if r.get("top1") is None else f"{r['top1']:.1%}",
                   verify.gate_cell(f"{r.get('urdu_purity', 0):.0%}", "urdu_purity", figures),
-                  verify.gate_cell("yes" if r.get("stopped") else "no", "stop_token", figures),
+                  verify.gate_cell(verify.stopped_cell(r), "stop_token", figures),
                   "pass" if r["passed"] else "FAIL", spec.variants[a["variant"]].repo)
     return t
 

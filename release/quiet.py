@@ -135,3 +135,23 @@ def silence_open_bars() -> bool:
     for bar in bars:
         bar.disable = True
     return bool(bars)
+
+
+# The libraries' own progress bars (tqdm: datasets' "Map", transformers' "Loading weights", the
+# trainer's steps, downloads) and the switches each reads at import.
+BAR_SWITCHES = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def bars_only_on_a_terminal(stream=None) -> bool:
+    """Turn the libraries' progress bars off when ``stream`` (stderr) is not a terminal: piped
+    into a file or CI log, each redraw is another line of ``0%|...``. Set in the environment, so
+    imports not yet made, and the processes started from here (torchrun's workers, containers),
+    see it too. A value the caller set is kept. True when the bars were turned off."""
+    import os
+
+    stream = stream if stream is not None else sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        return False
+    for name, value in BAR_SWITCHES.items():
+        os.environ.setdefault(name, value)
+    return True

@@ -242,6 +242,8 @@ class Evaluation:
     fidelity_text: str
     fidelity_chunks: int
     fidelity_chunk_tokens: int
+    # how many of the answers must end at a stop token for the stop gate (None: every one)
+    min_stopped: int | None = None
     # scores reported by the model's authors (the source is [provenance]); the cards' model-index
     overall_score: float | None = None
     urdu_purity: float | None = None
@@ -651,6 +653,8 @@ def _check_evaluation(s: Spec) -> list[str]:
           f"expected a positive integer, got {ev.max_new_tokens}")
     for key in ("generation_prompts", "fidelity_chunks"):
         _need(p, getattr(ev, key) > 0, f"evaluation.{key}", f"expected a positive integer, got {getattr(ev, key)}")
+    _need(p, ev.min_stopped is None or 0 < ev.min_stopped <= ev.generation_prompts, "evaluation.min_stopped",
+          f"expected a count of answers from 1 to generation_prompts ({ev.generation_prompts}), got {ev.min_stopped}")
     _need(p, ev.fidelity_chunk_tokens >= 2, "evaluation.fidelity_chunk_tokens",
           f"expected at least 2 (BOS and one token of text), got {ev.fidelity_chunk_tokens}")
     _need(p, s.resolve(ev.fidelity_text).is_file(), "evaluation.fidelity_text",

@@ -221,6 +221,8 @@ URDU_PROMPTS = [
     "اردو زبان کی تاریخ مختصراً بیان کریں۔",
     "علامہ اقبال کی ایک مشہور نظم کا نام بتائیں اور اس کا مرکزی خیال لکھیں۔",
     "صحت مند رہنے کے لیے تین مشورے دیں۔",
+    "پانی کیوں ضروری ہے؟",
+    "کرکٹ کے بارے میں ایک جملہ لکھیں۔",
 ]
 
 
@@ -246,6 +248,7 @@ def prompts(spec: Spec) -> list[str]:
 
 STAGE = "verify"
 TRAITS = Traits()
+MODELFILES = "modelfiles"  # the input holding the Modelfiles (the other inputs are variant folders)
 
 
 @dataclass(frozen=True)
@@ -296,7 +299,9 @@ def _generate_hf(model, tok, spec: Spec, prompt: str) -> Generation:
 
     from release import chat
 
-    eos = chat.eos_token_ids(spec.chat)
+    # the variant's own eos list (its generation_config.json), where transformers users' answers end
+    eos = model.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else chat.eos_token_ids(spec.chat)
     ids = torch.tensor([_chat_ids(tok, spec, prompt)], device=model.device)
     # plain greedy, as llama.cpp decodes in generate_gguf: no repetition penalty from the model's
     # generation_config.json (that holds the users' sampling settings), so runtimes are compared alike
@@ -356,7 +361,20 @@ def _gguf_prompt(tok, spec: Spec, prompt: str) -> str:
     return text.removeprefix(spec.chat.bos_token)
 
 
-def check(spec: Spec, t: Target, ref: Reference, tok, device: str) -> dict:
+def problems(spec: Spec, t: Target, tok, modelfiles: Path | None) -> list[str]:
+    """What the runtimes read besides the weights, against the spec (release/conformance.py)."""
+    from release import conformance
+    from release import modelfiles as mf
+
+    if t.runtime == "transformers":
+        from transformers import AutoTokenizer
+
+        return conformance.hf_problems(spec, t.path, AutoTokenizer.from_pretrained(t.path))
+    modelfile = modelfiles / mf.modelfile_name(spec, t.quant) if modelfiles is not None else None
+    return conformance.gguf_problems(spec, t.path, t.quant, tok, modelfile)
+
+
+def check(spec: Spec, t: Target, ref: Reference, tok, device: str, modelfiles: Path | None = None) -> dict:
     """Gates 1-3 for one target: loads and generates (stopping at a stop token), fidelity vs
     BF16 within the spec's gate, Urdu purity of greedy answers to Urdu prompts; with the
     tokens per second of its fidelity forward and of its generation."""
@@ -381,8 +399,9 @@ def check(spec: Spec, t: Target, ref: Reference, tok, device: str) -> dict:
         return row
     row["loads"] = True
     row["error"] = None
+    row["problems"] = problems(spec, t, tok, modelfiles)
     row["stops"] = [g.reason for g in gens]
-    row["stopped"] = all(g.reason != "length" for g in gens)
+    row["stopped_count"] = sum(g.reason != "length" for g in gens)
     row["urdu_purity"] = urdu_purity([g.text for g in gens])
     row["sample"] = gens[0].text[:160]
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -399,9 +418,12 @@ def judge(spec: Spec, t: Target, row: dict) -> dict:
     fidelity_ok = t.reference or (t.gate is not None and row["kld_mean"] <= t.gate.max_kld
                                   and row["top1"] >= t.gate.min_top1)
     row["fidelity_passed"] = fidelity_ok
+    if "stopped_count" in row:  # (figures measured before the count have "stopped" alone)
+        row["min_stopped"] = ev.min_stopped or len(row["stops"])
+        row["stopped"] = row["stopped_count"] >= row["min_stopped"]
     row["min_urdu_purity"] = ev.min_urdu_purity
     row["purity_passed"] = row["urdu_purity"] >= ev.min_urdu_purity
-    row["passed"] = (fidelity_ok and (row["stopped"] or not ev.enforce_stop_token)
+    row["passed"] = (fidelity_ok and not row.get("problems") and (row["stopped"] or not ev.enforce_stop_token)
                      and (row["purity_passed"] or not ev.enforce_urdu_purity))
     return row
 
@@ -428,7 +450,7 @@ def verify(spec: Spec, models: dict[str, Path], progress: bool = True, workdir: 
     rows, artifacts = {}, {}
     with reference(flagship.path, chunks, device, workdir) as ref:
         for t in track(all_targets, progress, "verify"):
-            rows[t.key] = check(spec, t, ref, tok, device)
+            rows[t.key] = check(spec, t, ref, tok, device, models.get(MODELFILES))
             for p in weight_files(t):
                 rel = p.relative_to(spec.build_dir).as_posix() if p.is_relative_to(spec.build_dir) else p.as_posix()
                 # the stage's manifest's digest while the file is as it wrote it (as skipping a stage trusts it)
@@ -490,7 +512,7 @@ def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress
                      tools=tools, force=force)
 
 
-THRESHOLDS = ("min_urdu_purity", "enforce_urdu_purity", "enforce_stop_token")  # [evaluation] keys that judge
+THRESHOLDS = ("min_urdu_purity", "enforce_urdu_purity", "enforce_stop_token", "min_stopped")  # [evaluation] keys that judge
 
 
 def rejudged(spec: Spec, models: dict[str, Path], folder: Path, key: str) -> dict | None:
@@ -530,9 +552,11 @@ def failures(figures: dict) -> list[str]:
             why.append(f"KLD {r['kld_mean']} (max {r['max_kld']}), top-1 {r['top1']} (min {r['min_top1']})"
                        if r["max_kld"] is not None else "no fidelity gate in the spec")
         if not r["stopped"] and enforced.get("stop_token"):
-            why.append(f"did not stop at a stop token ({', '.join(r['stops'])})")
+            why.append(f"stopped at a stop token in {r.get('stopped_count', 0)} of {len(r['stops'])} answers "
+                       f"(min {r.get('min_stopped', len(r['stops']))}: {', '.join(r['stops'])})")
         if not r["purity_passed"] and enforced.get("urdu_purity"):
             why.append(f"Urdu purity {r['urdu_purity']:.3f} < {r['min_urdu_purity']}")
+        why += r.get("problems", [])
         out.append(f"{key}: " + "; ".join(why))
     return out
 
@@ -564,11 +588,19 @@ def info_note(figures: dict) -> str | None:
             + "); pass/FAIL counts only the enforced gates")
 
 
+def stopped_cell(r: dict) -> str:
+    """``5/6``: answers that ended at a stop token, of those asked (``yes``/``no`` for figures
+    measured before the count was kept)."""
+    if "stopped_count" in r and r.get("stops") is not None:
+        return f"{r['stopped_count']}/{len(r['stops'])}"
+    return "yes" if r.get("stopped") else "no"
+
+
 def summary_rows(figures: dict) -> list[tuple[str, ...]]:
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    return [(key, r["runtime"], num(r.get("kld_mean"), ".5f"), num(r.get("top1"), ".1%"),
-             num(r.get("max_kld"), ".4f"), gate_cell(f"{r.get('urdu_purity', 0):.1%}", "urdu_purity", figures),
-             gate_cell("yes" if r.get("stopped") else "no", "stop_token", figures), "pass" if r["passed"] else "FAIL")
+    return [(key, r["runtime"], num(r.get("kld_mean"), "z.5f"), num(r.get("top1"), ".1%"),
+             num(r.get("max_kld"), "z.4f"), gate_cell(f"{r.get('urdu_purity', 0):.1%}", "urdu_purity", figures),
+             gate_cell(stopped_cell(r), "stop_token", figures), "pass" if r["passed"] else "FAIL")
             for key, r in figures.get("variants", {}).items()]

@@ -330,3 +330,28 @@ def test_gguf_card_says_which_files_used_the_importance_matrix_and_on_what_text(
     plain = Manifest("gguf", "Qalb-1.0-8B-Instruct", "f" * 64, {}, {}, {}, [], {"files": files})
     assert "## Importance matrix" not in str(cards.render(qalb_spec, "gguf", plain))
     assert "## Importance matrix" not in str(cards.render(qalb_spec, "bf16", m))
+
+
+def test_the_charts_labels_overlap_neither_each_other_nor_a_point():
+    """Quant types of close size and fidelity (the demo's IQ4_XS and Q4_K_M, Q5_K_M and Q6_K) get
+    labels that do not print over each other or over a point: each label's box, measured by the
+    renderer, is disjoint from every other label's and every marker's."""
+    from matplotlib.transforms import Bbox
+
+    pts = [chart.Point("Q3_K_M", 1_000_000_000, 0.080), chart.Point("IQ4_XS", 1_010_000_000, 0.085),
+           chart.Point("Q4_K_M", 1_020_000_000, 0.090), chart.Point("Q5_K_M", 1_030_000_000, 0.088),
+           chart.Point("Q6_K", 1_500_000_000, 0.02), chart.Point("Q8_0", 2_000_000_000, 0.004)]
+    fig = chart.figure("close points", pts)
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t.get_window_extent(renderer) for t in ax.texts]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(p.quant for p in pts)
+    half = 4 * chart.DPI / 72
+    marks = [Bbox([[cx - half, cy - half], [cx + half, cy + half]])
+             for cx, cy in ax.transData.transform([(p.size / 1e9, p.kld) for p in pts])]
+    for i, a in enumerate(labels):
+        assert not any(a.overlaps(b) for b in labels[i + 1:] + marks), ax.texts[i].get_text()
+    # the first place tried, for every label, would have overlapped here
+    first = [ax.annotate(p.quant, (p.size / 1e9, p.kld), textcoords="offset points", xytext=chart.PLACES[0][:2],
+                         fontsize=10).get_window_extent(renderer) for p in pts]
+    assert any(a.overlaps(b) for i, a in enumerate(first) for b in first[i + 1:])

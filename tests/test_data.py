@@ -242,7 +242,7 @@ def test_demo_stage_outputs_and_report_arithmetic(demo_data):
     assert all(unicodedata.is_normalized("NFC", x["text"]) and "\u200b" not in x["text"] and "\u064a" not in x["text"]
                for x in lines)
     sft = [json.loads(x) for x in (out / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(sft) == report["instruct"]["docs_out"] == 20  # 22 rows, one duplicate, one empty answer
+    assert len(sft) == report["instruct"]["docs_out"] == 25  # 27 rows, one duplicate, one empty answer
     for row in sft:
         roles = [m["role"] for m in row["messages"]]
         assert roles == ["system", "user", "assistant"]

@@ -46,9 +46,13 @@ def _test_spec_text(build: Path) -> str:
     for name, (kld, top1) in {"F16": (0.001, 0.97), "Q4_K_M": (2.0, 0.1), "bnb4": (2.0, 0.1)}.items():
         text = re.sub(rf"\[gates\.{name}\]\nmax_kld = .*\nmin_top1 = .*\n",
                       f"[gates.{name}]\nmax_kld = {kld}\nmin_top1 = {top1}\n", text)
-    # verification answers: 4 greedy tokens instead of 24 (the stop and purity gates are not
-    # enforced on the random demo model; the fidelity figures do not depend on it)
-    text = re.sub(r"^max_new_tokens = 24 .*$", "max_new_tokens = 4", text, flags=re.M)
+    # verification answers: 4 greedy tokens instead of 32, and the stop and purity gates not
+    # enforced: this model is the random base with one adapter merged by hand, untrained (the
+    # fidelity figures do not depend on it)
+    text, n = re.subn(r"^max_new_tokens = 32 .*$", "max_new_tokens = 4", text, flags=re.M)
+    assert n == 1, "test setup: no max_new_tokens line in demo.toml"
+    text = text.replace("enforce_urdu_purity = true", "enforce_urdu_purity = false")
+    text = text.replace("enforce_stop_token = true", "enforce_stop_token = false")
     # one adapter merged by hand, no training stages: no adapter repos (tests/test_signing.py has them)
     return text.replace("publish_adapters = true", "publish_adapters = false")
 

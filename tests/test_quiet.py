@@ -117,3 +117,31 @@ def test_the_libraries_notices_are_dropped_and_real_messages_kept(demo_spec, tok
     assert order in loud and (order in quiet_err) == (facts["device"] != "cpu")
     for text in REAL:
         assert text in quiet_err and text in loud, (text, quiet_err)
+
+
+def test_the_libraries_bars_are_off_when_stderr_is_not_a_terminal(monkeypatch):
+    """A pipe or a file gets every frame of a tqdm bar as another line: the switches the libraries
+    read are set then (and what the caller set is kept); a terminal keeps its bars."""
+    import io
+
+    from release import quiet
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for name in quiet.BAR_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    assert quiet.bars_only_on_a_terminal(Terminal()) is False
+    assert not any(name in os.environ for name in quiet.BAR_SWITCHES)
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # the caller's choice stands
+    assert quiet.bars_only_on_a_terminal(io.StringIO()) is True
+    assert os.environ["TQDM_DISABLE"] == "0"
+    assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    # as the tasks run: tasks.py switches them before the libraries are imported (tqdm reads
+    # TQDM_DISABLE when it is imported), so a piped run's bars are off, and a terminal's are not
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import tasks, tqdm, transformers.utils.logging as t; "
+             "print(tqdm.tqdm(range(3)).disable, t.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if k not in quiet.BAR_SWITCHES}
+    piped = subprocess.run([sys.executable, "-c", probe, str(ROOT)], capture_output=True, text=True, env=env)
+    assert piped.stdout.split() == ["True", "False"], piped.stderr[-2000:]

@@ -83,9 +83,9 @@ def test_windows_1252_damaged_prompt_is_not_the_reference():
 
 # (replace this text in demo.toml, with this, expect a problem line containing this)
 BAD = [
-    ("r = 8\n", 'r = "eight"\n', 'lora.r: expected an integer, got \'eight\''),
-    ("r = 8\n", "r = 0\n", "lora.r: expected a positive integer, got 0"),
-    ("alpha = 16\n", "alpha = 16\nbogus = 1\n", "lora.bogus: unknown key"),
+    ("r = 64\n", 'r = "eight"\n', 'lora.r: expected an integer, got \'eight\''),
+    ("r = 64\n", "r = 0\n", "lora.r: expected a positive integer, got 0"),
+    ("alpha = 128\n", "alpha = 128\nbogus = 1\n", "lora.bogus: unknown key"),
     ("[release]\n", "[release]\ncodename = 'x'\n", "release.codename: unknown key"),
     ('version = "1.0"\n', "", "release.version: missing (expected a string)"),
     ("do_sample = true", 'do_sample = "yes"', "inference.do_sample: expected true or false, got 'yes'"),
@@ -126,13 +126,15 @@ BAD = [
     ("temperature = 0.1", "temperature = 3.0", "inference.temperature: expected 0..2, got 3.0"),
     ("min_urdu_purity = ", "min_urdu_purity = 1.5 #",
      "evaluation.min_urdu_purity: expected a fraction in [0, 1], got 1.5"),
-    ("fidelity_chunks = 2", "fidelity_chunks = 0", "evaluation.fidelity_chunks: expected a positive integer, got 0"),
+    ("fidelity_chunks = 1", "fidelity_chunks = 0", "evaluation.fidelity_chunks: expected a positive integer, got 0"),
     ("fidelity_chunk_tokens = 512", "fidelity_chunk_tokens = 1",
      "evaluation.fidelity_chunk_tokens: expected at least 2 (BOS and one token of text), got 1"),
     ('fidelity_text = "eval/ur-en.txt"', 'fidelity_text = "eval/en.txt"',
      "evaluation.fidelity_text: expected a text file relative to the spec, 'eval/en.txt' does not exist"),
-    ("generation_prompts = 4 ", "generation_prompts = 0 ",
+    ("generation_prompts = 6 ", "generation_prompts = 0 ",
      "evaluation.generation_prompts: expected a positive integer, got 0"),
+    ("min_stopped = 5 ", "min_stopped = 7 ",
+     "evaluation.min_stopped: expected a count of answers from 1 to generation_prompts (6), got 7"),
     ('[variants.gguf]\nformat = "gguf"\ndtype = "F16"', '[variants.gguf]\nformat = "gguf"\ndtype = "F32"',
      "variants.gguf.dtype: expected the converted type 'F16', 'BF16' or 'Q8_0', got 'F32'"),
     ("[gates.bnb4]\nmax_kld = ", "[gates.bnb4]\nmax_kld = -1 #",
@@ -154,9 +156,9 @@ BAD = [
     ('source_url = "https://', 'source_url = "huggingface.co/', "provenance.source_url: expected an http(s) URL"),
     ('use_policy = "https://', 'use_policy = "llama.meta.com/', "license_terms.use_policy: expected an http(s) URL"),
     ('notice = "Llama 3.1', 'notice = " "\nold_notice = "Llama 3.1', "license_terms.old_notice: unknown key"),
-    ('benchmark = "Urdu evaluation reported by the authors"', 'benchmark_name = "x"',
+    ("min_urdu_purity = 0.80 ", 'benchmark_name = "x"\nmin_urdu_purity = 0.80 ',
      "evaluation.benchmark_name: unknown key"),
-    ('benchmark = "Urdu evaluation reported by the authors"', '',
+    ("min_urdu_purity = 0.80 ", "overall_score = 90.0\nmin_urdu_purity = 0.80 ",
      "evaluation.benchmark: expected a name for what the reported scores were measured on"),
     # the importance matrix of the GGUF variant
     ('calibration = "calibration/ur-en.txt"', 'calibration = "calibration/en.txt"',
@@ -271,7 +273,7 @@ def test_the_special_token_table_is_the_tokenizers(qalb_spec):
 
 def test_several_problems_are_all_reported(tmp_path):
     text = (SPECS / "demo.toml").read_text(encoding="utf-8")
-    text = text.replace("r = 8\n", 'r = "x"\n').replace("alpha = 16\n", "alpha = 1.5\n").replace(
+    text = text.replace("r = 64\n", 'r = "x"\n').replace("alpha = 128\n", "alpha = 1.5\n").replace(
         "max_new_tokens = 256", "max_new_tokens = true")
     bad = write_spec(tmp_path, text, "many.toml")
     with pytest.raises(SpecError) as err:

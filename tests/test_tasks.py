@@ -56,7 +56,7 @@ def test_spec_task_accepts_the_bundled_specs():
 
 def test_bad_spec_is_reported_in_one_line_per_problem_without_traceback(tmp_path):
     text = (SPECS / "demo.toml").read_text(encoding="utf-8")
-    bad = write_spec(tmp_path, text.replace("r = 8\n", "r = -1\n").replace("top_p = 0.9", "top_p = 2"), "bad.toml")
+    bad = write_spec(tmp_path, text.replace("r = 64\n", "r = -1\n").replace("top_p = 0.9", "top_p = 2"), "bad.toml")
     for task in ("spec", "release"):
         out = inv(task, "--spec", str(bad))
         assert out.returncode == 2
@@ -79,7 +79,7 @@ def test_release_runs_one_stage_then_skips_it(tmp_path):
     assert second.returncode == 0 and "│ base  │ up to date " in second.stdout
     bad = inv("release", "--spec", str(spec), "--only", "nope")
     assert bad.returncode == 2 and bad.stderr.strip() == (
-        "error: --only nope: unknown stage (stages: base, data, cpt, sft, merge, bnb4, gguf, verify, modelfiles, "
+        "error: --only nope: unknown stage (stages: base, data, cpt, sft, merge, bnb4, gguf, modelfiles, verify, "
         "cards, publish)")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_modelfiles import _scripted_model
 
-from release import chat, forward, scaffold, verify
+from release import chat, forward, merge, scaffold, verify
 from release import gguf as G
 from release.artifacts import read_manifest, sha256_file
 from release.shards import row_blocks
@@ -160,6 +160,8 @@ def test_stop_token_gate_in_both_runtimes(built, tiny_model, tmp_path):
                         "header": [nl2, *words, sh, user, eh, nl2]}.items():
         folder = tmp_path / name
         _scripted_model(tiny_model, folder, chain)
+        # the release's config, generation_config (eos: <|end_of_text|>, <|eot_id|>) and tokenizer files
+        merge.write_model_files(tiny_model, folder, "bfloat16", strict.chat, strict.inference)
         rows[name] = check_one(strict, folder, verify.Target("bf16", "bf16", None, "transformers", folder, None, True))
         G.convert(folder, tmp_path / f"{name}.gguf", strict, "F16", progress=False)
         gguf = verify.Target("gguf:F16", "gguf", "F16", "llama-cpp-python", tmp_path / f"{name}.gguf", Gate(1.0, 0.0),
@@ -191,8 +193,8 @@ def test_generation_prompts_come_from_the_spec(demo_spec):
                                    evaluation=dataclasses.replace(demo_spec.evaluation, generation_prompts=n))
 
     assert verify.prompts(asking(2)) == verify.URDU_PROMPTS[:2]
-    with pytest.raises(verify.VerifyError, match="evaluation.generation_prompts: at most 4, got 5"):
-        verify.prompts(asking(5))
+    with pytest.raises(verify.VerifyError, match="evaluation.generation_prompts: at most 6, got 7"):
+        verify.prompts(asking(7))
 
 
 def test_missing_variant_is_a_one_line_error(built):
@@ -430,3 +432,121 @@ def test_transformers_generation_is_plain_greedy_as_in_llama_cpp(built, tmp_path
                             for extra in ({"repetition_penalty": 1.0}, {}))  # {}: the file's penalty applies
     assert got.tokens == plain
     assert penalized != plain
+
+
+# --- what the runtimes read besides the weights (release/conformance.py) -----------------------
+
+NO_SYSTEM = ("{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' "
+             "+ m['content'] + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}"
+             "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` anew (never through a hard link into the shared demo build)."""
+    path.unlink()
+    path.write_text(text, encoding="utf-8")
+
+
+def _new_metadata(src: Path, dest: Path, *args: str) -> None:
+    """A copy of a GGUF file with metadata changed by gguf-py's own gguf_new_metadata."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force", *args, str(src),
+                           str(dest)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_what_the_runtimes_read_is_checked_against_the_spec(built, tmp_path):
+    """The demo's files conform; each broken copy gives one phrase naming the file: an eos list
+    without <|eot_id|>, a chat template without the system prompt or without the end of turn, a
+    Modelfile without the stop, a file of another quant type in a slot."""
+    from transformers import AutoTokenizer
+
+    from release import conformance, modelfiles, pipeline
+
+    spec, models, _, _ = built
+    fp16 = tmp_path / "fp16"
+    fp16.mkdir()
+    for f in models["fp16"].iterdir():
+        (os.link if f.suffix == ".safetensors" else shutil.copy)(f, fp16 / f.name)
+    assert conformance.hf_problems(spec, fp16, AutoTokenizer.from_pretrained(fp16)) == []
+    config = json.loads((fp16 / "generation_config.json").read_text(encoding="utf-8"))
+    _replace(fp16 / "generation_config.json", json.dumps({**config, "eos_token_id": [128001]}))
+    tok_config = json.loads((fp16 / "tokenizer_config.json").read_text(encoding="utf-8"))
+    _replace(fp16 / "tokenizer_config.json", json.dumps({**tok_config, "chat_template": NO_SYSTEM}))
+    assert conformance.hf_problems(spec, fp16, AutoTokenizer.from_pretrained(fp16)) == [
+        f"{fp16}/generation_config.json: eos_token_id [128001] lacks <|eot_id|> (128009)",
+        f"{fp16}/tokenizer_config.json chat_template: renders without the system prompt"]
+
+    tok = AutoTokenizer.from_pretrained(models["bf16"])
+    q4 = models["gguf"] / spec.gguf_file_name("Q4_K_M")
+    shipped = pipeline.folder(spec, "modelfiles") / modelfiles.modelfile_name(spec, "Q4_K_M")
+    assert conformance.gguf_problems(spec, q4, "Q4_K_M", tok, shipped) == []
+    mf = tmp_path / shipped.name
+    mf.write_text(shipped.read_text(encoding="utf-8").replace('PARAMETER stop "<|eot_id|>"\n', ""), encoding="utf-8")
+    assert conformance.modelfile_problems(spec, mf, q4.name) == [f"{mf}: no PARAMETER stop for <|eot_id|>"]
+    no_eot = chat.jinja_template(spec.chat).replace("<|eot_id|>", "")
+    changed = tmp_path / q4.name
+    _new_metadata(q4, changed, "--chat-template", no_eot)
+    assert conformance.gguf_problems(spec, changed, "Q4_K_M", tok, None) == [
+        f"{changed} tokenizer.chat_template: does not end each turn with <|eot_id|>"]
+    q8 = models["gguf"] / spec.gguf_file_name("Q8_0")
+    assert conformance.gguf_problems(spec, q8, "Q4_K_M", tok, None) == [
+        f"{q8}: general.file_type is Q8_0, not Q4_K_M"]
+
+
+def test_a_broken_release_is_refused_one_line_each_and_nothing_goes_on(demo_build, tmp_path):
+    """The demo release with five faults, each in another file, verified again: the stage fails,
+    each fault has its line, and the cards and the Hub plan are not made again.
+    - Q4_K_M's slot holds a Q2_K quantization of the F16 file (llama.cpp's llama-quantize): far
+      from BF16 (the fidelity gate) and of another type (general.file_type);
+    - Q8_0's embedded template lacks <|eot_id|> (gguf-py's gguf_new_metadata);
+    - Q6_K's Modelfile lacks PARAMETER stop "<|eot_id|>";
+    - FP16's generation_config.json lists <|end_of_text|> alone: transformers then writes past
+      the end of every answer (the stop gate fails on behaviour, not only on the file);
+    - NF4's chat template renders without the system prompt."""
+    import subprocess
+
+    from conftest import linked_copy, release_cmd
+    from release import llamatools, modelfiles, pipeline
+    from release import spec as spec_mod
+
+    path, done, _ = demo_build
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = spec_mod.load(linked_copy(path, tmp_path / "copy"))
+    gguf_dir = pipeline.folder(s, "gguf")
+    q4 = gguf_dir / s.gguf_file_name("Q4_K_M")
+    q4.unlink()
+    quantized = subprocess.run([str(llamatools.tool("llama-quantize")), str(gguf_dir / s.gguf_file_name("F16")),
+                                str(q4), "Q2_K"], capture_output=True, text=True)
+    assert quantized.returncode == 0, quantized.stderr[-2000:]
+    q8 = gguf_dir / s.gguf_file_name("Q8_0")
+    _new_metadata(q8, tmp_path / "q8.gguf", "--chat-template", chat.jinja_template(s.chat).replace("<|eot_id|>", ""))
+    q8.unlink()
+    (tmp_path / "q8.gguf").rename(q8)
+    mf = pipeline.folder(s, "modelfiles") / modelfiles.modelfile_name(s, "Q6_K")
+    _replace(mf, mf.read_text(encoding="utf-8").replace('PARAMETER stop "<|eot_id|>"\n', ""))
+    fp16 = pipeline.variant_dir(s, "fp16") / "generation_config.json"
+    _replace(fp16, json.dumps({**json.loads(fp16.read_text(encoding="utf-8")), "eos_token_id": [128001]}))
+    nf4 = pipeline.variant_dir(s, "bnb4") / "tokenizer_config.json"
+    _replace(nf4, json.dumps({**json.loads(nf4.read_text(encoding="utf-8")), "chat_template": NO_SYSTEM}))
+    later = {n: (pipeline.folder(s, n) / "manifest.json").read_bytes() for n in ("cards", "publish")}
+
+    run = subprocess.run([*release_cmd(s.path), "--from", "verify", "--force"], cwd=s.path.parent,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 2, run.stderr[-3000:]
+    lines = [line.removeprefix("error: ") for line in run.stderr.strip().splitlines()]
+    by_key = {line.split(": ", 1)[0]: line for line in lines}
+    assert lines[0].startswith("verify: release gates failed"), lines
+    assert set(by_key) >= {"gguf:Q4_K_M", "gguf:Q8_0", "gguf:Q6_K", "fp16", "bnb4"}, lines
+    assert by_key["gguf:Q4_K_M"].startswith("gguf:Q4_K_M: KLD ")
+    assert by_key["gguf:Q4_K_M"].endswith(f"{q4}: general.file_type is Q2_K, not Q4_K_M")
+    assert by_key["gguf:Q8_0"].endswith(f"{q8} tokenizer.chat_template: does not end each turn with <|eot_id|>")
+    assert by_key["gguf:Q6_K"].endswith(f"{mf}: no PARAMETER stop for <|eot_id|>")
+    assert "fp16: stopped at a stop token in 0 of 6 answers" in by_key["fp16"]
+    assert by_key["fp16"].endswith("eos_token_id [128001] lacks <|eot_id|> (128009)")
+    assert by_key["bnb4"].endswith("tokenizer_config.json chat_template: renders without the system prompt")
+    for key in ("bf16", "gguf:F16", "gguf:Q5_K_M", "gguf:IQ4_XS", "gguf:Q3_K_M"):
+        assert key not in by_key  # the files left as built still pass
+    assert {n: (pipeline.folder(s, n) / "manifest.json").read_bytes() for n in later} == later

@@ -136,7 +136,12 @@ class rank0_first:
 
 
 def command(spec: Path, stage: str, inputs: Mapping[str, Path], how: Launch, *, force: bool = False) -> list[str]:
-    """The torchrun command line that trains ``stage`` of ``spec`` from ``inputs`` as ``how`` says."""
+    """The command line that trains ``stage`` of ``spec`` from ``inputs`` as ``how`` says: torchrun,
+    or for one process on one host the worker alone (nothing to rendezvous with)."""
+    worker = ["-m", "training.worker", "--spec", str(spec), "--stage", stage,
+              "--inputs", json.dumps({k: str(v) for k, v in inputs.items()}, sort_keys=True)]
+    if how.world == 1 and not how.rdzv:
+        return [sys.executable, *worker] + (["--force"] if force else [])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(how.processes),
            "--nnodes", str(how.nodes), "--max-restarts", "0"]
     if how.nodes == 1 and not how.rdzv:
@@ -144,21 +149,28 @@ def command(spec: Path, stage: str, inputs: Mapping[str, Path], how: Launch, *, 
     else:
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(how.rdzv), "--rdzv-id", f"qalb-{stage}",
                 "--rdzv-conf", f"join_timeout={how.join_timeout}"]
-    cmd += ["-m", "training.worker", "--spec", str(spec), "--stage", stage,
-            "--inputs", json.dumps({k: str(v) for k, v in inputs.items()}, sort_keys=True)]
-    return cmd + (["--force"] if force else [])
+    return cmd + worker + (["--force"] if force else [])
 
 
 def run(spec, stage: str, inputs: Mapping[str, Path], how: Launch, *, force: bool = False, progress: bool = True):
-    """Train ``stage`` through torchrun (this host's share of the workers, training/worker.py)
-    and return its manifest, which rank 0 wrote."""
-    from release.artifacts import built_elsewhere, read_manifest, stage_dir
+    """Train ``stage`` in child processes (this host's share of the workers, training/worker.py:
+    through torchrun, or one worker alone) and return its manifest, which rank 0 wrote.
 
+    One process trains in a child too, not in the pipeline's process: a process that has trained
+    keeps a heap that made the stages after it slow (verification ran 2.5x slower in the process
+    that had just run SFT, torch and llama.cpp alike; measured on the demo), and the child's
+    memory is returned when it ends."""
+    from release.artifacts import built_elsewhere, read_manifest, stage_dir
+    from training import stages
+
+    done = None if force else stages.current(spec, stage, inputs)
+    if done is not None:  # up to date: no process to start
+        return done
     folder = stage_dir(spec.build_dir, stage)
     before = read_manifest(folder)
     env = dict(os.environ, QALB_PROGRESS="1" if progress else "0")
     cmd = command(spec.path, stage, inputs, how, force=force)
-    if progress:
+    if progress and how.world > 1:
         print(f"torchrun: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     tail: deque[str] = deque(maxlen=400)
     with children.popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:

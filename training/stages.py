@@ -506,6 +506,15 @@ def _merged_cpt_model(inputs: Mapping[str, Path], work: Path, log) -> Path:
 # --- the stage --------------------------------------------------------------------------------
 
 
+def current(spec: Spec, stage: str, inputs: Mapping[str, Path]) -> Manifest | None:
+    """The stage's manifest when it is up to date with ``inputs`` and the spec (``run`` would
+    skip it), else None."""
+    from release.artifacts import current as up_to_date
+
+    return up_to_date(stage_dir(spec.build_dir, stage), inputs={k: Path(v) for k, v in inputs.items()},
+                      spec_sections=_sections(spec, stage), tools=TOOLS)
+
+
 def run(spec: Spec, stage: str, inputs: Mapping[str, Path], *, force: bool = False,
         progress: bool = True) -> Manifest:
     """Stage ``cpt`` or ``sft`` from ``inputs``: ``base`` (the base model's folder), ``data`` (the

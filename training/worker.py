@@ -1,4 +1,5 @@
-"""A torchrun worker: one rank of a training stage (``python -m training.worker``).
+"""A training worker: one rank of a training stage (``python -m training.worker``), started by
+torchrun, or alone for one process.
 
 training/distributed.py builds the torchrun command that starts these; each runs the stage exactly
 as one process does, with the inputs the pipeline handed the launcher (as JSON on the command
@@ -32,14 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     from release import spec as spec_mod
     from release.errors import ReleaseError
 
+    from release.quiet import known_notices
+
     rank = distributed.world()[0]
     inputs = {k: Path(v) for k, v in json.loads(args.inputs).items()}
     try:
-        STAGES[args.stage].run(spec_mod.load(Path(args.spec)), inputs, force=args.force,
-                               progress=rank == 0 and os.environ.get("QALB_PROGRESS", "1") == "1")
+        with known_notices():  # the libraries' known-harmless notices, dropped as in the tasks (release/quiet.py)
+            STAGES[args.stage].run(spec_mod.load(Path(args.spec)), inputs, force=args.force,
+                                   progress=rank == 0 and os.environ.get("QALB_PROGRESS", "1") == "1")
     except ReleaseError as e:
         print(f"error: [rank {rank}] {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the launcher says it, once
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
