@@ -62,6 +62,7 @@ from release.artifacts import (
 from release.errors import Interrupted, PublishError, StageError
 from release.spec import Spec
 from training import cluster, cpt, data, distributed, sft
+from training import stages as training_stages
 
 
 class Stage(Protocol):
@@ -267,7 +268,9 @@ def _run_stages(spec: Spec, names: list[str], forced: set[str], current: list[st
             continue  # the container ran the gate and the push
         inputs = upstream(spec, name)
         if s.TRAITS.distributed:  # in child processes, one or many (training/distributed.py says why)
-            manifest = distributed.run(spec, name, inputs, launch, force=name in forced, progress=progress)
+            up_to_date = None if name in forced else training_stages.current(spec, name, inputs)
+            manifest = up_to_date or distributed.run(spec, name, inputs, launch, force=name in forced,
+                                                     progress=progress)
         elif s.TRAITS.clustered and executor != cluster.LOCAL:
             manifest = s.run_with(spec, inputs, force=name in forced, progress=progress, executor=executor)
         else:

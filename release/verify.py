@@ -512,7 +512,8 @@ def run(spec: Spec, inputs: Mapping[str, Path], *, force: bool = False, progress
                      tools=tools, force=force)
 
 
-THRESHOLDS = ("min_urdu_purity", "enforce_urdu_purity", "enforce_stop_token", "min_stopped")  # [evaluation] keys that judge
+# [evaluation] keys that judge the measurements rather than change them
+THRESHOLDS = ("min_urdu_purity", "enforce_urdu_purity", "enforce_stop_token", "min_stopped")
 
 
 def rejudged(spec: Spec, models: dict[str, Path], folder: Path, key: str) -> dict | None:

@@ -35,6 +35,12 @@ def _spec_text() -> str:
     text = text.replace("effective_batch_size = 4\nper_device_batch_size = 2\n",
                         "effective_batch_size = 2\nper_device_batch_size = 1\n")
     assert text.count("per_device_batch_size = 1") == 2
+    # a checkpoint every step (the kill tests stop after checkpoint-2), and SFT at the learning rate
+    # of an 8B's LoRA rather than the demo's 5e-3 (which learns its answers by heart in 140 steps):
+    # the 1- and 2-process merges are compared within a bound set by one update step
+    text = text.replace("save_steps = 3\n", "save_steps = 1\n")
+    text = text.replace("learning_rate = 5e-3\n", "learning_rate = 2e-4\n")
+    assert "save_steps = 1\n" in text and "learning_rate = 5e-3" not in text
     return text
 
 
@@ -364,7 +370,9 @@ def test_two_process_adapters_load_in_peft_and_merge(trained, ddp, tmp_path):
         # the largest magnitude; bound 2**-8)
         assert (w.float() - ref).abs().max() <= 2 ** -8 * ref.abs().max(), k
         equal, total = equal + int((w == merged["one"][k]).sum()), total + w.numel()
-    assert equal / total >= 0.999  # measured 99.98% of the weights are the same bytes: not vacuous
+    # measured 99.88% of the weights are the same bytes (99.98% with LoRA r 8; r 64 sums more
+    # update steps into each weight): not vacuous
+    assert equal / total >= 0.998
 
 
 def _workers(spec_path: Path) -> list:

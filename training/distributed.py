@@ -161,11 +161,7 @@ def run(spec, stage: str, inputs: Mapping[str, Path], how: Launch, *, force: boo
     that had just run SFT, torch and llama.cpp alike; measured on the demo), and the child's
     memory is returned when it ends."""
     from release.artifacts import built_elsewhere, read_manifest, stage_dir
-    from training import stages
 
-    done = None if force else stages.current(spec, stage, inputs)
-    if done is not None:  # up to date: no process to start
-        return done
     folder = stage_dir(spec.build_dir, stage)
     before = read_manifest(folder)
     env = dict(os.environ, QALB_PROGRESS="1" if progress else "0")

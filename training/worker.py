@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from release import spec as spec_mod
     from release.errors import ReleaseError
-
     from release.quiet import known_notices
 
     rank = distributed.world()[0]
