@@ -386,15 +386,25 @@ def input_digest(path: Path) -> str:
     raise StageError(f"{path}: input not found; build the stage that makes it first")
 
 
+def stage_key(inputs: dict[str, Path] | None, spec_sections: dict[str, str] | None, tools: tuple[str, ...]) -> str:
+    """The fingerprint a stage's manifest records: its inputs' digests, its spec sections, and the
+    versions of its tools and of the toolchain itself (bump that when a stage's output changes,
+    and releases rebuild)."""
+    digests = {k: input_digest(v) for k, v in (inputs or {}).items()}
+    return fingerprint(digests, dict(spec_sections or {}), tool_versions(toolchain(), *tools))
+
+
+def kept(stage_dir: Path, key: str) -> Manifest | None:
+    """The manifest of ``stage_dir`` when it records ``key`` and its outputs are intact, else None."""
+    old = read_manifest(stage_dir)
+    return old if old is not None and old.fingerprint == key and not check_outputs(stage_dir, old) else None
+
+
 def current(stage_dir: Path, *, inputs: dict[str, Path] | None = None, spec_sections: dict[str, str] | None = None,
             tools: tuple[str, ...] = ()) -> Manifest | None:
-    """The manifest of ``stage_dir`` when ``run_stage`` with these arguments would keep it (same
-    fingerprint, outputs intact), else None: a caller can skip starting a process for nothing."""
-    digests = {k: input_digest(v) for k, v in (inputs or {}).items()}
-    # the toolchain's own version too: bump it when a stage's output changes, and releases rebuild
-    fp = fingerprint(digests, dict(spec_sections or {}), tool_versions(toolchain(), *tools))
-    old = read_manifest(stage_dir)
-    return old if old is not None and old.fingerprint == fp and not check_outputs(stage_dir, old) else None
+    """The manifest of ``stage_dir`` when ``run_stage`` with these arguments would keep it, else
+    None: a caller can skip starting a process for nothing."""
+    return kept(stage_dir, stage_key(inputs, spec_sections, tools))
 
 
 def run_stage(
@@ -418,9 +428,9 @@ def run_stage(
     digests = {k: input_digest(v) for k, v in (inputs or {}).items()}
     sections = dict(spec_sections or {})
     versions = tool_versions(toolchain(), *tools)
-    fp = fingerprint(digests, sections, versions)
+    fp = fingerprint(digests, sections, versions)  # as stage_key computes it
 
-    old = None if force else current(stage_dir, inputs=inputs, spec_sections=spec_sections, tools=tools)
+    old = None if force else kept(stage_dir, fp)
     if old is not None:
         return old
 

@@ -145,8 +145,9 @@ BAR_SWITCHES = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "
 def bars_only_on_a_terminal(stream=None) -> bool:
     """Turn the libraries' progress bars off when ``stream`` (stderr) is not a terminal: piped
     into a file or CI log, each redraw is another line of ``0%|...``. Set in the environment, so
-    imports not yet made, and the processes started from here (torchrun's workers, containers),
-    see it too. A value the caller set is kept. True when the bars were turned off."""
+    imports not yet made, and the processes started from here (the training workers), see it too;
+    a container's task decides alike (its stderr is not a terminal either). A value the caller
+    set is kept. True when the bars were turned off."""
     import os
 
     stream = stream if stream is not None else sys.stderr

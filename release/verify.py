@@ -393,13 +393,14 @@ def check(spec: Spec, t: Target, ref: Reference, tok, device: str, modelfiles: P
                          else gguf_generations(t.path, tok, spec))
         generated = sum(len(g.tokens) for g in gens)
         row.update(generated_tokens=generated, generation_tokens_per_s=round(generated / seconds, 2))
+        found = problems(spec, t, tok, modelfiles)  # a file a runtime cannot read fails here, with its reason
     except Exception as e:  # noqa: BLE001  any failure of the variant under test is its failed gate, recorded with its type
         row.update(loads=False, error=f"{type(e).__name__}: {e}".splitlines()[0][:300], stopped=False,
                    urdu_purity=0.0, passed=False, seconds=round(time.perf_counter() - start, 2))
         return row
     row["loads"] = True
     row["error"] = None
-    row["problems"] = problems(spec, t, tok, modelfiles)
+    row["problems"] = found
     row["stops"] = [g.reason for g in gens]
     row["stopped_count"] = sum(g.reason != "length" for g in gens)
     row["urdu_purity"] = urdu_purity([g.text for g in gens])

@@ -614,3 +614,23 @@ def test_torchruns_endings_are_told_apart_in_one_line():
     }
     for start, lines in cases.items():
         assert distributed.failure("cpt", -9, lines, how).startswith(start), (start, lines)
+    alone = distributed.Launch()  # one process: the worker without torchrun
+    assert distributed.failure("cpt", 1, ["Traceback ...\n"], alone).startswith(
+        "cpt: the training process ended with exit status 1")
+
+
+def test_bad_input_to_one_training_process_is_one_line(tmp_path, tiny_model):
+    """One process trains in a child (the worker alone): its error is the launcher's one line,
+    not echoed twice, and nothing is left in the stage's folder."""
+    from release import spec
+
+    text = _spec_text().replace("sequence_length = 256\n", "sequence_length = 8192\n")
+    s = spec.load(demo_release(tmp_path, tiny_model, text))
+    pipeline.run_one(s, "data", progress=False)
+    done = subprocess.run([INVOKE, "train", "--stage", "cpt", "--spec", str(s.path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and errors == [
+        f"error: cpt: {pipeline.folder(s, 'data') / 'cpt.jsonl'}: fewer than 8192 tokens of text; add data or lower "
+        "training.sequence_length"], done.stderr[-3000:]
+    assert not pipeline.folder(s, "cpt").exists()

@@ -149,6 +149,22 @@ def test_a_variant_that_does_not_load_fails_with_the_reason(built, tmp_path):
     assert "does not load" in verify.failures({"variants": {"fp16": row}})[0]
 
 
+def test_a_variant_whose_tokenizer_config_cannot_be_read_fails_with_the_reason(built, tmp_path):
+    """Its weights load and generate (verification answers with the flagship's tokenizer), but
+    its own tokenizer_config.json is not JSON: the conformance check's failure is the row's
+    recorded error, not a traceback out of the stage."""
+    spec, models, _, _ = built
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in models["fp16"].iterdir():
+        (os.link if f.suffix == ".safetensors" else shutil.copy)(f, broken / f.name)
+    (broken / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
+    t = verify.Target("fp16", "fp16", None, "transformers", broken, spec.gates["fp16"], False)
+    row = check_one(_with_chunks(spec, 1, 64), models["bf16"], t)
+    assert not row["loads"] and not row["passed"] and row["error"], row
+    assert verify.failures({"variants": {"fp16": row}})[0].startswith("fp16: does not load or generate (")
+
+
 def test_stop_token_gate_in_both_runtimes(built, tiny_model, tmp_path):
     """Scripted models: one ends its turn with <|eot_id|>, one opens a new header instead. With
     enforce_stop_token, transformers (eos ids from the spec) passes the first and fails the second;

@@ -171,7 +171,8 @@ def run(spec, stage: str, inputs: Mapping[str, Path], how: Launch, *, force: boo
     tail: deque[str] = deque(maxlen=400)
     with children.popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
         for line in proc.stderr:  # passed on as it comes; the tail names the cause of a failure
-            sys.stderr.write(line)
+            if how.world > 1 or not line.startswith("error: [rank "):  # one worker's error is our one line
+                sys.stderr.write(line)
             tail.append(line)
         rc = proc.wait()
     if rc != 0:
@@ -204,7 +205,8 @@ def failure(stage: str, rc: int, lines: list[str], how: Launch) -> str:
     if "RendezvousConnectionError" in text:
         return (f"{stage}: cannot reach the rendezvous at {how.rdzv}; start the first host's command there, "
                 "and open the port to every host")
-    return (f"{stage}: torchrun ended with exit status {rc} (the workers' errors are above); run the same command "
+    who = "torchrun" if how.world > 1 or how.rdzv else "the training process"
+    return (f"{stage}: {who} ended with exit status {rc} (the workers' errors are above); run the same command "
             "again to resume from the last checkpoint")
 
 

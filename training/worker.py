@@ -9,6 +9,7 @@ line, so a worker needs no knowledge of the pipeline).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -45,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the launcher says it, once
         return 130
+    except OSError as e:
+        if e.errno != errno.ENOSPC:  # anything else is a bug and keeps its traceback
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: [rank {rank}] the disk is full{where}; free space and run the same command to resume "
+              "(finished stages and checkpoints are kept)", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
