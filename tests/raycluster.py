@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
+PROBE_S = 60.0  # one probe driver's ray.init and question
+COMMAND_S = 300.0  # one `./inv data` on the cluster: the demo's curation takes about 25 s
 
 
 def free_ports(n: int) -> list[int]:
@@ -82,15 +84,48 @@ def start(temp_dir: str, timeout: float = 120.0) -> tuple[list[subprocess.Popen]
         probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
                  "print(sum(n['Alive'] for n in ray.nodes()))")
         while True:
-            out = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, env=env)
-            if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == ["2"]:
+            said = _probe(probe, address, env)
+            if said == "2":
                 return procs, address
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"the cluster did not come up: {out.stderr[-2000:]}")
+                raise RuntimeError(f"the cluster did not come up: {said[-2000:]}\n{logs(temp_dir)}")
             time.sleep(0.5)
     except BaseException:
         stop(procs)
         raise
+
+
+def _probe(code: str, address: str, env: dict, seconds: float = PROBE_S) -> str:
+    """What a short-lived driver prints (its last line), or why it said nothing. Bounded: a
+    driver's ``ray.init`` can wait minutes for a node that never registers."""
+    try:
+        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, env=env,
+                             timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return f"(no answer within {seconds:.0f} s)"
+    lines = out.stdout.strip().splitlines()
+    return lines[-1] if out.returncode == 0 and lines else out.stderr.strip()[-2000:]
+
+
+STATE = """
+import json, sys, ray
+from ray.util import placement_group_table
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(json.dumps({"nodes": [{"alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes()],
+                  "available": ray.available_resources(),
+                  "placement_groups": sorted(g["state"] for g in placement_group_table().values())}))
+"""
+
+
+def logs(temp_dir: str, lines: int = 15) -> str:
+    """The last lines of each node's raylet and the head's GCS log: where a node says why it
+    stopped scheduling."""
+    out = []
+    for f in sorted(Path(temp_dir).glob("session_*/logs/*")):
+        if f.name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err") and f.stat().st_size:
+            out.append(f"--- {f.parent.parent.name}/{f.name}\n" + "\n".join(
+                f.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(out)
 
 
 def _group(sid: int) -> list[int]:
@@ -168,11 +203,35 @@ def main(out: str, commands: str) -> None:
             watch = threading.Thread(target=_task_nodes, args=(procs, seen, done), daemon=True)
             watch.start()
             t = time.monotonic()
-            run = subprocess.run([a.replace("{address}", address) for a in argv], capture_output=True, text=True)
+            # PYTHONFAULTHANDLER: a command stopped with SIGABRT after COMMAND_S prints every
+            # thread's stack, which says where it waited
+            run = subprocess.Popen([a.replace("{address}", address) for a in argv], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                   env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+            stalled = None
+            try:
+                stdout, stderr = run.communicate(timeout=COMMAND_S)
+            except subprocess.TimeoutExpired:
+                stalled = {"state": _probe(STATE, address, {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}),
+                           "ray_logs": logs(temp_dir)}
+                os.kill(run.pid, signal.SIGABRT)
+                try:
+                    stdout, stderr = run.communicate(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(run.pid, signal.SIGKILL)
+                    stdout, stderr = run.communicate()
+            if run.poll() is not None:
+                try:
+                    os.killpg(run.pid, signal.SIGKILL)  # what the command left in its session
+                except ProcessLookupError:
+                    pass
             done.set()
             watch.join()
-            result["runs"].append({"rc": run.returncode, "stdout": run.stdout[-4000:], "stderr": run.stderr[-4000:],
+            result["runs"].append({"rc": run.returncode, "stdout": stdout[-4000:],
+                                   "stderr": stderr[-(20000 if stalled else 4000):], "stalled": stalled,
                                    "seconds": round(time.monotonic() - t, 1), "task_nodes": sorted(seen)})
+            if stalled:
+                break
     finally:
         t = time.monotonic()
         result["left"] = stop(procs)

@@ -143,6 +143,11 @@ def _on_ray(tmp_path: Path, commands: list[list[str]]) -> dict:
     return json.loads(out.read_text(encoding="utf-8"))
 
 
+def _stalled(run: dict) -> str:
+    return (f"`./inv data` did not end within {run['seconds']} s on the Ray cluster; the cluster: "
+            f"{run['stalled']['state']}\n{run['stalled']['ray_logs']}\nits threads (SIGABRT):\n{run['stderr']}")
+
+
 def test_curation_on_a_two_node_ray_cluster_gives_the_local_bytes(local_data, tmp_path, tiny_model):
     """`./inv data --executor ray --address HOST:PORT` on a Ray cluster of two nodes (one CPU
     each): datatrove's tasks run on both nodes, the outputs are the local executor's bytes, and
@@ -154,6 +159,8 @@ def test_curation_on_a_two_node_ray_cluster_gives_the_local_bytes(local_data, tm
     corpus.write_bytes(corpus.read_bytes() + b'{"text": \n')
     ran = _on_ray(tmp_path, [[INVOKE, "data", "--spec", str(x.path), "--executor", "ray", "--address", "{address}"]
                              for x in (s, bad)])
+    for run in ran["runs"]:
+        assert not run["stalled"], _stalled(run)
     ok, failed = ran["runs"]
     assert ok["rc"] == 0, ok["stdout"][-3000:] + ok["stderr"][-3000:]
     assert _digests(s) == _digests(local_data)
