@@ -129,6 +129,23 @@ def logs(temp_dir: str, lines: int = 15) -> str:
     return "\n".join(out)
 
 
+def processes(procs: list[subprocess.Popen]) -> str:
+    """Each process of the nodes' sessions: pid, parent, state, what the kernel has it wait in
+    (wchan) and its command line; a task's child stuck on a lock shows as S in futex_wait."""
+    out = []
+    for p in procs:
+        for pid in sorted(_group(p.pid)):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                wchan = Path(f"/proc/{pid}/wchan").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            out.append(f"{pid} {fields[1]} {fields[0]} {wchan or '-'} {cmd[:120]}")
+    return "\n".join(out)
+
+
 def _group(sid: int) -> list[int]:
     """The live processes of session ``sid`` (a node's ``ray start`` and everything under it: Ray
     puts its workers in process groups of their own, not sessions)."""
@@ -172,9 +189,14 @@ def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> list[int]:
     return [pid for p in procs for pid in _group(p.pid)]
 
 
-def _task_nodes(procs: list[subprocess.Popen], seen: set[int], done: threading.Event) -> None:
-    """Which nodes (by the session of their ``ray start``) run a datatrove task."""
+def _task_nodes(procs: list[subprocess.Popen], seen: set[int], done: threading.Event,
+                pools: set[str] | None = None) -> None:
+    """Which nodes (by the session of their ``ray start``) run a datatrove task; ``pools``: how
+    the task's pool started its children ("spawn": a fresh interpreter, "fork": a copy of the
+    Ray worker, which keeps its ``ray::`` name)."""
     groups = {p.pid for p in procs}
+    pools = set() if pools is None else pools
+    workers: set[str] = set()
     while not done.is_set():
         for d in os.listdir("/proc"):
             if not d.isdigit():
@@ -184,10 +206,16 @@ def _task_nodes(procs: list[subprocess.Popen], seen: set[int], done: threading.E
                 stat = Path(f"/proc/{d}/stat").read_text()
             except OSError:
                 continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[3]) not in groups:
+                continue
             if cmd.startswith(b"ray::RankWorker"):
-                sid = int(stat[stat.rindex(")") + 2:].split()[3])
-                if sid in groups:
-                    seen.add(sid)
+                seen.add(int(fields[3]))
+                if fields[1] in workers:  # a child of a RankWorker that kept its name: forked
+                    pools.add("fork")
+                workers.add(d)
+            elif b"multiprocess.spawn" in cmd:
+                pools.add("spawn")
         done.wait(0.05)
 
 
@@ -207,8 +235,9 @@ def main(out: str, commands: str) -> None:
     try:
         for argv in json.loads(Path(commands).read_text()):
             seen: set[int] = set()
+            pools: set[str] = set()
             done = threading.Event()
-            watch = threading.Thread(target=_task_nodes, args=(procs, seen, done), daemon=True)
+            watch = threading.Thread(target=_task_nodes, args=(procs, seen, done, pools), daemon=True)
             watch.start()
             t = time.monotonic()
             # PYTHONFAULTHANDLER: a command stopped with SIGABRT after COMMAND_S prints every
@@ -221,7 +250,7 @@ def main(out: str, commands: str) -> None:
                 stdout, stderr = run.communicate(timeout=COMMAND_S)
             except subprocess.TimeoutExpired:
                 stalled = {"state": _probe(STATE, address, {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}),
-                           "ray_logs": logs(temp_dir)}
+                           "ray_logs": logs(temp_dir), "processes": processes(procs)}
                 os.kill(run.pid, signal.SIGABRT)
                 try:
                     stdout, stderr = run.communicate(timeout=20)
@@ -237,7 +266,8 @@ def main(out: str, commands: str) -> None:
             watch.join()
             result["runs"].append({"rc": run.returncode, "stdout": stdout[-4000:],
                                    "stderr": stderr[-(20000 if stalled else 4000):], "stalled": stalled,
-                                   "seconds": round(time.monotonic() - t, 1), "task_nodes": sorted(seen)})
+                                   "seconds": round(time.monotonic() - t, 1), "task_nodes": sorted(seen),
+                                   "pools": sorted(pools)})
             if stalled:
                 break
     finally:

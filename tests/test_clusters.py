@@ -143,9 +143,13 @@ def _on_ray(tmp_path: Path, commands: list[list[str]]) -> dict:
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-def _stalled(run: dict) -> str:
+def _stalled(run: dict, folder: Path) -> str:
+    tasks = sorted(folder.rglob("logs/task_*.log"), key=lambda f: f.stat().st_mtime)[-3:]
     return (f"`./inv data` did not end within {run['seconds']} s on the Ray cluster; the cluster: "
-            f"{run['stalled']['state']}\n{run['stalled']['ray_logs']}\nits threads (SIGABRT):\n{run['stderr']}")
+            f"{run['stalled']['state']}\nits processes (pid ppid state wchan command):\n"
+            f"{run['stalled']['processes']}\n{run['stalled']['ray_logs']}\nthe newest task logs:\n"
+            + "\n".join(f"--- {f}\n{f.read_text(errors='replace')[-1500:]}" for f in tasks)
+            + f"\nthe command's threads (SIGABRT):\n{run['stderr']}")
 
 
 def test_curation_on_a_two_node_ray_cluster_gives_the_local_bytes(local_data, tmp_path, tiny_model):
@@ -160,11 +164,12 @@ def test_curation_on_a_two_node_ray_cluster_gives_the_local_bytes(local_data, tm
     ran = _on_ray(tmp_path, [[INVOKE, "data", "--spec", str(x.path), "--executor", "ray", "--address", "{address}"]
                              for x in (s, bad)])
     for run in ran["runs"]:
-        assert not run["stalled"], _stalled(run)
+        assert not run["stalled"], _stalled(run, tmp_path)
     ok, failed = ran["runs"]
     assert ok["rc"] == 0, ok["stdout"][-3000:] + ok["stderr"][-3000:]
     assert _digests(s) == _digests(local_data)
     assert sorted(ok["task_nodes"]) == sorted(ran["nodes"])  # tasks ran on the head and on the worker
+    assert ok["pools"] == ["spawn"]  # a task's pool spawns its children; none is a fork of a Ray worker
     m = json.loads((pipeline.folder(s, "data") / "manifest.json").read_text())
     assert m["figures"]["executor"] == "ray"
     line = failed["stderr"].strip().splitlines()

@@ -101,6 +101,16 @@ def _reachable(address: str, seconds: float = 5.0) -> None:
                             "with `ray start --head`, or give the address it printed") from None
 
 
+def ray_worker_setup() -> None:
+    """Run by each Ray worker of a curation job before its first task. datatrove's ``RankWorker``
+    runs its ranks in a ``multiprocess`` pool, which forks by default; a fork of a Ray worker
+    (gRPC's and Ray's own threads running) can leave the child waiting forever on a lock one of
+    those threads held. A spawned child starts from a clean interpreter instead."""
+    import multiprocess
+
+    multiprocess.set_start_method("spawn", force=True)
+
+
 def ray_jobs(jobs: list, work, ex: Executor, run_job) -> None:
     """Each job on the Ray cluster at ``ex.address``, in order, its completions checked before
     the next starts (datatrove's own dependency wait polls every two minutes, forever when a
@@ -112,7 +122,8 @@ def ray_jobs(jobs: list, work, ex: Executor, run_job) -> None:
         raise CurationError("--executor ray: Ray is not installed here; pip install -e '.[cluster]' (ray "
                             "2.58.0, about 80 MB), the same on every node") from None
     _reachable(ex.address)
-    ray.init(address=ex.address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=ex.address, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "training.cluster.ray_worker_setup"})
     try:
         for job in jobs:
             logs = Path(work.logs(job.name))
