@@ -165,6 +165,9 @@ def _add_vocab(w, model_dir: Path, vocab_size: int) -> None:
                                                         for t in single))
         special.add_special_token.setdefault("eos", any(tok.token_to_id(t) == special.special_token_ids.get("eos")
                                                         for t in single))
+    # bos and eos first, in the order llama.cpp's converter writes them: the same file bytes
+    first = {"bos": 0, "eos": 1}
+    special.add_special_token = dict(sorted(special.add_special_token.items(), key=lambda kv: first.get(kv[0], 2)))
     special.add_to_gguf(w, quiet=True)
 
 
@@ -270,7 +273,9 @@ def convert(model_dir: Path, out_path: Path, spec: Spec, outtype: str = "F16", p
     if rope is not None:
         plan.append(_Plan(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, tuple(rope.shape),
                           gguf.GGMLQuantizationType.F32, data=rope))
-    for name, path in files.items():
+    # shard by shard, each shard's tensors by name: the order llama.cpp's converter writes them in
+    shard = {p: i for i, p in enumerate(sorted(set(files.values())))}
+    for name, path in sorted(files.items(), key=lambda item: (shard[item[1]], item[0])):
         if name.endswith(".rotary_emb.inv_freq"):
             continue
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -317,9 +322,9 @@ def _write(path: Path, model_dir: Path, hp: dict, spec: Spec, plan: list, reader
     w.add_file_type(ftype)
     w.add_vocab_size(hp["vocab_size"])
     w.add_rope_dimension_count(hp.get("head_dim") or hp["hidden_size"] // n_head)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # where llama.cpp's converter puts it: same bytes
     _add_vocab(w, model_dir, hp["vocab_size"])
     w.add_chat_template(chat.jinja_template(spec.chat))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     for p in plan:
         byte_shape = gguf.quant_shape_to_byte_shape(p.shape, p.qtype)
